@@ -1,0 +1,104 @@
+"""The one model interface shared by the encoder-decoder and the decoder-only Transformer.
+
+Conventions (both families):
+  * token id 0 is padding (and the decoder start token of the encoder-decoder, as in T5);
+    ``EOS_ID`` (1) ends a target.
+  * ``inputs`` are right-padded prompts ``[batch, input_len]``; ``targets`` are right-padded
+    continuations ``[batch, target_len]`` ending with EOS.
+  * The decode cache is a plain pytree (dict) of arrays whose leading axis is the batch, so
+    the sampler can repeat it N times per prompt and shard it with ``cache_logical_axes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import jax
+
+from rest_jax.errors import RestJaxError
+
+PAD_ID = 0
+EOS_ID = 1
+
+Cache = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyperparameters for either model family.
+
+  ``kind`` selects the family: "encdec" (T5.1.1: RMSNorm, relative position buckets,
+  gated-GELU MLP, no biases) or "decoder" (Llama: RMSNorm, RoPE, SwiGLU, grouped-query
+  attention). ``num_encoder_layers`` is ignored by the decoder-only family.
+  """
+
+  kind: Literal["encdec", "decoder"] = "encdec"
+  vocab_size: int = 260
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  mlp_dim: int = 128
+  num_encoder_layers: int = 2
+  num_decoder_layers: int = 2
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.kind not in ("encdec", "decoder"):
+      raise RestJaxError(f"model kind {self.kind!r} is unknown; use 'encdec' or 'decoder'.")
+    if self.num_heads % self.num_kv_heads:
+      raise RestJaxError(f"num_heads={self.num_heads} is not a multiple of "
+                         f"num_kv_heads={self.num_kv_heads}.")
+    for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim",
+                 "num_decoder_layers"):
+      if getattr(self, name) <= 0:
+        raise RestJaxError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
+
+
+@runtime_checkable
+class SequenceModel(Protocol):
+  """What the sampler, the trainer and the evaluator need from a model (Flax NNX module)."""
+
+  config: ModelConfig
+
+  def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Teacher-forced logits.
+
+    Args:
+      inputs: int32 `[batch, input_len]`, right-padded prompts.
+      targets: int32 `[batch, target_len]`, right-padded targets.
+    Returns:
+      float32 `[batch, target_len, vocab]`: ``logits[:, t]`` scores ``targets[:, t]`` given
+      the inputs and ``targets[:, :t]``.
+    """
+
+  def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
+    """Encodes (enc-dec) or prefills (decoder-only) each prompt once.
+
+    Args:
+      inputs: int32 `[batch, input_len]`, right-padded prompts.
+      max_decode_len: the most target tokens that will be decoded.
+    Returns:
+      logits `[batch, vocab]` for ``targets[:, 0]`` and the decode cache (leading axis batch).
+    """
+
+  def decode_step(self, tokens: jax.Array, cache: Cache,
+                  index: jax.Array) -> tuple[jax.Array, Cache]:
+    """One decode step.
+
+    Args:
+      tokens: int32 `[batch]`, the chosen ``targets[:, index]``.
+      cache: the cache from ``prefill`` or the previous step.
+      index: int32 scalar, the target position of ``tokens`` (0-based).
+    Returns:
+      logits `[batch, vocab]` for ``targets[:, index + 1]`` and the updated cache.
+    """
+
+  def cache_logical_axes(self, cache: Cache) -> Cache:
+    """A tree like ``cache`` whose leaves are tuples of logical axis names."""

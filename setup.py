@@ -1,0 +1,30 @@
+"""rest_jax: Reinforced Self-Training (ReST) of language models on JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rest_jax",
+    version="0.1.0",
+    description="Reinforced Self-Training (ReST / ReST-EM) of language models on JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rest_jax", "rest_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "gin-config>=0.5",
+        "seqio>=0.0.19",
+        "tensorflow-datasets>=4.9",
+        "sacrebleu>=2.4",
+        "num2words>=0.5.13",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["rest-jax=rest_jax.main:console_main"]},
+)
