@@ -1,0 +1,168 @@
+"""Statistics and host-side selection for a Grow dataset (pure numpy; no TF reading here).
+
+``growdata.finalize`` computes a ``GrowStats`` from the rewards of every record and stores it
+as stats.json; ``select`` is the read-time filter (threshold, originals, at most K samples per
+prompt) evaluated on the host-side index, which ``growdata.grow_task`` turns into tf.data
+filters and ``growdata.count_selected`` counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowStats:
+  """Summary of one Grow dataset D_g.
+
+  ``mean`` is the mean reward of the policy's samples (originals excluded): the value V^pi that
+  ReST's first threshold must exceed. ``std``, ``min``, ``max``, ``quantiles`` and
+  ``histogram`` describe the same sample rewards. When D_g has no samples at all, they describe
+  every record instead. ``mean_all`` averages every record, originals included.
+  """
+
+  count: int
+  num_samples: int
+  num_originals: int
+  mean: float
+  mean_all: float
+  std: float
+  min: float
+  max: float
+  quantiles: dict[str, float]  # "0.1" -> value, for each of QUANTILES.
+  histogram: dict[str, list]  # {"edges": [bins + 1] over [0, 1], "counts": [bins]}.
+  grow_step: int = -1  # The records' grow_step (-1 if they disagree).
+  chunks: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  # chunk file name -> {"records": n, "bytes": size}: the finalized file set.
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> GrowStats:
+    values = json.loads(text)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def compute_stats(rewards: np.ndarray, is_original: np.ndarray, *, grow_step: int = -1,
+                  histogram_bins: int = 20,
+                  chunks: dict[str, dict[str, int]] | None = None) -> GrowStats:
+  """Reward statistics of a Grow dataset.
+
+  Args:
+    rewards: float `[count]` rewards of every record, in [0, 1].
+    is_original: bool `[count]`, True for the original pairs of D.
+    grow_step: the records' Grow step.
+    histogram_bins: equal-width bins over [0, 1].
+    chunks: the chunk manifest to store alongside.
+  Returns:
+    The GrowStats (see its docstring for which records each field covers).
+  """
+  rewards = np.asarray(rewards, dtype=np.float64)
+  is_original = np.asarray(is_original, dtype=bool)
+  if rewards.size == 0:
+    raise ValueError("compute_stats needs at least one record")
+  samples = rewards[~is_original]
+  dist = samples if samples.size else rewards
+  counts, edges = np.histogram(dist, bins=histogram_bins, range=(0.0, 1.0))
+  return GrowStats(
+      count=int(rewards.size), num_samples=int(samples.size),
+      num_originals=int(is_original.sum()), mean=float(dist.mean()),
+      mean_all=float(rewards.mean()), std=float(dist.std()), min=float(dist.min()),
+      max=float(dist.max()),
+      quantiles={str(q): float(v) for q, v in zip(QUANTILES, np.quantile(dist, QUANTILES))},
+      histogram={"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
+      grow_step=int(grow_step), chunks=dict(chunks or {}))
+
+
+def histogram_text(stats: GrowStats, *, width: int = 40) -> str:
+  """The reward histogram as text, one line per bin: "[0.90, 0.95)   123 ######"."""
+  edges, counts = stats.histogram["edges"], stats.histogram["counts"]
+  top = max(max(counts), 1)
+  lines = []
+  for i, count in enumerate(counts):
+    close = "]" if i == len(counts) - 1 else ")"
+    bar = "#" * int(round(width * count / top))
+    lines.append(f"[{edges[i]:.2f}, {edges[i + 1]:.2f}{close} {count:>9d} {bar}")
+  return "\n".join(lines)
+
+
+def select(index: dict[str, np.ndarray], *, threshold: float, max_per_prompt: int = 0,
+           include_originals: bool = True) -> np.ndarray:
+  """The read-time filter of a Grow dataset, on its host-side index.
+
+  A record is kept when its reward >= threshold (compared in float32, as the tf.data filter
+  does), it is a sample or ``include_originals``, and, when ``max_per_prompt > 0``, it is one of
+  the ``max_per_prompt`` best kept samples of its example_id (highest reward, ties broken by
+  lower sample_idx; originals are not counted against the cap).
+
+  Args:
+    index: "example_id" int64 `[n]`, "sample_idx" int64 `[n]`, "reward" float32 `[n]`,
+      "is_original" bool `[n]`.
+  Returns:
+    bool `[n]`, True for the kept records.
+  """
+  reward = np.asarray(index["reward"], dtype=np.float32)
+  original = np.asarray(index["is_original"], dtype=bool)
+  keep = reward >= np.float32(threshold)
+  if not include_originals:
+    keep &= ~original
+  if max_per_prompt > 0:
+    candidates = np.flatnonzero(keep & ~original)
+    ids = np.asarray(index["example_id"])[candidates]
+    order = np.lexsort((np.asarray(index["sample_idx"])[candidates], -reward[candidates], ids))
+    candidates, ids = candidates[order], ids[order]
+    positions = np.arange(candidates.size)
+    starts = np.ones(candidates.size, dtype=bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    rank = positions - np.maximum.accumulate(np.where(starts, positions, 0))
+    keep[candidates[rank >= max_per_prompt]] = False
+  return keep
+
+
+def _is_local(path: str) -> bool:
+  return "://" not in path
+
+
+def fsync_path(path: str) -> None:
+  """Flushes a local file (or directory) to stable storage; no-op for remote filesystems."""
+  if not _is_local(path):
+    return
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` via a temporary file and a rename (readers never see half)."""
+  tmp = path + ".writing"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    f.write(data)
+  fsync_path(tmp)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  fsync_path(os.path.dirname(path) or ".")
+
+
+def read_text(path: str) -> str:
+  with tf.io.gfile.GFile(path, "r") as f:
+    return f.read()
+
+
+def json_default(value: Any) -> Any:
+  """json.dumps fallback for numpy scalars and arrays."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"not JSON serializable: {type(value).__name__}")

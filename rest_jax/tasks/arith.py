@@ -1,0 +1,80 @@
+"""arith: decoder-only integer arithmetic, "a+b=" -> "a+b" in decimal (and "a-b=" with a >= b).
+
+A small, offline stand-in for ReST-EM's math tasks: exact match is a binary reward. Byte
+vocabulary, decoder-only features (the prompt has no EOS; the target ends with EOS).
+
+Problems are indexed in one space: index i < (M+1)^2 is "a+b=" with a = i // (M+1),
+b = i % (M+1); the next (M+1)(M+2)/2 indices are "a-b=" with a >= b in triangular order.
+The index is the example id: stable, and unique across splits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import seqio
+
+from rest_jax import tasks
+from rest_jax.errors import RestJaxError
+
+
+def num_problems(max_operand: int) -> int:
+  """How many distinct problems have operands in [0, max_operand]."""
+  m = max_operand + 1
+  return m * m + m * (m + 1) // 2
+
+
+def problem(index: int, max_operand: int) -> tuple[str, str]:
+  """The (prompt, answer) texts of problem ``index``, e.g. ("12+7=", "19")."""
+  m = max_operand + 1
+  if not 0 <= index < num_problems(max_operand):
+    raise ValueError(f"problem index {index} is out of range for max_operand={max_operand}")
+  if index < m * m:
+    a, b = divmod(index, m)
+    return f"{a}+{b}=", str(a + b)
+  j = index - m * m
+  a = (math.isqrt(8 * j + 1) - 1) // 2
+  b = j - a * (a + 1) // 2
+  return f"{a}-{b}=", str(a - b)
+
+
+def _pairs(indices: np.ndarray, max_operand: int) -> tasks.SplitData:
+  texts = [problem(int(i), max_operand) for i in indices]
+  return [p for p, _ in texts], [t for _, t in texts], np.asarray(indices, dtype=np.int64)
+
+
+def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: int,
+                    seed: int) -> seqio.Task:
+  """Addition / subtraction problems as a decoder-only seqio Task (not registered).
+
+  Args:
+    name: the task name.
+    num_train: size of the "train" split (D).
+    num_eval: size of the "validation" split (D_eval), disjoint from train.
+    max_operand: operands lie in [0, max_operand]; subtraction keeps a >= b.
+    seed: seed of the numpy Generator that draws problems without replacement.
+  Returns:
+    A Task with DECODER_FEATURES; "example_id" is the problem index.
+  """
+  total = num_problems(max_operand)
+  if num_train < 1 or num_eval < 0:
+    raise RestJaxError(f"arith task: num_train={num_train} must be >= 1 and "
+                       f"num_eval={num_eval} >= 0.")
+  if num_train + num_eval > total:
+    raise RestJaxError(
+        f"arith task: num_train + num_eval = {num_train + num_eval} exceeds the {total} "
+        f"problems with operands in [0, {max_operand}]; raise max_operand or ask for fewer.")
+  rng = np.random.default_rng(seed)
+  drawn = rng.choice(total, size=num_train + num_eval, replace=False).astype(np.int64)
+  train, evaluation = drawn[:num_train], drawn[num_train:]
+  return tasks.in_memory_task(
+      name, build_splits=lambda: {"train": _pairs(train, max_operand),
+                                  "validation": _pairs(evaluation, max_operand)},
+      sizes={"train": num_train, "validation": num_eval},
+      output_features=tasks.DECODER_FEATURES)
+
+
+tasks.register(make_arith_task("arith", num_train=4000, num_eval=256, max_operand=999, seed=0))
+tasks.register(make_arith_task("arith_small", num_train=256, num_eval=64, max_operand=99,
+                               seed=0))
