@@ -48,6 +48,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
+  norm_eps: float = 1e-6  # RMSNorm epsilon (T5: 1e-6; Llama checkpoints: 1e-5 or 1e-6).
 
   def __post_init__(self):
     if self.kind not in ("encdec", "decoder"):
@@ -56,7 +57,7 @@ class ModelConfig:
       raise RestJaxError(f"num_heads={self.num_heads} is not a multiple of "
                          f"num_kv_heads={self.num_kv_heads}.")
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim",
-                 "num_decoder_layers"):
+                 "num_decoder_layers", "norm_eps"):
       if getattr(self, name) <= 0:
         raise RestJaxError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
 

@@ -1,0 +1,215 @@
+"""Decoder-only Transformer of the Llama family (HF-Llama names and conventions).
+
+Parameter tree:
+
+  embed.embedding                                          [vocab, embed]
+  layers_{i}.attention_norm.scale                          [embed]
+  layers_{i}.attention.q_proj.kernel                       [embed, heads, kv]
+  layers_{i}.attention.{k_proj,v_proj}.kernel              [embed, kv_heads, kv]
+  layers_{i}.attention.o_proj.kernel                       [heads, kv, embed]
+  layers_{i}.mlp_norm.scale, mlp.{gate_proj,up_proj}.kernel [embed, mlp], down_proj [mlp, embed]
+  final_norm.scale, lm_head.kernel [embed, vocab] (absent when ``tie_embeddings``)
+
+Prompts arrive right-padded `[batch, input_len]`; each is left-aligned so that it ends at
+column ``input_len - 1`` (its last non-pad token). Pad columns are masked as keys and RoPE
+positions count real tokens only (``0 .. prompt_len - 1``), so extra pad columns change
+nothing. A prompt with no token at all is treated as the single token 0 (a start token).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rest_jax.errors import RestJaxError
+from rest_jax.models.base import PAD_ID, Cache, ModelConfig
+from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes, apply_rope,
+                                    dot_product_attention, pad_length, write_cache)
+
+KV = tuple[jax.Array, jax.Array]
+
+_KV_AXES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
+
+
+def left_align(inputs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Moves each right-padded prompt to the right end of its row.
+
+  Args:
+    inputs: int32 `[batch, input_len]`, right-padded prompts.
+  Returns:
+    ``aligned`` int32 `[batch, input_len]` (prompt ends at column ``input_len - 1``),
+    ``valid`` bool `[batch, input_len]` (prompt columns), ``positions`` int32
+    `[batch, input_len]` (0 at the first prompt token, 0 on pads) and ``prompt_len`` int32
+    `[batch]` (index of the last non-pad token + 1, at least 1).
+  """
+  input_len = inputs.shape[1]
+  columns = jnp.arange(input_len, dtype=jnp.int32)
+  prompt_len = jnp.max(jnp.where(inputs != PAD_ID, columns + 1, 0), axis=1)
+  prompt_len = jnp.maximum(prompt_len, 1).astype(jnp.int32)
+  source = columns[None, :] - (input_len - prompt_len)[:, None]
+  valid = source >= 0
+  positions = jnp.maximum(source, 0)
+  aligned = jnp.where(valid, jnp.take_along_axis(inputs, positions, axis=1), PAD_ID)
+  return aligned, valid, positions, prompt_len
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE; logits scaled by ``head_dim ** -0.5``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    e, h, g, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    kw = activation_dtypes(config)
+    self.rope_theta = float(config.rope_theta)
+    self.scale = d ** -0.5
+    self.q_proj = Dense((e,), (h, d), ("embed", "heads", "kv"), rngs=rngs, **kw)
+    self.k_proj = Dense((e,), (g, d), ("embed", "kv_heads", "kv"), rngs=rngs, **kw)
+    self.v_proj = Dense((e,), (g, d), ("embed", "kv_heads", "kv"), rngs=rngs, **kw)
+    self.o_proj = Dense((h, d), (e,), ("heads", "kv", "embed"), rngs=rngs, **kw)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
+               cache: KV | None = None, slot: jax.Array | None = None) -> tuple[jax.Array, KV]:
+    """`[batch, q_len, embed]` at RoPE ``positions`` `[batch, q_len]` -> `[batch, q_len, embed]`.
+
+    Without ``cache`` the keys are the inputs themselves; with it (`[batch, cache_len,
+    kv_heads, kv]` each) this step's rotated keys and values are written at ``slot`` first.
+    ``mask`` is bool `[batch, q_len, k_len]`. Also returns the (updated) keys and values.
+    """
+    q = apply_rope(self.q_proj(x), positions, theta=self.rope_theta)
+    k = apply_rope(self.k_proj(x), positions, theta=self.rope_theta)
+    v = self.v_proj(x)
+    if cache is not None:
+      k, v = write_cache(cache[0], k, slot), write_cache(cache[1], v, slot)
+    out = dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+    return self.o_proj(out), (k, v)
+
+
+class Mlp(nnx.Module):
+  """SwiGLU: ``down_proj(silu(gate_proj x) * up_proj x)``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    e, m = config.d_model, config.mlp_dim
+    kw = activation_dtypes(config)
+    self.gate_proj = Dense((e,), (m,), ("embed", "mlp"), rngs=rngs, **kw)
+    self.up_proj = Dense((e,), (m,), ("embed", "mlp"), rngs=rngs, **kw)
+    self.down_proj = Dense((m,), (e,), ("mlp", "embed"), rngs=rngs, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., embed]` -> `[..., embed]`."""
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    kw = activation_dtypes(config)
+    self.attention_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.attention = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.mlp = Mlp(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
+               cache: KV | None = None, slot: jax.Array | None = None) -> tuple[jax.Array, KV]:
+    """Pre-norm block on `[batch, q_len, embed]`; returns it and the layer's keys/values."""
+    h, kv = self.attention(self.attention_norm(x), positions, mask=mask, cache=cache, slot=slot)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class LlamaModel(nnx.Module):
+  """Decoder-only SequenceModel (Llama); see the module docstring for the parameter tree."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.kind != "decoder":
+      raise RestJaxError(f"LlamaModel needs ModelConfig.kind='decoder', got {config.kind!r}.")
+    self.config = config
+    self.num_layers = config.num_decoder_layers
+    kw = activation_dtypes(config)
+    # Tied embeddings double as the output layer: start them small so logits start O(1).
+    stddev = config.d_model ** -0.5 if config.tie_embeddings else 1.0
+    self.embed = Embed(config.vocab_size, config.d_model, rngs=rngs, stddev=stddev, **kw)
+    for i in range(self.num_layers):
+      setattr(self, f"layers_{i}", Layer(config, rngs=rngs))
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    if not config.tie_embeddings:
+      self.lm_head = Dense((config.d_model,), (config.vocab_size,), ("embed", "vocab"),
+                           rngs=rngs, dtype=jnp.float32, param_dtype=kw["param_dtype"])
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """`[..., embed]` -> float32 `[..., vocab]`."""
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      return self.embed.attend(x)
+    return self.lm_head(x)
+
+  def _layers(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
+              caches: list[KV] | None = None,
+              slot: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
+    kvs = []
+    for i in range(self.num_layers):
+      x, kv = getattr(self, f"layers_{i}")(
+          x, positions, mask=mask, cache=None if caches is None else caches[i], slot=slot)
+      kvs.append(kv)
+    return x, kvs
+
+  @staticmethod
+  def _causal_mask(valid: jax.Array) -> jax.Array:
+    """Key-valid bool `[batch, len]` -> causal mask `[batch, len, len]`."""
+    length = valid.shape[1]
+    causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+    return causal[None] & valid[:, None, :]
+
+  def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel).
+
+    Runs ``concat(left-aligned inputs, targets[:, :-1])`` and returns the logits of columns
+    ``input_len - 1 ..``.
+    """
+    input_len, target_len = inputs.shape[1], targets.shape[1]
+    aligned, valid, positions, prompt_len = left_align(inputs)
+    tokens = jnp.concatenate([aligned, targets[:, :-1].astype(aligned.dtype)], axis=1)
+    valid = jnp.concatenate([valid, jnp.ones_like(targets[:, :-1], bool)], axis=1)
+    target_positions = prompt_len[:, None] + jnp.arange(target_len - 1, dtype=jnp.int32)
+    positions = jnp.concatenate([positions, target_positions], axis=1)
+    x, _ = self._layers(self.embed(tokens), positions, mask=self._causal_mask(valid))
+    return self._logits(x[:, input_len - 1:])
+
+  def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
+    """Runs the prompts once; returns logits `[batch, vocab]` for ``targets[:, 0]`` and the cache.
+
+    Cache: per layer ``k``, ``v`` `[batch, input_len + max_decode_len, kv_heads, kv]` (prompt in
+    slots ``< input_len``, ``targets[:, t]`` in slot ``input_len + t``), ``prompt_mask`` bool
+    `[batch, input_len]` and ``prompt_len`` int32 `[batch]`.
+    """
+    input_len = inputs.shape[1]
+    aligned, valid, positions, prompt_len = left_align(inputs)
+    x, kvs = self._layers(self.embed(aligned), positions, mask=self._causal_mask(valid))
+    total = input_len + max_decode_len
+    layers = [{"k": pad_length(k, total), "v": pad_length(v, total)} for k, v in kvs]
+    logits = self._logits(x[:, -1])
+    return logits, {"layers": layers, "prompt_mask": valid, "prompt_len": prompt_len}
+
+  def decode_step(self, tokens: jax.Array, cache: Cache,
+                  index: jax.Array) -> tuple[jax.Array, Cache]:
+    """Feeds ``targets[:, index]`` `[batch]` (slot ``input_len + index``, RoPE position
+    ``prompt_len + index``); returns logits `[batch, vocab]` for ``targets[:, index + 1]``."""
+    index = jnp.asarray(index, jnp.int32)
+    prompt_mask = cache["prompt_mask"]
+    input_len = prompt_mask.shape[1]
+    total = cache["layers"][0]["k"].shape[1]
+    decoded = jnp.arange(total - input_len) <= index
+    valid = jnp.concatenate(
+        [prompt_mask, jnp.broadcast_to(decoded, (prompt_mask.shape[0], decoded.shape[0]))],
+        axis=1)
+    positions = (cache["prompt_len"] + index)[:, None]
+    x, kvs = self._layers(
+        self.embed(tokens[:, None]), positions, mask=valid[:, None, :],
+        caches=[(c["k"], c["v"]) for c in cache["layers"]], slot=input_len + index)
+    new_cache = dict(cache, layers=[{"k": k, "v": v} for k, v in kvs])
+    return self._logits(x[:, 0]), new_cache
+
+  def cache_logical_axes(self, cache: Cache) -> Cache:
+    """Logical axis names for every cache leaf (same tree structure as ``cache``)."""
+    return {"layers": [{"k": _KV_AXES, "v": _KV_AXES} for _ in cache["layers"]],
+            "prompt_mask": ("cache_batch", "cache_sequence"),
+            "prompt_len": ("cache_batch",)}

@@ -1,0 +1,291 @@
+"""Encoder-decoder Transformer of the T5.1.1 family, with t5x parameter names and conventions.
+
+Parameter tree (maps 1:1 onto a T5X checkpoint; t5x stores attention kernels flattened as
+`[embed, heads * kv]` / `[heads * kv, embed]`, ours are `[embed, heads, kv]` / `[heads, kv, embed]`,
+so an importer reshapes them):
+
+  token_embedder.embedding                                  [vocab, embed]
+  encoder.relpos_bias.rel_embedding                         [heads, relpos_buckets]
+  encoder.layers_{i}.pre_attention_layer_norm.scale         [embed]
+  encoder.layers_{i}.attention.{query,key,value}.kernel     [embed, heads, kv]
+  encoder.layers_{i}.attention.out.kernel                   [heads, kv, embed]
+  encoder.layers_{i}.pre_mlp_layer_norm.scale, mlp.{wi_0,wi_1,wo}.kernel
+  encoder.encoder_norm.scale
+  decoder.relpos_bias.rel_embedding (causal buckets)
+  decoder.layers_{i}.{pre_self_attention_layer_norm, self_attention,
+                      pre_cross_attention_layer_norm, encoder_decoder_attention,
+                      pre_mlp_layer_norm, mlp}
+  decoder.decoder_norm.scale, decoder.logits_dense.kernel   [embed, vocab]
+
+Attention logits are not scaled by 1/sqrt(head_dim): as in t5x, that factor is folded into the
+initialisation of the query kernel. The decoder input is ``targets`` shifted right with start
+token 0; decoder self-attention is causal only (no target padding mask), so teacher-forced
+logits equal the step-by-step decode at every position.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rest_jax.errors import RestJaxError
+from rest_jax.models.base import PAD_ID, Cache, ModelConfig
+from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes,
+                                    dot_product_attention, make_param, pad_length,
+                                    relative_position_bucket, write_cache)
+
+KV = tuple[jax.Array, jax.Array]
+
+_CACHE_AXES = {
+    "self_k": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
+    "self_v": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
+    "cross_k": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
+    "cross_v": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
+    "encoder_mask": ("cache_batch", "cache_sequence"),
+}
+
+
+class Attention(nnx.Module):
+  """t5x multi-head attention: query/key/value `[embed, heads, kv]`, out `[heads, kv, embed]`."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    e, h, d = config.d_model, config.num_heads, config.head_dim
+    kw = activation_dtypes(config)
+    names = ("embed", "heads", "kv")
+    self.query = Dense((e,), (h, d), names, rngs=rngs, init_scale=1.0 / d,
+                       distribution="normal", **kw)
+    self.key = Dense((e,), (h, d), names, rngs=rngs, distribution="normal", **kw)
+    self.value = Dense((e,), (h, d), names, rngs=rngs, distribution="normal", **kw)
+    self.out = Dense((h, d), (e,), ("heads", "kv", "embed"), rngs=rngs,
+                     distribution="normal", **kw)
+
+  def key_value(self, x: jax.Array) -> KV:
+    """`[batch, len, embed]` -> keys and values, each `[batch, len, heads, kv]`."""
+    return self.key(x), self.value(x)
+
+  def __call__(self, x: jax.Array, kv: KV, *, mask: jax.Array | None,
+               bias: jax.Array | None = None) -> jax.Array:
+    """Attends `[batch, q_len, embed]` queries to ``kv``; returns `[batch, q_len, embed]`."""
+    out = dot_product_attention(self.query(x), kv[0], kv[1], mask=mask, bias=bias)
+    return self.out(out)
+
+
+class MlpBlock(nnx.Module):
+  """Gated-GELU MLP: ``wo(gelu(wi_0 x) * wi_1 x)`` (tanh-approximate GELU)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    e, m = config.d_model, config.mlp_dim
+    kw = activation_dtypes(config)
+    self.wi_0 = Dense((e,), (m,), ("embed", "mlp"), rngs=rngs, **kw)
+    self.wi_1 = Dense((e,), (m,), ("embed", "mlp"), rngs=rngs, **kw)
+    self.wo = Dense((m,), (e,), ("mlp", "embed"), rngs=rngs, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., embed]` -> `[..., embed]`."""
+    return self.wo(jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x))
+
+
+class RelativePositionBias(nnx.Module):
+  """T5 relative position biases, one table `[heads, relpos_buckets]` shared by all layers."""
+
+  def __init__(self, config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+    self.bidirectional = bidirectional
+    self.num_buckets = config.relative_attention_num_buckets
+    self.max_distance = config.relative_attention_max_distance
+    self.rel_embedding = make_param(
+        rngs, jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+        (config.num_heads, self.num_buckets), names=("heads", "relpos_buckets"),
+        dtype=jnp.dtype(config.param_dtype))
+
+  def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """int `[q_len]`, `[k_len]` -> float32 bias `[heads, q_len, k_len]`."""
+    buckets = relative_position_bucket(
+        key_positions[None, :] - query_positions[:, None], bidirectional=self.bidirectional,
+        num_buckets=self.num_buckets, max_distance=self.max_distance)
+    return jnp.take(self.rel_embedding.get_value().astype(jnp.float32), buckets, axis=1)
+
+
+class EncoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    kw = activation_dtypes(config)
+    self.pre_attention_layer_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.attention = Attention(config, rngs=rngs)
+    self.pre_mlp_layer_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.mlp = MlpBlock(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array, bias: jax.Array) -> jax.Array:
+    """`[batch, len, embed]` -> `[batch, len, embed]`."""
+    h = self.pre_attention_layer_norm(x)
+    x = x + self.attention(h, self.attention.key_value(h), mask=mask, bias=bias)
+    return x + self.mlp(self.pre_mlp_layer_norm(x))
+
+
+class Encoder(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.num_layers = config.num_encoder_layers
+    self.relpos_bias = RelativePositionBias(config, bidirectional=True, rngs=rngs)
+    for i in range(self.num_layers):
+      setattr(self, f"layers_{i}", EncoderLayer(config, rngs=rngs))
+    self.encoder_norm = RMSNorm(config.d_model, eps=config.norm_eps,
+                                **activation_dtypes(config))
+
+  def __call__(self, x: jax.Array, input_mask: jax.Array) -> jax.Array:
+    """Embedded inputs `[batch, len, embed]`, bool mask `[batch, len]` -> `[batch, len, embed]`."""
+    positions = jnp.arange(x.shape[1])
+    bias = self.relpos_bias(positions, positions)
+    mask = input_mask[:, None, :]
+    for i in range(self.num_layers):
+      x = getattr(self, f"layers_{i}")(x, mask=mask, bias=bias)
+    return self.encoder_norm(x)
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    kw = activation_dtypes(config)
+    self.pre_self_attention_layer_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.self_attention = Attention(config, rngs=rngs)
+    self.pre_cross_attention_layer_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.encoder_decoder_attention = Attention(config, rngs=rngs)
+    self.pre_mlp_layer_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.mlp = MlpBlock(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, cross_kv: KV, cross_mask: jax.Array,
+               self_mask: jax.Array, self_bias: jax.Array, self_cache: KV | None = None,
+               slot: jax.Array | None = None) -> tuple[jax.Array, KV]:
+    """One decoder layer on `[batch, q_len, embed]`.
+
+    Without ``self_cache`` the keys are the ``q_len`` inputs themselves; with it
+    (`[batch, max_decode_len, heads, kv]` each) this step's keys and values are written at
+    ``slot`` and attention reads the whole cache. Returns the output and the (updated) keys
+    and values.
+    """
+    h = self.pre_self_attention_layer_norm(x)
+    k, v = self.self_attention.key_value(h)
+    if self_cache is not None:
+      k, v = write_cache(self_cache[0], k, slot), write_cache(self_cache[1], v, slot)
+    x = x + self.self_attention(h, (k, v), mask=self_mask, bias=self_bias)
+    h = self.pre_cross_attention_layer_norm(x)
+    x = x + self.encoder_decoder_attention(h, cross_kv, mask=cross_mask)
+    return x + self.mlp(self.pre_mlp_layer_norm(x)), (k, v)
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.num_layers = config.num_decoder_layers
+    self.relpos_bias = RelativePositionBias(config, bidirectional=False, rngs=rngs)
+    for i in range(self.num_layers):
+      setattr(self, f"layers_{i}", DecoderLayer(config, rngs=rngs))
+    self.decoder_norm = RMSNorm(config.d_model, eps=config.norm_eps,
+                                **activation_dtypes(config))
+    self.logits_dense = Dense((config.d_model,), (config.vocab_size,), ("embed", "vocab"),
+                              rngs=rngs, dtype=jnp.float32,
+                              param_dtype=jnp.dtype(config.param_dtype))
+
+  def layer(self, i: int) -> DecoderLayer:
+    return getattr(self, f"layers_{i}")
+
+  def __call__(self, x: jax.Array, *, query_positions: jax.Array, key_positions: jax.Array,
+               self_mask: jax.Array, cross_kvs: list[KV], cross_mask: jax.Array,
+               self_caches: list[KV] | None = None,
+               slot: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
+    """Embedded decoder inputs `[batch, q_len, embed]` -> float32 logits `[batch, q_len, vocab]`.
+
+    ``query_positions`` `[q_len]` and ``key_positions`` `[k_len]` index the relative
+    position biases; ``self_mask`` is bool `[batch or 1, q_len, k_len]`. Returns the logits and
+    every layer's self-attention keys and values.
+    """
+    bias = self.relpos_bias(query_positions, key_positions)
+    new_kvs = []
+    for i in range(self.num_layers):
+      x, kv = self.layer(i)(
+          x, cross_kv=cross_kvs[i], cross_mask=cross_mask, self_mask=self_mask,
+          self_bias=bias, self_cache=None if self_caches is None else self_caches[i],
+          slot=slot)
+      new_kvs.append(kv)
+    return self.logits_dense(self.decoder_norm(x)), new_kvs
+
+
+class T5Model(nnx.Module):
+  """Encoder-decoder SequenceModel (T5.1.1); see the module docstring for the parameter tree."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.kind != "encdec":
+      raise RestJaxError(f"T5Model needs ModelConfig.kind='encdec', got {config.kind!r}.")
+    if config.num_kv_heads != config.num_heads:
+      raise RestJaxError(
+          f"the encoder-decoder family uses full multi-head attention, but num_kv_heads="
+          f"{config.num_kv_heads} != num_heads={config.num_heads}; set num_kv_heads="
+          f"{config.num_heads}.")
+    self.config = config
+    kw = activation_dtypes(config)
+    self.token_embedder = Embed(config.vocab_size, config.d_model, rngs=rngs, **kw)
+    self.encoder = Encoder(config, rngs=rngs)
+    self.decoder = Decoder(config, rngs=rngs)
+
+  def _encode(self, inputs: jax.Array) -> tuple[list[KV], jax.Array]:
+    """Inputs `[batch, input_len]` -> per-layer cross-attention K,V and the bool input mask."""
+    input_mask = inputs != PAD_ID
+    encoded = self.encoder(self.token_embedder(inputs), input_mask)
+    cross_kvs = [self.decoder.layer(i).encoder_decoder_attention.key_value(encoded)
+                 for i in range(self.decoder.num_layers)]
+    return cross_kvs, input_mask
+
+  def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel)."""
+    cross_kvs, input_mask = self._encode(inputs)
+    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=PAD_ID)
+    positions = jnp.arange(targets.shape[1])
+    causal = (positions[None, :] <= positions[:, None])[None]
+    logits, _ = self.decoder(
+        self.token_embedder(decoder_inputs), query_positions=positions,
+        key_positions=positions, self_mask=causal, cross_kvs=cross_kvs,
+        cross_mask=input_mask[:, None, :])
+    return logits
+
+  def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
+    """Encodes once; returns logits `[batch, vocab]` for ``targets[:, 0]`` and the cache.
+
+    Cache: ``encoder_mask`` bool `[batch, input_len]` and per decoder layer ``cross_k``,
+    ``cross_v`` `[batch, input_len, heads, kv]` and ``self_k``, ``self_v``
+    `[batch, max_decode_len, heads, kv]` (slot ``t`` holds decoder position ``t``).
+    """
+    cross_kvs, input_mask = self._encode(inputs)
+    start = jnp.full((inputs.shape[0], 1), PAD_ID, jnp.int32)
+    zero = jnp.zeros((1,), jnp.int32)
+    logits, self_kvs = self.decoder(
+        self.token_embedder(start), query_positions=zero, key_positions=zero,
+        self_mask=jnp.ones((1, 1, 1), bool), cross_kvs=cross_kvs,
+        cross_mask=input_mask[:, None, :])
+    layers = [{"self_k": pad_length(sk, max_decode_len), "self_v": pad_length(sv, max_decode_len),
+               "cross_k": ck, "cross_v": cv}
+              for (sk, sv), (ck, cv) in zip(self_kvs, cross_kvs)]
+    return logits[:, 0], {"encoder_mask": input_mask, "layers": layers}
+
+  def decode_step(self, tokens: jax.Array, cache: Cache,
+                  index: jax.Array) -> tuple[jax.Array, Cache]:
+    """Feeds ``targets[:, index]`` `[batch]` at decoder position ``index + 1``.
+
+    Returns logits `[batch, vocab]` for ``targets[:, index + 1]`` and the updated cache.
+    """
+    layers = cache["layers"]
+    max_len = layers[0]["self_k"].shape[1] if layers else 1
+    slot = jnp.asarray(index, jnp.int32) + 1
+    key_positions = jnp.arange(max_len)
+    logits, self_kvs = self.decoder(
+        self.token_embedder(tokens[:, None]), query_positions=slot[None],
+        key_positions=key_positions, self_mask=(key_positions <= slot)[None, None, :],
+        cross_kvs=[(c["cross_k"], c["cross_v"]) for c in layers],
+        cross_mask=cache["encoder_mask"][:, None, :],
+        self_caches=[(c["self_k"], c["self_v"]) for c in layers], slot=slot)
+    new_layers = [dict(c, self_k=k, self_v=v) for c, (k, v) in zip(layers, self_kvs)]
+    return logits[:, 0], {"encoder_mask": cache["encoder_mask"], "layers": new_layers}
+
+  def cache_logical_axes(self, cache: Cache) -> Cache:
+    """Logical axis names for every cache leaf (same tree structure as ``cache``)."""
+    return {"encoder_mask": _CACHE_AXES["encoder_mask"],
+            "layers": [{name: _CACHE_AXES[name] for name in layer} for layer in cache["layers"]]}
