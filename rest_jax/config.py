@@ -144,6 +144,7 @@ class RunConfig:
   def __post_init__(self):
     _require(self.num_grow_steps >= 0, "num_grow_steps must be >= 0.")
     _require(self.num_improve_steps >= 0, "num_improve_steps must be >= 0.")
+    _require(0 <= self.seed < 2**31, f"seed must be in [0, 2**31), got {self.seed}.")
     _require(self.grow.sampling.max_decode_len <= self.target_len,
              f"grow max_decode_len ({self.grow.sampling.max_decode_len}) exceeds target_len "
              f"({self.target_len}); raise target_len or lower max_decode_len.")

@@ -1,0 +1,286 @@
+"""The ReST state machine: BC -> (Grow -> Improve x I) x G, resumable from the workdir.
+
+Orchestration only: every number is computed by the modules it calls. Workdir layout:
+
+  config.gin            the operative gin config (text, for people)
+  run_config.json       the RunConfig it produced (compared on resume)
+  state.json            current phase and accumulated wall time
+  phases/{name}.json    completion marker + summary row of a finished BC / Improve phase
+  grow/g{g:03d}/        the Grow dataset of step g (chunks, stats.json, COMPLETED)
+  checkpoints/{name}/   orbax checkpoints of a training phase (latest for resume, best)
+  tb/, summary.json, report/*.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rest_jax import data, growdata, losses, rewards, tasks, thresholds
+from rest_jax.checkpoints import PhaseCheckpoints
+from rest_jax.config import RunConfig, TrainConfig
+from rest_jax.errors import RestJaxError
+from rest_jax.evaluation import EvalSet, make_eval_fn
+from rest_jax.grow import run_grow
+from rest_jax.improve import Trainer, make_optimizer, train_phase
+from rest_jax.models import build_model
+from rest_jax.reporting import Reporter, format_table, read_json, summary_row, write_json_atomic
+from rest_jax.sampling import Sampler, place_params
+from rest_jax.sharding import Layout, make_layout
+
+logger = logging.getLogger("rest_jax")
+
+
+def phase_name(grow_step: int, improve_step: int) -> str:
+  return "bc" if grow_step == 0 else f"g{grow_step:03d}_i{improve_step:02d}"
+
+
+def check_workdir(workdir: str, config: RunConfig, config_text: str) -> None:
+  """Refuses a workdir made by another config; records this config in a new one."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "run_config.json")
+  mine = json.loads(json.dumps(dataclasses.asdict(config)))
+  if os.path.exists(path):
+    theirs = read_json(path)
+    diffs = _diff(theirs, mine)
+    if diffs:
+      raise RestJaxError(
+          f"workdir {workdir} was made by a different config ({'; '.join(diffs[:5])}). "
+          "Rerun with the gin files and overrides of that run (see its config.gin) to resume, "
+          "or choose a new --workdir.")
+    return
+  write_json_atomic(path, mine)
+  with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
+    f.write(config_text)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for key in sorted(set(a) | set(b)):
+      out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {a!r} in the workdir, {b!r} now"]
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything built once per invocation."""
+
+  config: RunConfig
+  workdir: str
+  layout: Layout
+  graphdef: Any
+  base_params: Any
+  task: Any
+  vocab: Any
+  reward: Any
+  grow_sampler: Sampler
+  eval_fn: Any
+  reporter: Reporter
+  progress: bool
+
+
+def _reward_call(fn, name):
+  def call(sources, hypotheses, references):
+    return rewards.score(fn, name, sources, hypotheses, references)
+  return call
+
+
+def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
+  layout = make_layout(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  task = tasks.get_task(config.task)
+  reward = _reward_call(rewards.get_reward(config.reward), config.reward)
+  vocab = task.output_features["targets"].vocabulary
+  if vocab.vocab_size > config.model.vocab_size:
+    raise RestJaxError(f"task {config.task!r} has a vocabulary of {vocab.vocab_size} tokens but the "
+                       f"model has vocab_size={config.model.vocab_size}; raise the model's "
+                       "vocab_size.")
+  abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = layout.state_shardings(abstract_state)
+
+  def init():
+    return nnx.split(build_model(config.model, rngs=nnx.Rngs(config.seed)))[1]
+
+  base_params = jax.jit(init, out_shardings=shardings)()
+  grow_sampler = Sampler.from_config(graphdef, layout, config.grow.sampling)
+  eval_sampler = Sampler(graphdef, layout, num_samples=1,
+                         max_decode_len=config.eval.max_decode_len,
+                         batch_size=config.eval.batch_size)
+  eval_examples = data.examples(task, "validation", input_len=config.input_len,
+                                target_len=config.target_len)[:config.eval.num_examples]
+  eval_set = EvalSet.from_examples(eval_examples, input_len=config.input_len)
+  eval_fn = make_eval_fn(sampler=eval_sampler, eval_set=eval_set, reward=reward, vocab=vocab,
+                         batch_size=config.eval.batch_size)
+  reporter = Reporter(workdir, enabled=jax.process_index() == 0)
+  return _Run(config, workdir, layout, graphdef, base_params, task, vocab, reward, grow_sampler,
+              eval_fn, reporter, progress)
+
+
+def validate_names(config: RunConfig) -> None:
+  """Fails fast, before the workdir is touched, on unknown task / reward / loss names."""
+  tasks.get_task(config.task)
+  rewards.get_reward(config.reward)
+  losses.get_loss(config.bc.loss)
+  losses.get_loss(config.improve.train.loss)
+
+
+def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any, seed: int,
+           lr_scale: float) -> tuple[Any, dict]:
+  """Runs (or resumes) one training phase and returns its best params and metrics."""
+  trainer = Trainer(run.graphdef, run.layout, losses.get_loss(cfg.loss),
+                    make_optimizer(cfg, lr_scale=lr_scale))
+  c = run.config
+
+  def batches(start_step: int):
+    return data.train_batches(dataset, batch_size=cfg.batch_size, seed=seed,
+                              start_step=start_step, input_len=c.input_len,
+                              target_len=c.target_len)
+
+  def log_fn(step: int, metrics: dict) -> None:
+    run.reporter.scalars(name, step, metrics)
+
+  result = train_phase(trainer=trainer, params=params, cfg=cfg, batches=batches,
+                       eval_fn=run.eval_fn,
+                       checkpoints=PhaseCheckpoints(os.path.join(run.workdir, "checkpoints", name)),
+                       lr_scale=lr_scale, progress=run.progress, log_fn=log_fn)
+  return result.best_params, result.best_metrics
+
+
+def _restore_best(run: _Run, name: str) -> Any:
+  ckpt = PhaseCheckpoints(os.path.join(run.workdir, "checkpoints", name))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          run.base_params, run.layout.state_shardings(run.base_params))
+  return ckpt.restore_best_params(abstract)
+
+
+def _mark(run: _Run, name: str, row: dict) -> None:
+  path = os.path.join(run.workdir, "phases", f"{name}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_json_atomic(path, row)
+
+
+def _marked(run: _Run, name: str) -> dict | None:
+  path = os.path.join(run.workdir, "phases", f"{name}.json")
+  return read_json(path) if os.path.exists(path) else None
+
+
+def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: bool = True) -> dict:
+  """Runs (or resumes) a whole ReST experiment in ``workdir``; returns the summary dict."""
+  start = time.time()
+  validate_names(config)
+  check_workdir(workdir, config, config_text)
+  state_path = os.path.join(workdir, "state.json")
+  previous_wall = read_json(state_path)["wall_time_s"] if os.path.exists(state_path) else 0.0
+
+  def save_state(phase: str) -> None:
+    if jax.process_index() == 0:
+      write_json_atomic(state_path, {"phase": phase,
+                                     "wall_time_s": previous_wall + time.time() - start})
+
+  run_ = _build(config, workdir, progress)
+  rows: list[dict] = []
+  grow_stats: dict[int, dict] = {}
+  taus_by_step: dict[int, list[float]] = {}
+
+  # BC on D.
+  row = _marked(run_, "bc")
+  params = None  # Loaded lazily: a finished phase only matters if a later one must run.
+  last_done = "bc"
+  if row is None:
+    save_state("bc")
+    logger.info("BC: training on D (%s, train split)", config.task)
+    dataset = data.task_dataset(run_.task, "train", shard_index=jax.process_index(),
+                                num_shards=jax.process_count())
+    params, metrics = _train(run_, "bc", params=run_.base_params, cfg=config.bc, dataset=dataset,
+                             seed=config.seed, lr_scale=1.0)
+    row = summary_row(phase="bc", grow_step=0, improve_step=0, threshold=None,
+                      train_examples=len(data.examples(run_.task, "train",
+                                                       input_len=config.input_len,
+                                                       target_len=config.target_len)),
+                      eval_reward=metrics["eval_reward"],
+                      eval_exact_match=metrics["eval_exact_match"])
+    _mark(run_, "bc", row)
+  rows.append(row)
+  logger.info("BC eval reward %.4f, exact match %.3f", row["eval_reward"], row["eval_exact_match"])
+  bc_params = params
+
+  improve_count = 0
+  for g in range(1, config.num_grow_steps + 1):
+    grow_dir = os.path.join(workdir, "grow", f"g{g:03d}")
+    if not growdata.is_complete(grow_dir):
+      save_state(f"grow g{g}")
+      if params is None:
+        params = _restore_best(run_, last_done)
+      prompts = data.examples(run_.task, "train", input_len=config.input_len,
+                              target_len=config.target_len,
+                              shard_index=jax.process_index(), num_shards=jax.process_count())
+      logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts),
+                  config.grow.sampling.num_samples)
+      run_grow(sampler=run_.grow_sampler,
+               params=place_params(params, run_.layout, sampling=True), prompts=prompts,
+               reward=run_.reward, vocab=run_.vocab,
+               writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
+               seed=config.seed, config=config.grow, input_len=config.input_len,
+               target_len=config.target_len, progress=progress)
+      growdata.finalize(grow_dir)
+    stats = growdata.read_stats(grow_dir)
+    grow_stats[g] = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+    taus, messages = thresholds.plan_thresholds(config.improve.thresholds,
+                                                mean_reward=grow_stats[g]["mean"],
+                                                num_improve_steps=config.num_improve_steps)
+    for message in messages:
+      logger.info("grow g%d: %s", g, message)
+    taus_by_step[g] = taus[:config.num_improve_steps]
+    logger.info("Grow g%d: %d records, mean sample reward %.4f; thresholds %s", g,
+                grow_stats[g]["count"], grow_stats[g]["mean"],
+                ", ".join(f"{t:.3f}" for t in taus_by_step[g]))
+    for i in range(1, config.num_improve_steps + 1):
+      name = phase_name(g, i)
+      improve_count += 1
+      row = _marked(run_, name)
+      if row is None:
+        save_state(f"improve g{g} i{i}")
+        tau = taus[i - 1]
+        restart = config.improve.restart_from_base and i == 1
+        if restart:
+          start_params = bc_params if bc_params is not None else _restore_best(run_, "bc")
+        else:
+          start_params = params if params is not None else _restore_best(run_, last_done)
+        kw = dict(threshold=tau, max_per_prompt=config.improve.max_per_prompt,
+                  include_originals=config.grow.include_originals)
+        num_selected = growdata.count_selected(grow_dir, **kw)
+        dataset = growdata.grow_task(grow_dir, output_features=run_.task.output_features,
+                                     **kw).get_dataset(None, split="train", shuffle=False)
+        logger.info("Improve g%d i%d: threshold %.3f keeps %d examples", g, i, tau,
+                    num_selected)
+        params, metrics = _train(run_, name, params=start_params, cfg=config.improve.train,
+                                 dataset=dataset, seed=config.seed * 1000 + improve_count,
+                                 lr_scale=config.improve.lr_decay ** improve_count)
+        row = summary_row(phase="improve", grow_step=g, improve_step=i, threshold=tau,
+                          train_examples=num_selected, eval_reward=metrics["eval_reward"],
+                          eval_exact_match=metrics["eval_exact_match"])
+        _mark(run_, name, row)
+      else:
+        params = None  # Finished earlier: restored from its best checkpoint when needed.
+      last_done = name
+      rows.append(row)
+      logger.info("Improve g%d i%d: eval reward %.4f, exact match %.3f", g, i,
+                  row["eval_reward"], row["eval_exact_match"])
+
+  save_state("done")
+  wall = read_json(state_path)["wall_time_s"] if os.path.exists(state_path) else 0.0
+  run_.reporter.write_summary(rows, wall)
+  run_.reporter.write_plots(rows, grow_stats, taus_by_step)
+  run_.reporter.close()
+  logger.info("summary (%s):\n%s", os.path.join(workdir, "summary.json"), format_table(rows))
+  return {"rows": rows, "wall_time_s": wall}

@@ -1,0 +1,140 @@
+"""The `rest-jax` command line: flags, gin parsing, one call into the library.
+
+  rest-jax run --workdir W --gin_file F [--gin_file F2 ...] [--gin.X=V ...]
+  rest-jax inspect W [--num_examples K] [--jsonl PATH]
+
+This is the only module that imports gin. Gin files bind the frozen dataclasses of
+``rest_jax.config`` (with ``from __gin__ import dynamic_registration``); rerunning the same
+``run`` command resumes the experiment in its workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from rest_jax.errors import RestJaxError  # pylint: disable=g-import-not-at-top
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def _split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Pulls t5x-style ``--gin.X=V`` flags out of argv; returns (rest, bindings)."""
+  rest, bindings = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--gin."):
+      body = arg[len("--gin."):]
+      if "=" not in body:
+        try:
+          body = f"{body}={next(it)}"
+        except StopIteration as e:
+          raise RestJaxError(f"flag {arg} has no value; write it as --gin.NAME=VALUE.") from e
+      name, value = body.split("=", 1)
+      bindings.append(f"{name} = {value}")
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def parse_run_config(gin_files: list[str], bindings: list[str]):
+  """Parses gin files and bindings into a RunConfig; returns (config, operative config text)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from rest_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  gin.clear_config()
+  for path in (os.getcwd(), REPO_GIN_DIR):
+    gin.add_config_file_search_path(path)
+  for path in gin_files:
+    if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_GIN_DIR, path)):
+      raise RestJaxError(f"gin file {path!r} does not exist; pass a path to a .gin file "
+                         f"(the shipped ones are under {REPO_GIN_DIR}).")
+  try:
+    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+  except (ValueError, KeyError, NameError, SyntaxError, ImportError) as e:
+    raise RestJaxError(f"bad gin config: {_first_line(e)}. Check the spelling of the binding "
+                       "against the dataclasses in rest_jax/config.py and the gin files "
+                       "under gin/.") from e
+  try:
+    run_config = gin.get_configurable(config_lib.RunConfig)()
+  except RestJaxError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise RestJaxError(f"bad gin config: {_first_line(e)}.") from e
+  return run_config, gin.config_str()
+
+
+def _first_line(e: BaseException) -> str:
+  return " ".join(str(e).split())[:600]
+
+
+def _run(args: argparse.Namespace, bindings: list[str]) -> None:
+  from rest_jax import loop  # pylint: disable=g-import-not-at-top
+
+  if not args.gin_file:
+    raise RestJaxError("no --gin_file given; e.g. --gin_file "
+                       "gin/experiments/numbers_de_en_cpu.gin.")
+  config, text = parse_run_config(args.gin_file, bindings)
+  loop.run(config, args.workdir, config_text=text, progress=not args.no_progress)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+  from rest_jax import inspection  # pylint: disable=g-import-not-at-top
+
+  print(inspection.describe(args.workdir, num_examples=args.num_examples))
+  if args.jsonl:
+    n = inspection.export_jsonl(args.workdir, args.jsonl)
+    print(f"wrote {n} records to {args.jsonl}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="rest-jax", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  run = sub.add_parser("run", help="run or resume a ReST experiment")
+  run.add_argument("--workdir", required=True, help="experiment directory (resumable)")
+  run.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  run.add_argument("--no_progress", action="store_true", help="hide progress bars")
+  run.add_argument("--log_level", default="INFO")
+  ins = sub.add_parser("inspect", help="print Grow datasets' stats and examples")
+  ins.add_argument("workdir")
+  ins.add_argument("--num_examples", type=int, default=3)
+  ins.add_argument("--jsonl", default=None, help="also export every record to this JSONL file")
+  ins.add_argument("--log_level", default="WARNING")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI; returns the process exit code (2 for user errors, printed without traceback)."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    rest, bindings = _split_gin_flags(argv)
+    args = build_parser().parse_args(rest)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+      logging.getLogger(noisy).setLevel(logging.WARNING)
+    if bindings and args.command != "run":
+      raise RestJaxError("--gin.X=V flags are only for `rest-jax run`.")
+    if args.command == "run":
+      _run(args, bindings)
+    else:
+      _inspect(args)
+  except RestJaxError as e:
+    print(f"rest-jax: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("rest-jax: interrupted; rerun the same command to resume.", file=sys.stderr)
+    return 130
+  return 0
+
+
+def console_main() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  console_main()

@@ -1,0 +1,134 @@
+"""What a run shows: logs, TensorBoard scalars, summary.json and report plots (host 0 only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger("rest_jax")
+
+SUMMARY_FILE = "summary.json"
+ROW_KEYS = ("phase", "grow_step", "improve_step", "threshold", "train_examples", "eval_reward",
+            "eval_exact_match")
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: float | None,
+                train_examples: int, eval_reward: float, eval_exact_match: float) -> dict:
+  """One row of ``summary.json`` (the shape tools rely on)."""
+  return {"phase": phase, "grow_step": int(grow_step), "improve_step": int(improve_step),
+          "threshold": None if threshold is None else float(threshold),
+          "train_examples": int(train_examples), "eval_reward": float(eval_reward),
+          "eval_exact_match": float(eval_exact_match)}
+
+
+class Reporter:
+  """TensorBoard scalars and the end-of-run report; does nothing on hosts other than 0."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.workdir = workdir
+    self.enabled = enabled
+    self._writer = None
+
+  def _tb(self):
+    if self._writer is None and self.enabled:
+      from tensorboardX import SummaryWriter  # Deferred: a slow import, host 0 only.
+      self._writer = SummaryWriter(os.path.join(self.workdir, "tb"))
+    return self._writer
+
+  def scalars(self, tag_prefix: str, step: int, values: Mapping[str, float]) -> None:
+    """Writes scalar values under ``tag_prefix/name`` at ``step``."""
+    writer = self._tb()
+    if writer is None:
+      return
+    for name, value in values.items():
+      if np.ndim(value) == 0:
+        writer.add_scalar(f"{tag_prefix}/{name}", float(value), step)
+    writer.flush()
+
+  def write_summary(self, rows: Sequence[dict], wall_time_s: float) -> None:
+    if self.enabled:
+      write_json_atomic(os.path.join(self.workdir, SUMMARY_FILE),
+                        {"rows": list(rows), "wall_time_s": float(wall_time_s)})
+
+  def write_plots(self, rows: Sequence[dict], grow_stats: Mapping[int, dict],
+                  thresholds: Mapping[int, Sequence[float]]) -> list[str]:
+    """Writes ``report/eval_reward.png`` and ``report/grow_g{g}_rewards.png``; returns the paths."""
+    if not self.enabled:
+      return []
+    import matplotlib  # Deferred: only the report needs it.
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = os.path.join(self.workdir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    labels = ["BC" if r["phase"] == "bc" else f"g{r['grow_step']} i{r['improve_step']}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(rows) + 2), 3.5))
+    x = np.arange(len(rows))
+    ax.plot(x, [r["eval_reward"] for r in rows], "o-", label="eval reward")
+    ax.plot(x, [r["eval_exact_match"] for r in rows], "s--", label="eval exact match")
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("held-out score")
+    ax.set_title("Eval across BC, Grow (g) and Improve (i) steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "eval_reward.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    for g, stats in sorted(grow_stats.items()):
+      hist = stats["histogram"]
+      edges = np.asarray(hist["edges"])
+      fig, ax = plt.subplots(figsize=(5.5, 3.5))
+      ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", alpha=0.7,
+             label="samples")
+      ax.axvline(stats["mean"], color="k", ls=":", label=f"mean {stats['mean']:.3f}")
+      for i, tau in enumerate(thresholds.get(g, ()), start=1):
+        ax.axvline(tau, color="C3", alpha=0.5 + 0.5 * i / max(1, len(thresholds[g])),
+                   label=f"tau_{i} = {tau:.3f}")
+      ax.set_xlabel("reward")
+      ax.set_ylabel("samples")
+      ax.set_title(f"Grow step {g}: reward of {stats['num_samples']} samples")
+      ax.legend(fontsize=7)
+      fig.tight_layout()
+      paths.append(os.path.join(out_dir, f"grow_g{g:03d}_rewards.png"))
+      fig.savefig(paths[-1], dpi=100)
+      plt.close(fig)
+    return paths
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """A plain-text table of summary rows, for logs and the README."""
+  head = f"{'phase':8} {'g':>2} {'i':>2} {'tau':>6} {'examples':>9} {'reward':>7} {'exact':>6}"
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    tau = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
+    lines.append(f"{r['phase']:8} {r['grow_step']:>2} {r['improve_step']:>2} {tau:>6} "
+                 f"{r['train_examples']:>9} {r['eval_reward']:>7.4f} {r['eval_exact_match']:>6.3f}")
+  return "\n".join(lines)
