@@ -148,6 +148,9 @@ def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any,
 
   def log_fn(step: int, metrics: dict) -> None:
     run.reporter.scalars(name, step, metrics)
+    if "eval/eval_reward" in metrics:
+      logger.info("%s step %d: %s", name, step,
+                  ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
 
   result = train_phase(trainer=trainer, params=params, cfg=cfg, batches=batches,
                        eval_fn=run.eval_fn,

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from rest_jax.errors import RestJaxError  # pylint: disable=g-import-not-at-top
 
@@ -91,6 +91,13 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"wrote {n} records to {args.jsonl}")
 
 
+def _quiet_gin_search(record: logging.LogRecord) -> bool:
+  """Drops gin's log lines about include paths it tried before finding the file."""
+  message = str(record.msg)
+  return not (record.module in ("resource_reader", "config") and
+              ("Path not found" in message or "system_path_file_exists" in message))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="rest-jax", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
       logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+      handler.addFilter(_quiet_gin_search)
     if bindings and args.command != "run":
       raise RestJaxError("--gin.X=V flags are only for `rest-jax run`.")
     if args.command == "run":

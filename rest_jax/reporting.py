@@ -62,7 +62,6 @@ class Reporter:
     for name, value in values.items():
       if np.ndim(value) == 0:
         writer.add_scalar(f"{tag_prefix}/{name}", float(value), step)
-    writer.flush()
 
   def write_summary(self, rows: Sequence[dict], wall_time_s: float) -> None:
     if self.enabled:

@@ -1,0 +1,107 @@
+"""The CLI: every gin file parses; bad input gets one clear error (exit 2, no traceback) and
+leaves the workdir as it was."""
+
+import glob
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from rest_jax import main as cli
+from rest_jax import rewards
+from rest_jax.config import RunConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "gin", "experiments", "smoke_cpu.gin")
+FAST = ["--gin.bc/config.TrainConfig.num_steps=2", "--gin.bc/config.TrainConfig.eval_every=1",
+        "--gin.config.RunConfig.num_grow_steps=1", "--gin.config.EvalConfig.num_examples=4",
+        "--gin.config.SamplingConfig.num_samples=1"]
+
+
+def _snapshot(workdir):
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "**"), recursive=True)):
+    if os.path.isfile(path):
+      out[os.path.relpath(path, workdir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return out
+
+
+def _run(argv, capsys):
+  code = cli.main(argv)
+  err = capsys.readouterr().err
+  return code, err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "gin", "**", "*.gin"),
+                                               recursive=True)))
+def test_every_gin_file_parses(path):
+  files = [path] if "/experiments/" in path else [os.path.join(REPO, "gin/runs/base.gin"), path]
+  config, text = cli.parse_run_config(files, [])
+  assert isinstance(config, RunConfig)
+  assert "config.RunConfig" in text or "RunConfig" in text
+
+
+@pytest.mark.parametrize("binding, fragment", [
+    ("--gin.config.RunConfig.num_grow_stepz=1", "num_grow_stepz"),
+    ("--gin.config.RunConfig.task='no_such_task'", "task 'no_such_task' is not registered"),
+    ("--gin.config.RunConfig.reward='no_such_reward'", "reward 'no_such_reward' is unknown"),
+    ("--gin.improve/config.TrainConfig.loss='no_such_loss'", "no_such_loss"),
+    ("--gin.config.ImproveConfig.thresholds=[0.9, 0.5]", "strictly increasing"),
+    ("--gin.config.SamplingConfig.temperature=-1.0", "temperature"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, capsys, binding, fragment):
+  work = str(tmp_path / "w")
+  code, err = _run(["run", "--workdir", work, "--gin_file", SMOKE, binding], capsys)
+  assert code == 2
+  assert err.startswith("rest-jax: error:") and fragment in err
+  assert "Traceback" not in err
+  assert not os.path.exists(work)  # Nothing was written for a config that cannot run.
+
+
+def test_missing_gin_file(tmp_path, capsys):
+  code, err = _run(["run", "--workdir", str(tmp_path), "--gin_file", "nope.gin"], capsys)
+  assert code == 2 and "gin file 'nope.gin' does not exist" in err
+
+
+def test_workdir_from_another_config_is_refused(tmp_path, capsys):
+  work = str(tmp_path / "w")
+  from rest_jax import loop
+  config, text = cli.parse_run_config([SMOKE], [])
+  loop.check_workdir(work, config, text)
+  before = _snapshot(work)
+  code, err = _run(["run", "--workdir", work, "--gin_file", SMOKE,
+                    "--gin.config.RunConfig.seed=7"], capsys)
+  assert code == 2 and "was made by a different config" in err and "seed" in err
+  assert _snapshot(work) == before
+
+
+class NanReward:
+  def __call__(self, sources, hypotheses, references):
+    return np.full(len(hypotheses), np.nan, dtype=np.float32)
+
+
+def test_nan_reward_is_refused(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(rewards.REWARDS, "nan_reward", NanReward)
+  work = str(tmp_path / "w")
+  code, err = _run(["run", "--workdir", work, "--gin_file", SMOKE, "--no_progress",
+                    "--gin.config.RunConfig.reward='nan_reward'"] + FAST, capsys)
+  assert code == 2 and "nan_reward" in err and "Traceback" not in err
+  assert not os.path.exists(os.path.join(work, "phases", "bc.json"))
+
+
+def test_threshold_that_keeps_nothing(tmp_path, capsys):
+  work = str(tmp_path / "w")
+  argv = ["run", "--workdir", work, "--gin_file", SMOKE, "--no_progress",
+          "--gin.config.GrowConfig.include_originals=False",
+          "--gin.config.ImproveConfig.thresholds=[1.0]"] + FAST
+  code, err = _run(argv, capsys)
+  assert code == 2 and "keeps no example" in err and "Lower the threshold" in err
+  before = _snapshot(work)
+  assert "grow/g001/COMPLETED" in before and "phases/bc.json" in before
+  # Rerunning the same command gives the same error and changes nothing on disk.
+  code, err2 = _run(argv, capsys)
+  assert code == 2 and "keeps no example" in err2
+  after = _snapshot(work)
+  assert {k: v for k, v in after.items() if not k.startswith(("state.json", "tb/"))} == {
+      k: v for k, v in before.items() if not k.startswith(("state.json", "tb/"))}
