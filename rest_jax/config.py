@@ -59,6 +59,9 @@ class GrowConfig:
   sampling: SamplingConfig = SamplingConfig()
   chunk_size: int = 256  # Prompts per on-disk chunk (a chunk is the unit of resume).
   include_originals: bool = True  # Keep D in D_g (ReST); False for ReST-EM.
+  # A split of prompts without demonstrations ("" for none): Grow samples and scores them like
+  # D's prompts (their references are seen only by the reward), but BC never trains on them.
+  unlabeled_split: str = ""
 
   def __post_init__(self):
     _require(self.chunk_size >= 1, "GrowConfig.chunk_size must be >= 1.")

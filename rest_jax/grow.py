@@ -35,7 +35,8 @@ def run_grow(*, sampler: Any, params: Any, prompts: Sequence[dict], reward: Rewa
     sampler: a ``Sampler`` built with the Grow sampling settings.
     params: the policy's parameters (an ``nnx.State``), placed for sampling.
     prompts: examples of D (this host's shard) with "inputs", "targets", their texts and
-      "example_id".
+      "example_id"; an example with ``"labeled": False`` is a prompt without a demonstration:
+      it is sampled and scored against its reference, but never written as an original pair.
     reward: validated reward call ``(sources, hypotheses, references) -> [n]``.
     vocab: the target vocabulary.
     writer: the Grow dataset writer of this step and host.
@@ -95,17 +96,20 @@ def _grow_batch(*, sampler, params, prompts, reward, vocab, grow_step, seed, con
         reward=float(rewards[row]),
         behaviour_logprobs=np.asarray(out.logprobs[row, :length], np.float32),
         is_original=False, grow_step=grow_step))
-  if config.include_originals:
-    targets = pad_rows([p["targets"] for p in prompts], target_len)
-    logprobs = sampler.score(params, inputs, targets)
-    original_rewards = reward(sources, references, references)
-    for b, p in enumerate(prompts):
+  labeled = [b for b, p in enumerate(prompts) if p.get("labeled", True)]
+  if config.include_originals and labeled:
+    targets = pad_rows([prompts[b]["targets"] for b in labeled], target_len)
+    logprobs = sampler.score(params, inputs[labeled], targets)
+    original_rewards = reward([sources[b] for b in labeled], [references[b] for b in labeled],
+                              [references[b] for b in labeled])
+    for j, b in enumerate(labeled):
+      p = prompts[b]
       length = len(p["targets"])
       records.append(growdata.GrowRecord(
           example_id=int(example_ids[b]), sample_idx=-1,
           inputs=np.asarray(p["inputs"], np.int64), targets=np.asarray(p["targets"], np.int64),
           inputs_pretokenized=sources[b], targets_pretokenized=references[b],
-          reward=float(original_rewards[b]),
-          behaviour_logprobs=np.asarray(logprobs[b, :length], np.float32),
+          reward=float(original_rewards[j]),
+          behaviour_logprobs=np.asarray(logprobs[j, :length], np.float32),
           is_original=True, grow_step=grow_step))
   return records

@@ -128,7 +128,11 @@ def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
 
 def validate_names(config: RunConfig) -> None:
   """Fails fast, before the workdir is touched, on unknown task / reward / loss names."""
-  tasks.get_task(config.task)
+  task = tasks.get_task(config.task)
+  for split in ("train", "validation", config.grow.unlabeled_split):
+    if split and split not in task.splits:
+      raise RestJaxError(f"task {config.task!r} has no split {split!r} (it has "
+                         f"{sorted(task.splits)}); fix the task or GrowConfig.unlabeled_split.")
   rewards.get_reward(config.reward)
   losses.get_loss(config.bc.loss)
   losses.get_loss(config.improve.train.loss)
@@ -157,6 +161,18 @@ def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any,
                        checkpoints=PhaseCheckpoints(os.path.join(run.workdir, "checkpoints", name)),
                        lr_scale=lr_scale, progress=run.progress, log_fn=log_fn)
   return result.best_params, result.best_metrics
+
+
+def _grow_prompts(run: _Run) -> list[dict]:
+  """This host's Grow prompts: D's, then those of the unlabeled split (if configured)."""
+  c = run.config
+  shard = dict(input_len=c.input_len, target_len=c.target_len,
+               shard_index=jax.process_index(), num_shards=jax.process_count())
+  prompts = data.examples(run.task, "train", **shard)
+  if c.grow.unlabeled_split:
+    prompts += [dict(p, labeled=False)
+                for p in data.examples(run.task, c.grow.unlabeled_split, **shard)]
+  return prompts
 
 
 def _restore_best(run: _Run, name: str) -> Any:
@@ -224,9 +240,7 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
       save_state(f"grow g{g}")
       if params is None:
         params = _restore_best(run_, last_done)
-      prompts = data.examples(run_.task, "train", input_len=config.input_len,
-                              target_len=config.target_len,
-                              shard_index=jax.process_index(), num_shards=jax.process_count())
+      prompts = _grow_prompts(run_)
       logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts),
                   config.grow.sampling.num_samples)
       run_grow(sampler=run_.grow_sampler,

@@ -135,3 +135,20 @@ def test_get_task_unknown_and_registry():
   with pytest.raises(RestJaxError) as info:
     tasks.get_task("no_such_task")
   assert "numbers_de_en" in str(info.value) and "register" in str(info.value)
+
+
+def test_unlabeled_split_is_disjoint_and_keeps_train_and_eval_draws():
+  with_pool = numbers.sample_numbers(num_train=50, num_eval=20, max_number=999, seed=3,
+                                     num_unlabeled=300)
+  without = numbers.sample_numbers(num_train=50, num_eval=20, max_number=999, seed=3)
+  np.testing.assert_array_equal(with_pool[0], without[0])
+  np.testing.assert_array_equal(with_pool[1], without[1])
+  train, evaluation, pool = (set(x.tolist()) for x in with_pool)
+  assert len(pool) == 300 and not pool & (train | evaluation)
+  task = arith.make_arith_task("arith_pool_test", num_train=30, num_eval=10, max_operand=20,
+                               seed=1, num_unlabeled=40)
+  ids = {split: {e["example_id"] for e in data.examples(task, split, input_len=12,
+                                                        target_len=8)}
+         for split in ("train", "validation", "unlabeled")}
+  assert [len(v) for v in ids.values()] == [30, 10, 40]
+  assert not (ids["train"] & ids["unlabeled"]) and not (ids["validation"] & ids["unlabeled"])

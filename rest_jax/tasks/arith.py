@@ -45,7 +45,7 @@ def _pairs(indices: np.ndarray, max_operand: int) -> tasks.SplitData:
 
 
 def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: int,
-                    seed: int) -> seqio.Task:
+                    seed: int, num_unlabeled: int = 0) -> seqio.Task:
   """Addition / subtraction problems as a decoder-only seqio Task (not registered).
 
   Args:
@@ -54,6 +54,8 @@ def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: in
     num_eval: size of the "validation" split (D_eval), disjoint from train.
     max_operand: operands lie in [0, max_operand]; subtraction keeps a >= b.
     seed: seed of the numpy Generator that draws problems without replacement.
+    num_unlabeled: size of the "unlabeled" split: problems with no demonstration for BC,
+      whose answer only the reward sees (ReST-EM's setting). 0 leaves the split out.
   Returns:
     A Task with DECODER_FEATURES; "example_id" is the problem index.
   """
@@ -61,20 +63,24 @@ def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: in
   if num_train < 1 or num_eval < 0:
     raise RestJaxError(f"arith task: num_train={num_train} must be >= 1 and "
                        f"num_eval={num_eval} >= 0.")
-  if num_train + num_eval > total:
+  if num_train + num_eval + num_unlabeled > total:
     raise RestJaxError(
-        f"arith task: num_train + num_eval = {num_train + num_eval} exceeds the {total} "
+        f"arith task: num_train + num_eval + num_unlabeled = "
+        f"{num_train + num_eval + num_unlabeled} exceeds the {total} "
         f"problems with operands in [0, {max_operand}]; raise max_operand or ask for fewer.")
   rng = np.random.default_rng(seed)
-  drawn = rng.choice(total, size=num_train + num_eval, replace=False).astype(np.int64)
-  train, evaluation = drawn[:num_train], drawn[num_train:]
+  drawn = rng.permutation(total).astype(np.int64)
+  splits = {"train": drawn[:num_train], "validation": drawn[num_train:num_train + num_eval]}
+  if num_unlabeled:
+    start = num_train + num_eval
+    splits["unlabeled"] = drawn[start:start + num_unlabeled]
   return tasks.in_memory_task(
-      name, build_splits=lambda: {"train": _pairs(train, max_operand),
-                                  "validation": _pairs(evaluation, max_operand)},
-      sizes={"train": num_train, "validation": num_eval},
-      output_features=tasks.DECODER_FEATURES)
+      name, build_splits=lambda: {k: _pairs(v, max_operand) for k, v in splits.items()},
+      sizes={k: len(v) for k, v in splits.items()}, output_features=tasks.DECODER_FEATURES)
 
 
-tasks.register(make_arith_task("arith", num_train=4000, num_eval=256, max_operand=999, seed=0))
+# ReST-EM's setting: few worked problems (D), many problems whose answer only the reward knows.
+tasks.register(make_arith_task("arith", num_train=500, num_eval=256, max_operand=99, seed=0,
+                               num_unlabeled=4000))
 tasks.register(make_arith_task("arith_small", num_train=256, num_eval=64, max_operand=99,
                                seed=0))

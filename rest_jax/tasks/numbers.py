@@ -15,24 +15,27 @@ from rest_jax import tasks
 from rest_jax.errors import RestJaxError
 
 
-def sample_numbers(*, num_train: int, num_eval: int, max_number: int,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Draws disjoint train / eval numbers from [0, max_number] without replacement.
+def sample_numbers(*, num_train: int, num_eval: int, max_number: int, seed: int,
+                   num_unlabeled: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Draws disjoint train / eval / unlabeled numbers from [0, max_number] without replacement.
 
   Returns:
-    int64 `[num_train]` and int64 `[num_eval]`, deterministic in the arguments.
+    int64 `[num_train]`, `[num_eval]` and `[num_unlabeled]`, deterministic in the arguments
+    (the train and eval draws do not depend on num_unlabeled).
   """
   if num_train < 1 or num_eval < 0:
     raise RestJaxError(f"numbers task: num_train={num_train} must be >= 1 and "
                        f"num_eval={num_eval} >= 0.")
-  if num_train + num_eval > max_number + 1:
+  if num_train + num_eval + num_unlabeled > max_number + 1:
     raise RestJaxError(
-        f"numbers task: num_train + num_eval = {num_train + num_eval} exceeds the "
+        f"numbers task: num_train + num_eval + num_unlabeled = "
+        f"{num_train + num_eval + num_unlabeled} exceeds the "
         f"{max_number + 1} numbers in [0, {max_number}]; raise max_number or ask for fewer "
         "examples.")
   rng = np.random.default_rng(seed)
-  drawn = rng.choice(max_number + 1, size=num_train + num_eval, replace=False).astype(np.int64)
-  return drawn[:num_train], drawn[num_train:]
+  drawn = rng.permutation(max_number + 1).astype(np.int64)
+  labeled, unlabeled = drawn[:num_train + num_eval], drawn[num_train + num_eval:]
+  return labeled[:num_train], labeled[num_train:], unlabeled[:num_unlabeled]
 
 
 def _pairs(numbers: np.ndarray) -> tasks.SplitData:
@@ -42,7 +45,7 @@ def _pairs(numbers: np.ndarray) -> tasks.SplitData:
 
 
 def make_numbers_task(name: str, *, num_train: int, num_eval: int, max_number: int,
-                      seed: int) -> seqio.Task:
+                      seed: int, num_unlabeled: int = 0) -> seqio.Task:
   """German-words -> English-words number translation as a seqio Task (not registered).
 
   Args:
@@ -51,18 +54,26 @@ def make_numbers_task(name: str, *, num_train: int, num_eval: int, max_number: i
     num_eval: size of the "validation" split (D_eval), disjoint from train.
     max_number: numbers are drawn without replacement from [0, max_number].
     seed: seed of the numpy Generator that draws them.
+    num_unlabeled: size of the "unlabeled" split: prompts without a demonstration for BC, whose
+      English rendering is known only to the reward (like the final answers of ReST-EM's math
+      problems). 0 leaves the split out.
   Returns:
     A Task with ENCDEC_FEATURES; "example_id" is the number.
   """
-  train, evaluation = sample_numbers(num_train=num_train, num_eval=num_eval,
-                                     max_number=max_number, seed=seed)
+  train, evaluation, unlabeled = sample_numbers(num_train=num_train, num_eval=num_eval,
+                                                max_number=max_number, seed=seed,
+                                                num_unlabeled=num_unlabeled)
+  splits = {"train": train, "validation": evaluation}
+  if num_unlabeled:
+    splits["unlabeled"] = unlabeled
   return tasks.in_memory_task(
-      name, build_splits=lambda: {"train": _pairs(train), "validation": _pairs(evaluation)},
-      sizes={"train": num_train, "validation": num_eval},
-      output_features=tasks.ENCDEC_FEATURES)
+      name, build_splits=lambda: {k: _pairs(v) for k, v in splits.items()},
+      sizes={k: len(v) for k, v in splits.items()}, output_features=tasks.ENCDEC_FEATURES)
 
 
-tasks.register(make_numbers_task("numbers_de_en", num_train=4000, num_eval=256,
-                                 max_number=99_999, seed=0))
+# D is small (250 demonstrations) and 4000 more prompts come without one: the setting where
+# ReST's reward-filtered self-generated data has something to teach that BC on D cannot.
+tasks.register(make_numbers_task("numbers_de_en", num_train=250, num_eval=256,
+                                 max_number=99_999, seed=0, num_unlabeled=4000))
 tasks.register(make_numbers_task("numbers_de_en_small", num_train=256, num_eval=64,
                                  max_number=999, seed=0))
