@@ -163,6 +163,13 @@ def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any,
   return result.best_params, result.best_metrics
 
 
+def _barrier(name: str) -> None:
+  """Waits for every host (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def _grow_prompts(run: _Run) -> list[dict]:
   """This host's Grow prompts: D's, then those of the unlabeled split (if configured)."""
   c = run.config
@@ -249,7 +256,10 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
                writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
                seed=config.seed, config=config.grow, input_len=config.input_len,
                target_len=config.target_len, progress=progress)
-      growdata.finalize(grow_dir)
+      _barrier(f"grow g{g} chunks written")
+      if jax.process_index() == 0:
+        growdata.finalize(grow_dir)
+      _barrier(f"grow g{g} finalized")
     stats = growdata.read_stats(grow_dir)
     grow_stats[g] = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
     taus, messages = thresholds.plan_thresholds(config.improve.thresholds,

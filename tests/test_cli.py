@@ -76,17 +76,26 @@ def test_workdir_from_another_config_is_refused(tmp_path, capsys):
   assert _snapshot(work) == before
 
 
-class NanReward:
+class ConstantReward:
+  value = np.nan
+
   def __call__(self, sources, hypotheses, references):
-    return np.full(len(hypotheses), np.nan, dtype=np.float32)
+    return np.full(len(hypotheses), self.value, dtype=np.float32)
 
 
-def test_nan_reward_is_refused(tmp_path, capsys, monkeypatch):
-  monkeypatch.setitem(rewards.REWARDS, "nan_reward", NanReward)
+class TooHighReward(ConstantReward):
+  value = 1.5
+
+
+@pytest.mark.parametrize("reward_cls", [ConstantReward, TooHighReward])
+def test_reward_that_is_nan_or_outside_0_1_is_refused(tmp_path, capsys, monkeypatch,
+                                                      reward_cls):
+  monkeypatch.setitem(rewards.REWARDS, "bad_reward", reward_cls)
   work = str(tmp_path / "w")
   code, err = _run(["run", "--workdir", work, "--gin_file", SMOKE, "--no_progress",
-                    "--gin.config.RunConfig.reward='nan_reward'"] + FAST, capsys)
-  assert code == 2 and "nan_reward" in err and "Traceback" not in err
+                    "--gin.config.RunConfig.reward='bad_reward'"] + FAST, capsys)
+  assert code == 2 and "bad_reward" in err and "Traceback" not in err
+  assert ("nan" in err.lower()) if reward_cls is ConstantReward else ("1.5" in err)
   assert not os.path.exists(os.path.join(work, "phases", "bc.json"))
 
 

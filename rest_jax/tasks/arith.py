@@ -80,7 +80,7 @@ def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: in
 
 
 # ReST-EM's setting: few worked problems (D), many problems whose answer only the reward knows.
-tasks.register(make_arith_task("arith", num_train=500, num_eval=256, max_operand=99, seed=0,
+tasks.register(make_arith_task("arith", num_train=2000, num_eval=256, max_operand=99, seed=0,
                                num_unlabeled=4000))
 tasks.register(make_arith_task("arith_small", num_train=256, num_eval=64, max_operand=99,
                                seed=0))
