@@ -79,7 +79,7 @@ def save_pytree(path: PathLike, tree: Any) -> None:
 
   The directory ``path`` must not exist yet; it appears only once the write is complete.
   """
-  path = epath.Path(path)
+  path = epath.Path(os.path.abspath(path))
   if path.exists():
     raise RestJaxError(f"checkpoint path {path} already exists; choose a new path or delete it.")
   with ocp.StandardCheckpointer() as checkpointer:
@@ -96,7 +96,7 @@ def restore_pytree(path: PathLike, abstract_tree: Any) -> Any:
   Returns:
     a tree like ``abstract_tree`` holding ``jax.Array``s placed on those shardings.
   """
-  path = epath.Path(path)
+  path = epath.Path(os.path.abspath(path))
   _require_dir(path, "checkpoint")
   _check_abstract(abstract_tree)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -116,7 +116,7 @@ def restore_params(path: PathLike, abstract_params: Any) -> Any:
   Returns:
     the params, like ``abstract_params``, placed on its shardings.
   """
-  path = epath.Path(path)
+  path = epath.Path(os.path.abspath(path))
   _require_dir(path, "checkpoint")
   _check_abstract(abstract_params)
   pure_params = to_pure(abstract_params)
@@ -151,7 +151,7 @@ class PhaseCheckpoints:
   """
 
   def __init__(self, directory: PathLike):
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(os.path.abspath(directory))  # orbax wants absolute paths.
     common = dict(max_to_keep=1, create=True, enable_async_checkpointing=False,
                   cleanup_tmp_directories=True)
     self._latest = ocp.CheckpointManager(

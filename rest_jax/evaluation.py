@@ -8,6 +8,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rest_jax.models.base import EOS_ID, PAD_ID
+from rest_jax.rewards import ExactMatch
+
+_EXACT_MATCH = ExactMatch()
 
 
 def pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
@@ -47,12 +50,6 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> np.ndarray:
-  """1.0 where the stripped hypothesis equals the stripped reference, else 0.0; `[n]`."""
-  return np.asarray([float(h.strip() == r.strip()) for h, r in zip(hypotheses, references)],
-                    dtype=np.float32)
-
-
 def make_eval_fn(*, sampler: Any, eval_set: EvalSet, reward: Callable[..., np.ndarray],
                  vocab: Any, batch_size: int) -> Callable[[Any], dict[str, float]]:
   """Returns ``eval_fn(params) -> {"eval_reward", "eval_exact_match"}`` on greedy decodes.
@@ -68,8 +65,8 @@ def make_eval_fn(*, sampler: Any, eval_set: EvalSet, reward: Callable[..., np.nd
   def eval_fn(params: Any) -> dict[str, float]:
     hypotheses = decode_all(sampler, params, eval_set.inputs, vocab, batch_size)
     rewards = reward(eval_set.sources, hypotheses, eval_set.references)
-    return {"eval_reward": float(np.mean(rewards)),
-            "eval_exact_match": float(np.mean(exact_match(hypotheses, eval_set.references)))}
+    matches = _EXACT_MATCH(eval_set.sources, hypotheses, eval_set.references)
+    return {"eval_reward": float(np.mean(rewards)), "eval_exact_match": float(np.mean(matches))}
 
   return eval_fn
 

@@ -203,6 +203,7 @@ def _marked(run: _Run, name: str) -> dict | None:
 def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: bool = True) -> dict:
   """Runs (or resumes) a whole ReST experiment in ``workdir``; returns the summary dict."""
   start = time.time()
+  workdir = os.path.abspath(workdir)
   validate_names(config)
   check_workdir(workdir, config, config_text)
   state_path = os.path.join(workdir, "state.json")

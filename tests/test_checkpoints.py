@@ -188,3 +188,17 @@ def test_crashed_write_leaves_older_checkpoint_readable(tmp_path):
     phase.save_latest(6, state.replace(step=jnp.int32(6)), {"step": 6})
     assert phase.latest() == (6, {"step": 6})
   assert sorted(p.name for p in latest_dir.iterdir()) == ["6"]
+
+
+def test_relative_phase_directory_works(tmp_path, monkeypatch):
+  """orbax needs absolute paths; a relative workdir (as in the README command) must work."""
+  import jax.numpy as jnp
+  from rest_jax.checkpoints import PhaseCheckpoints
+  monkeypatch.chdir(tmp_path)
+  ckpt = PhaseCheckpoints("rel/phase")
+  params = {"w": jnp.arange(4.0)}
+  ckpt.save_best(0, params, {"eval_reward": 0.5})
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32,
+                                        sharding=jax.sharding.SingleDeviceSharding(
+                                            jax.devices()[0]))}
+  np.testing.assert_array_equal(ckpt.restore_best_params(abstract)["w"], np.arange(4.0))

@@ -20,30 +20,13 @@ def _require_references(name: str, hypotheses: Sequence[str],
   return references
 
 
-class ChrF:
-  """Sentence-level chrF (sacrebleu defaults: char order 6, beta 2) / 100."""
+class _SentenceMetric:
+  """A sacrebleu sentence-level metric scaled from [0, 100] to [0, 1]."""
 
-  name = "chrf"
+  name = ""
 
-  def __init__(self):
-    self._metric = CHRF()
-
-  def __call__(self, sources: Sequence[str], hypotheses: Sequence[str],
-               references: Sequence[str] | None) -> np.ndarray:
-    """float32 `[n]` in [0, 1]; identical non-empty strings score 1."""
-    del sources
-    references = _require_references(self.name, hypotheses, references)
-    scores = [self._metric.sentence_score(h, [r]).score for h, r in zip(hypotheses, references)]
-    return np.clip(np.asarray(scores, dtype=np.float64) / 100.0, 0.0, 1.0).astype(np.float32)
-
-
-class Bleu:
-  """Sentence-level BLEU with effective order (short sentences are not zeroed) / 100."""
-
-  name = "bleu"
-
-  def __init__(self):
-    self._metric = BLEU(effective_order=True)
+  def __init__(self, metric):
+    self._metric = metric
 
   def __call__(self, sources: Sequence[str], hypotheses: Sequence[str],
                references: Sequence[str] | None) -> np.ndarray:
@@ -52,6 +35,24 @@ class Bleu:
     references = _require_references(self.name, hypotheses, references)
     scores = [self._metric.sentence_score(h, [r]).score for h, r in zip(hypotheses, references)]
     return np.clip(np.asarray(scores, dtype=np.float64) / 100.0, 0.0, 1.0).astype(np.float32)
+
+
+class ChrF(_SentenceMetric):
+  """Sentence-level chrF (sacrebleu defaults: character 6-grams, beta 2) / 100."""
+
+  name = "chrf"
+
+  def __init__(self):
+    super().__init__(CHRF())
+
+
+class Bleu(_SentenceMetric):
+  """Sentence-level BLEU with effective order (short sentences are not zeroed) / 100."""
+
+  name = "bleu"
+
+  def __init__(self):
+    super().__init__(BLEU(effective_order=True))
 
 
 class ExactMatch:
