@@ -42,12 +42,8 @@ class EvalSet:
   @classmethod
   def from_examples(cls, examples: Sequence[dict], *, input_len: int) -> "EvalSet":
     return cls(inputs=pad_rows([e["inputs"] for e in examples], input_len),
-               sources=[_text(e["inputs_pretokenized"]) for e in examples],
-               references=[_text(e["targets_pretokenized"]) for e in examples])
-
-
-def _text(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+               sources=[e["inputs_pretokenized"] for e in examples],
+               references=[e["targets_pretokenized"] for e in examples])
 
 
 def make_eval_fn(*, sampler: Any, eval_set: EvalSet, reward: Callable[..., np.ndarray],

@@ -18,10 +18,6 @@ logger = logging.getLogger("rest_jax")
 RewardCall = Callable[[Sequence[str], Sequence[str], Sequence[str] | None], np.ndarray]
 
 
-def _text(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def run_grow(*, sampler: Any, params: Any, prompts: Sequence[dict], reward: RewardCall,
              vocab: Any, writer: growdata.GrowWriter, grow_step: int, seed: int,
              config: GrowConfig, input_len: int, target_len: int,
@@ -77,8 +73,8 @@ def _grow_batch(*, sampler, params, prompts, reward, vocab, grow_step, seed, con
   """Samples N continuations for a batch of prompts (and scores D's pairs) into records."""
   inputs = pad_rows([p["inputs"] for p in prompts], input_len)
   example_ids = np.asarray([int(p["example_id"]) for p in prompts], dtype=np.int64)
-  sources = [_text(p["inputs_pretokenized"]) for p in prompts]
-  references = [_text(p["targets_pretokenized"]) for p in prompts]
+  sources = [p["inputs_pretokenized"] for p in prompts]
+  references = [p["targets_pretokenized"] for p in prompts]
   out = sampler.generate(params, inputs, example_ids, seed=seed, grow_step=grow_step)
   n = config.sampling.num_samples
   hypotheses = detokenize(vocab, out.tokens, out.lengths)

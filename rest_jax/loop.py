@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from rest_jax import data, growdata, losses, rewards, tasks, thresholds
@@ -231,9 +230,7 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
     params, metrics = _train(run_, "bc", params=run_.base_params, cfg=config.bc, dataset=dataset,
                              seed=config.seed, lr_scale=1.0)
     row = summary_row(phase="bc", grow_step=0, improve_step=0, threshold=None,
-                      train_examples=len(data.examples(run_.task, "train",
-                                                       input_len=config.input_len,
-                                                       target_len=config.target_len)),
+                      train_examples=run_.task.num_input_examples("train"),
                       eval_reward=metrics["eval_reward"],
                       eval_exact_match=metrics["eval_exact_match"])
     _mark(run_, "bc", row)
