@@ -22,6 +22,7 @@ PAD_ID = 0
 EOS_ID = 1
 
 Cache = dict[str, Any]
+ROPE_SCALING_TYPES = ("none", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,14 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   norm_eps: float = 1e-6  # RMSNorm epsilon (T5: 1e-6; Llama checkpoints: 1e-5 or 1e-6).
+  # Decoder-only family only: biases on the q/k/v projections (Qwen2), and RoPE frequency
+  # scaling as in HF ``rope_scaling`` ("none", "linear" or "llama3"; see layers.rope_frequencies).
+  attention_bias: bool = False
+  rope_scaling_type: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
 
   def __post_init__(self):
     if self.kind not in ("encdec", "decoder"):
@@ -56,6 +65,17 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise RestJaxError(f"num_heads={self.num_heads} is not a multiple of "
                          f"num_kv_heads={self.num_kv_heads}.")
+    if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+      raise RestJaxError(f"rope_scaling_type {self.rope_scaling_type!r} is not supported; use one "
+                         f"of {ROPE_SCALING_TYPES}.")
+    if self.rope_scaling_type == "llama3" and not (
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise RestJaxError("llama3 RoPE scaling needs 0 < rope_low_freq_factor < "
+                         f"rope_high_freq_factor, got {self.rope_low_freq_factor} and "
+                         f"{self.rope_high_freq_factor}.")
+    for name in ("rope_scaling_factor", "rope_original_max_position"):
+      if getattr(self, name) <= 0:
+        raise RestJaxError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim",
                  "num_decoder_layers", "norm_eps"):
       if getattr(self, name) <= 0:

@@ -1,4 +1,4 @@
-"""Building blocks shared by both model families (Flax NNX, no biases anywhere).
+"""Building blocks shared by both model families (Flax NNX; biases only for Qwen2 q/k/v).
 
 Every parameter is an ``nnx.Param`` carrying ``out_sharding`` logical axis names of its rank
 (t5x names: vocab, embed, mlp, heads, kv_heads, kv, relpos_buckets); ``rest_jax.sharding``
@@ -42,8 +42,9 @@ class Dense(nnx.Module):
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
                names: Sequence[str | None], *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, init_scale: float = 1.0,
-               distribution: str = "truncated_normal"):
+               distribution: str = "truncated_normal", use_bias: bool = False):
     self.in_rank = len(in_shape)
+    self.use_bias = use_bias
     self.dtype = jnp.dtype(dtype)
     rank = len(in_shape) + len(out_shape)
     init = jax.nn.initializers.variance_scaling(
@@ -51,6 +52,9 @@ class Dense(nnx.Module):
         out_axis=tuple(range(self.in_rank, rank)))
     self.kernel = make_param(rngs, init, tuple(in_shape) + tuple(out_shape), names=names,
                              dtype=jnp.dtype(param_dtype))
+    if use_bias:  # Only the Qwen2 q/k/v projections have one (zero-initialised).
+      self.bias = make_param(rngs, jax.nn.initializers.zeros, tuple(out_shape),
+                             names=tuple(names)[self.in_rank:], dtype=jnp.dtype(param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[..., *in_shape]` -> `[..., *out_shape]`, contracting the last ``len(in_shape)`` axes."""
@@ -58,7 +62,10 @@ class Dense(nnx.Module):
     x = x.astype(self.dtype)
     lhs = tuple(range(x.ndim - self.in_rank, x.ndim))
     rhs = tuple(range(self.in_rank))
-    return jax.lax.dot_general(x, kernel, ((lhs, rhs), ((), ())))
+    y = jax.lax.dot_general(x, kernel, ((lhs, rhs), ((), ())))
+    if self.use_bias:
+      y = y + self.bias.get_value().astype(self.dtype)
+    return y
 
 
 class Embed(nnx.Module):
@@ -140,18 +147,48 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+  """RoPE inverse frequencies float32 `[head_dim / 2]`, scaled as HF ``rope_scaling`` says.
+
+  "none": ``theta ** (-2i / head_dim)``; "linear": divided by ``rope_scaling_factor``;
+  "llama3": wavelengths longer than ``original_max / low_freq_factor`` divided by the factor,
+  shorter than ``original_max / high_freq_factor`` kept, and smoothly interpolated in between
+  (HF ``_compute_llama3_parameters``).
+  """
+  d = config.head_dim
+  inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(
+      np.float32)
+  factor = np.float32(config.rope_scaling_factor)
+  if config.rope_scaling_type == "linear":
+    return (inv_freq / factor).astype(np.float32)
+  if config.rope_scaling_type == "llama3":
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_len = config.rope_original_max_position
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float,
+               inv_freq: np.ndarray | None = None) -> jax.Array:
   """Rotary position embedding, HF-Llama convention (pairs ``i`` and ``i + head_dim / 2``).
 
   Args:
     x: `[batch, length, heads, head_dim]`.
     positions: int `[batch, length]`.
-    theta: the RoPE base (``rope_theta``).
+    theta: the RoPE base (``rope_theta``); unused when ``inv_freq`` is given.
+    inv_freq: float32 `[head_dim / 2]` (``rope_frequencies``), or None for unscaled RoPE.
   Returns:
     `[batch, length, heads, head_dim]` in the dtype of ``x``; the rotation is float32.
   """
   head_dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
   xf = x.astype(jnp.float32)

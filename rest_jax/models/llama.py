@@ -6,6 +6,7 @@ Parameter tree:
   layers_{i}.attention_norm.scale                          [embed]
   layers_{i}.attention.q_proj.kernel                       [embed, heads, kv]
   layers_{i}.attention.{k_proj,v_proj}.kernel              [embed, kv_heads, kv]
+  layers_{i}.attention.{q,k,v}_proj.bias  [heads or kv_heads, kv] (only if ``attention_bias``)
   layers_{i}.attention.o_proj.kernel                       [heads, kv, embed]
   layers_{i}.mlp_norm.scale, mlp.{gate_proj,up_proj}.kernel [embed, mlp], down_proj [mlp, embed]
   final_norm.scale, lm_head.kernel [embed, vocab] (absent when ``tie_embeddings``)
@@ -25,7 +26,8 @@ from flax import nnx
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import PAD_ID, Cache, ModelConfig
 from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes, apply_rope,
-                                    dot_product_attention, pad_length, write_cache)
+                                    dot_product_attention, pad_length, rope_frequencies,
+                                    write_cache)
 
 KV = tuple[jax.Array, jax.Array]
 
@@ -61,10 +63,15 @@ class Attention(nnx.Module):
     e, h, g, d = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
     kw = activation_dtypes(config)
     self.rope_theta = float(config.rope_theta)
+    self.inv_freq = (None if config.rope_scaling_type == "none"
+                     else tuple(float(f) for f in rope_frequencies(config)))
     self.scale = d ** -0.5
-    self.q_proj = Dense((e,), (h, d), ("embed", "heads", "kv"), rngs=rngs, **kw)
-    self.k_proj = Dense((e,), (g, d), ("embed", "kv_heads", "kv"), rngs=rngs, **kw)
-    self.v_proj = Dense((e,), (g, d), ("embed", "kv_heads", "kv"), rngs=rngs, **kw)
+    bias = config.attention_bias
+    self.q_proj = Dense((e,), (h, d), ("embed", "heads", "kv"), rngs=rngs, use_bias=bias, **kw)
+    self.k_proj = Dense((e,), (g, d), ("embed", "kv_heads", "kv"), rngs=rngs, use_bias=bias,
+                        **kw)
+    self.v_proj = Dense((e,), (g, d), ("embed", "kv_heads", "kv"), rngs=rngs, use_bias=bias,
+                        **kw)
     self.o_proj = Dense((h, d), (e,), ("heads", "kv", "embed"), rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
@@ -75,8 +82,9 @@ class Attention(nnx.Module):
     kv_heads, kv]` each) this step's rotated keys and values are written at ``slot`` first.
     ``mask`` is bool `[batch, q_len, k_len]`. Also returns the (updated) keys and values.
     """
-    q = apply_rope(self.q_proj(x), positions, theta=self.rope_theta)
-    k = apply_rope(self.k_proj(x), positions, theta=self.rope_theta)
+    rope = dict(theta=self.rope_theta, inv_freq=self.inv_freq)
+    q = apply_rope(self.q_proj(x), positions, **rope)
+    k = apply_rope(self.k_proj(x), positions, **rope)
     v = self.v_proj(x)
     if cache is not None:
       k, v = write_cache(cache[0], k, slot), write_cache(cache[1], v, slot)
