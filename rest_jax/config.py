@@ -143,8 +143,16 @@ class RunConfig:
   bc: TrainConfig = TrainConfig()
   improve: ImproveConfig = ImproveConfig()
   eval: EvalConfig = EvalConfig()
+  # Start from a checkpoint instead of a random init: "hf:/path", "t5x:/path" or "orbax:/path"
+  # (see rest_jax.convert); ``model`` must describe the same architecture.
+  init_checkpoint: str = ""
+  # False skips BC (for an already-supervised start): the start is evaluated and used as BC's.
+  run_bc: bool = True
 
   def __post_init__(self):
+    _require(self.run_bc or bool(self.init_checkpoint),
+             "run_bc=False needs RunConfig.init_checkpoint (a supervised checkpoint to start "
+             "from); set it or keep run_bc=True.")
     _require(self.num_grow_steps >= 0, "num_grow_steps must be >= 0.")
     _require(self.num_improve_steps >= 0, "num_improve_steps must be >= 0.")
     _require(0 <= self.seed < 2**31, f"seed must be in [0, 2**31), got {self.seed}.")

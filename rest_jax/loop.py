@@ -110,7 +110,13 @@ def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
   def init():
     return nnx.split(build_model(config.model, rngs=nnx.Rngs(config.seed)))[1]
 
-  base_params = jax.jit(init, out_shardings=shardings)()
+  if config.init_checkpoint:
+    from rest_jax import convert  # pylint: disable=g-import-not-at-top
+    logger.info("starting from checkpoint %s", config.init_checkpoint)
+    _, base_params = convert.load_checkpoint(config.init_checkpoint, config=config.model,
+                                             layout=layout)
+  else:
+    base_params = jax.jit(init, out_shardings=shardings)()
   grow_sampler = Sampler.from_config(graphdef, layout, config.grow.sampling)
   eval_sampler = Sampler(graphdef, layout, num_samples=1,
                          max_decode_len=config.eval.max_decode_len,
@@ -188,6 +194,19 @@ def _restore_best(run: _Run, name: str) -> Any:
   return ckpt.restore_best_params(abstract)
 
 
+def _skip_bc(run: _Run) -> dict:
+  """``run_bc=False``: the starting checkpoint stands in for BC's result (evaluated, saved)."""
+  logger.info("BC skipped (run_bc=False): evaluating the starting checkpoint")
+  metrics = {k: float(v) for k, v in run.eval_fn(run.base_params).items()}
+  with PhaseCheckpoints(os.path.join(run.workdir, "checkpoints", "bc")) as ckpt:
+    ckpt.save_best(0, run.base_params, metrics)
+  row = summary_row(phase="bc", grow_step=0, improve_step=0, threshold=None, train_examples=0,
+                    eval_reward=metrics["eval_reward"],
+                    eval_exact_match=metrics["eval_exact_match"])
+  _mark(run, "bc", row)
+  return row
+
+
 def _mark(run: _Run, name: str, row: dict) -> None:
   path = os.path.join(run.workdir, "phases", f"{name}.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -222,6 +241,9 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   row = _marked(run_, "bc")
   params = None  # Loaded lazily: a finished phase only matters if a later one must run.
   last_done = "bc"
+  if row is None and not config.run_bc:
+    row = _skip_bc(run_)
+    params = run_.base_params
   if row is None:
     save_state("bc")
     logger.info("BC: training on D (%s, train split)", config.task)

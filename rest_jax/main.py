@@ -2,6 +2,8 @@
 
   rest-jax run --workdir W --gin_file F [--gin_file F2 ...] [--gin.X=V ...]
   rest-jax inspect W [--num_examples K] [--jsonl PATH]
+  rest-jax import --from hf|t5x|orbax|auto SRC --to ORBAX_DIR [--preset P | --config JSON]
+  rest-jax export --from CHECKPOINT --to hf|t5x|orbax OUT [--preset P | --config JSON]
 
 This is the only module that imports gin. Gin files bind the frozen dataclasses of
 ``rest_jax.config`` (with ``from __gin__ import dynamic_registration``); rerunning the same
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
   ins.add_argument("--num_examples", type=int, default=3)
   ins.add_argument("--jsonl", default=None, help="also export every record to this JSONL file")
   ins.add_argument("--log_level", default="WARNING")
+  from rest_jax import convert_cli  # pylint: disable=g-import-not-at-top
+  convert_cli.add_parsers(sub)
   return parser
 
 
@@ -130,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
       raise RestJaxError("--gin.X=V flags are only for `rest-jax run`.")
     if args.command == "run":
       _run(args, bindings)
+    elif args.command in ("import", "export"):
+      from rest_jax import convert_cli  # pylint: disable=g-import-not-at-top
+      (convert_cli.run_import if args.command == "import" else convert_cli.run_export)(args)
     else:
       _inspect(args)
   except RestJaxError as e:

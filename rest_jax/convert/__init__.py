@@ -129,6 +129,8 @@ def load_checkpoint(path: str, *, format: Format = "auto",  # pylint: disable=re
                          "the model config (--preset / --config for the CLI, RunConfig.model "
                          "in gin).")
     return config, load_t5x(path, config=config, layout=layout)
+  if config is not None:
+    check_same_architecture(config, read_model_config(path), source=path)
   return load_orbax(path, config=config, layout=layout)
 
 
