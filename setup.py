@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "safetensors>=0.4"],
+                    "hf": ["safetensors>=0.4", "tokenizers>=0.15"]},
     entry_points={"console_scripts": ["rest-jax=rest_jax.main:console_main"]},
 )
