@@ -96,20 +96,21 @@ def load_hf(path: str, *, layout: Layout | None = None,
 
   def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     source = hf_config.hf_name(config, name)
-    if name == "decoder.logits_dense.kernel":  # T5: tied heads read `shared`, scaled if needed.
+    scale = 1.0
+    if name == "decoder.logits_dense.kernel":  # T5: a tied head reads `shared`, maybe scaled.
+      scale = hf_config.t5_head_scale(cfg)
       if source not in files:
         source = "shared.weight"
-      scale = np.float32(hf_config.t5_head_scale(cfg))
-      head = _read_tensor(files.get(source, ""), source) if source in files else None
-      if head is not None:
-        return hf_config.to_ours(name, head * scale if scale != 1 else head, shape)
-    if source not in files and source == "shared.weight":
+    if source == "shared.weight" and source not in files:
       source = next((n for n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
                      if n in files), source)
     if source not in files:
       raise RestJaxError(f"tensor {source} (for {name}) is missing from the checkpoint in {path}; "
                          "the weights do not match its config.json.")
-    return hf_config.to_ours(name, _read_tensor(files[source], source), shape)
+    tensor = _read_tensor(files[source], source)
+    if scale != 1.0:
+      tensor = tensor * np.asarray(scale, tensor.dtype)
+    return hf_config.to_ours(name, tensor, shape)
 
   return config, place_params(config, fetch, layout=layout)
 
