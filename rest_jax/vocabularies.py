@@ -125,8 +125,9 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     return [int(i) for i in self.hf_to_model[np.asarray(ids, dtype=np.int64)]]
 
   def _decode(self, ids: Sequence[int]) -> str:
-    ids = [int(i) for i in ids if PAD_ID != int(i) != EOS_ID and 0 <= int(i) < len(self.model_to_hf)]
-    return self._tokenizer.decode([int(self.model_to_hf[i]) for i in ids],
+    size = len(self.model_to_hf)
+    kept = [int(i) for i in ids if int(i) not in (PAD_ID, EOS_ID) and 0 <= int(i) < size]
+    return self._tokenizer.decode([int(self.model_to_hf[i]) for i in kept],
                                   skip_special_tokens=True)
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:

@@ -7,6 +7,8 @@ unique within the task across splits. Splits: "train" (D) and "validation" (D_ev
 Importing this package registers the embedded tasks ("numbers_de_en", "numbers_de_en_small",
 "arith", "arith_small") in ``seqio.TaskRegistry``; tasks registered there by other code (for
 example tfds-backed tasks in a module imported through gin) are found by ``get_task`` too.
+Tasks over users' files (tasks/files.py) and TFDS datasets (tasks/tfds_tasks.py) are declared
+in gin as config.FileTaskConfig / config.TfdsTaskConfig and registered by ``from_config``.
 """
 
 from __future__ import annotations
@@ -138,4 +140,5 @@ def from_config(task_config) -> str:
 
 
 # Registration of the embedded tasks (kept last: these modules import the helpers above).
-from rest_jax.tasks import arith, files, numbers, tfds_tasks  # noqa: E402,F401  pylint: disable=wrong-import-position
+from rest_jax.tasks import (  # noqa: E402,F401  pylint: disable=wrong-import-position
+    arith, files, numbers, tfds_tasks)
