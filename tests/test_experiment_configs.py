@@ -12,6 +12,10 @@ from rest_jax import main
 from tokenizer_fixtures import build_hf_tokenizer, build_spm
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(main.REPO_GIN_DIR, "experiments", "*.gin")))
+# Other gin files with placeholders for user paths (tests/test_cli.py parses the rest).
+USER_PATH_FILES = sorted(
+    p for p in glob.glob(os.path.join(main.REPO_GIN_DIR, "*", "*.gin"))
+    if "/experiments/" not in p and "/path/to/" in open(p, encoding="utf-8").read())
 _HAS_INIT_CHECKPOINT = "init_checkpoint" in {f.name for f in dataclasses.fields(C.RunConfig)}
 
 
@@ -32,7 +36,12 @@ def _bindings(path, paths):
     bindings.append(f"VOCABULARY = 'spm:{paths['spm']}'")
   if "gsm8k" in path or "math" in path:
     bindings += [f"VOCABULARY = 'hf:{paths['hf']}?pad=<unk>'", "CHECKPOINT = 'hf:/models/x'"]
-  if "user_files" in text:
+  elif "'spm:/path/to" in text:
+    bindings.append(f"VOCABULARY = 'spm:{paths['spm']}'")
+  if "MATH_TRAIN" in text:
+    bindings += [f"MATH_TRAIN = '{paths['dir']}/train.jsonl'",
+                 f"MATH_EVAL = '{paths['dir']}/eval.jsonl'"]
+  if "user_files" in path or "user_files" in text:
     bindings += [f"TRAIN_FILE = '{paths['dir']}/train.jsonl'",
                  f"EVAL_FILE = '{paths['dir']}/eval.jsonl'"]
   return bindings
@@ -67,3 +76,12 @@ def test_experiment_parses(path, user_paths):
     assert cfg.improve.restart_from_base and cfg.improve.max_per_prompt == 10
   if name == "user_files_cpu.gin":
     assert cfg.task == "user_task"
+
+
+@pytest.mark.parametrize("path", USER_PATH_FILES, ids=os.path.basename)
+def test_task_file_with_user_paths_parses(path, user_paths):
+  files = [os.path.join(main.REPO_GIN_DIR, "runs", "base.gin"), path]
+  cfg, _ = main.parse_run_config(files, _bindings(path, user_paths))
+  assert cfg.task == {"iwslt14_de_en.gin": "iwslt14_de_en", "wmt20_zh_en.gin": "wmt20_zh_en",
+                      "gsm8k.gin": "gsm8k", "math_jsonl.gin": "math",
+                      "user_files.gin": "user_task"}[os.path.basename(path)]
