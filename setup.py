@@ -25,7 +25,12 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=8", "safetensors>=0.4"],
-                    "hf": ["safetensors>=0.4", "tokenizers>=0.15"]},
+    extras_require={
+        "test": ["pytest>=8", "safetensors>=0.4", "sentencepiece>=0.1.99", "tokenizers>=0.15"],
+        # Hugging Face checkpoints (safetensors) and tokenizer.json vocabularies.
+        "hf": ["safetensors>=0.4", "tokenizers>=0.15"],
+        # spm: vocabularies (seqio's SentencePieceVocabulary) and hf: tokenizer.json ones.
+        "tokenizers": ["sentencepiece>=0.1.99", "tokenizers>=0.15"],
+    },
     entry_points={"console_scripts": ["rest-jax=rest_jax.main:console_main"]},
 )

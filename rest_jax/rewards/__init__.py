@@ -7,21 +7,24 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rest_jax.errors import RestJaxError
+from rest_jax.rewards.answers import Gsm8kAnswer, MathAnswer
 from rest_jax.rewards.base import LengthReward, RewardFn, validate_rewards
 from rest_jax.rewards.metrics import Bleu, ChrF, ExactMatch
 
-__all__ = ["Bleu", "ChrF", "ExactMatch", "LengthReward", "RewardFn", "get_reward", "score",
-           "validate_rewards", "REWARDS"]
+__all__ = ["Bleu", "ChrF", "ExactMatch", "Gsm8kAnswer", "LengthReward", "MathAnswer", "RewardFn",
+           "get_reward", "score", "validate_rewards", "REWARDS"]
 
 REWARDS: dict[str, Callable[[], RewardFn]] = {
     "chrf": ChrF,
     "bleu": Bleu,
     "exact_match": ExactMatch,
+    "gsm8k_answer": Gsm8kAnswer,  # Final answers after "####" agree (ReST-EM, GSM8K).
+    "math_answer": MathAnswer,  # Last \boxed{} answers agree (ReST-EM, MATH).
 }
 
 
 def get_reward(name: str) -> RewardFn:
-  """A new instance of the built-in reward called ``name`` ("chrf", "bleu", "exact_match").
+  """A new instance of the built-in reward called ``name`` (a key of REWARDS).
 
   Raises:
     RestJaxError: unknown name; the message lists the known ones.

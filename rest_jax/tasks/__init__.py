@@ -7,6 +7,8 @@ unique within the task across splits. Splits: "train" (D) and "validation" (D_ev
 Importing this package registers the embedded tasks ("numbers_de_en", "numbers_de_en_small",
 "arith", "arith_small") in ``seqio.TaskRegistry``; tasks registered there by other code (for
 example tfds-backed tasks in a module imported through gin) are found by ``get_task`` too.
+Tasks over users' files (tasks/files.py) and TFDS datasets (tasks/tfds_tasks.py) are declared
+in gin as config.FileTaskConfig / config.TfdsTaskConfig and registered by ``from_config``.
 """
 
 from __future__ import annotations
@@ -111,5 +113,32 @@ def get_task(name: str) -> seqio.Task:
       "make_numbers_task / rest_jax.tasks.arith.make_arith_task.")
 
 
+def make_features(vocabulary: seqio.Vocabulary, *, kind: str) -> dict[str, seqio.Feature]:
+  """The "inputs" / "targets" features of a task for ``kind`` ("encdec" or "decoder").
+
+  Targets end with EOS; encoder-decoder prompts too, decoder-only prompts run straight into
+  the target (as ENCDEC_FEATURES / DECODER_FEATURES do for the byte vocabulary).
+  """
+  return {"inputs": seqio.Feature(vocabulary, add_eos=kind == "encdec"),
+          "targets": seqio.Feature(vocabulary, add_eos=True)}
+
+
+def from_config(task_config) -> str:
+  """Builds the task a FileTaskConfig / TfdsTaskConfig describes, registers it, returns its name.
+
+  In gin: ``config.RunConfig.task = @tasks.from_config()`` with
+  ``tasks.from_config.task_config = @config.FileTaskConfig()``; the task is registered when
+  the RunConfig is built, i.e. at run start, on every host.
+  """
+  from rest_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if isinstance(task_config, config_lib.FileTaskConfig):
+    return register(files.make_file_task(task_config)).name
+  if isinstance(task_config, config_lib.TfdsTaskConfig):
+    return register(tfds_tasks.make_tfds_task(task_config)).name
+  raise RestJaxError(f"tasks.from_config got {type(task_config).__name__}; pass a "
+                     "config.FileTaskConfig or config.TfdsTaskConfig.")
+
+
 # Registration of the embedded tasks (kept last: these modules import the helpers above).
-from rest_jax.tasks import arith, numbers  # noqa: E402,F401  pylint: disable=wrong-import-position
+from rest_jax.tasks import (  # noqa: E402,F401  pylint: disable=wrong-import-position
+    arith, files, numbers, tfds_tasks)
