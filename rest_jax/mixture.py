@@ -49,7 +49,7 @@ class Mixture:
 def previous_grow_dirs(workdir: str, grow_step: int, k: int) -> list[str]:
   """The Grow directories of steps g, g-1, .., max(1, g-k) (current first)."""
   return [os.path.join(workdir, "grow", f"g{s:03d}")
-          for s in range(grow_step, max(0, grow_step - k), -1)]
+          for s in range(grow_step, max(0, grow_step - k - 1), -1)]
 
 
 def target_tokens(directory: str) -> list[bytes]:
