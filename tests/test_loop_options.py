@@ -10,7 +10,7 @@ import os
 import pytest
 
 from rest_jax import config as C
-from rest_jax import data, loop, schedules, tasks
+from rest_jax import data, growdata, loop, schedules, tasks
 from rest_jax.growdata import GrowRecord
 from rest_jax.reporting import Reporter
 
@@ -85,6 +85,11 @@ def test_improve_start_policy_and_config(tmp_path, fake, restart):
   assert [r["train_examples"] for r in rows[1:]] == [c["count"] for c in fake["train"][1:]]
   assert all(r["eval_independent"] == 0.25 and r["independent_metric"] == "bleu" for r in rows)
   assert rows[3]["train_examples"] > rows[1]["train_examples"] > 0  # g2 also mixes g1 in.
+  plan, _ = schedules.from_config(cfg.improve).plan(
+      schedules.GrowRewards.from_index(growdata.load_index(os.path.join(work, "grow", "g001"))),
+      num_improve_steps=2)
+  assert [r["threshold"] for r in rows[1:3]] == pytest.approx([t.value for t in plan])
+  assert plan[0].is_per_source and plan[1].value > plan[0].value
   summary = json.load(open(os.path.join(work, "summary.json")))
   assert summary["reward_hacking_suspected"] is False
   if restart:
@@ -95,14 +100,3 @@ def test_improve_start_policy_and_config(tmp_path, fake, restart):
     loop.run(cfg, work, progress=False)
     assert [(c["name"], c["start"]) for c in fake["train"]] == [
         ("g002_i01", "params-bc"), ("g002_i02", "params-g002_i01")]
-
-
-def test_rows_threshold_is_the_schedule_value(tmp_path, fake):
-  cfg = _config(False)
-  rows = loop.run(cfg, str(tmp_path / "w"), progress=False)["rows"]
-  from rest_jax import growdata  # pylint: disable=g-import-not-at-top
-  plan, _ = schedules.from_config(cfg.improve).plan(
-      schedules.GrowRewards.from_index(growdata.load_index(str(tmp_path / "w" / "grow" /
-                                                               "g001"))), num_improve_steps=2)
-  assert [r["threshold"] for r in rows[1:3]] == pytest.approx([t.value for t in plan])
-  assert plan[0].is_per_source and plan[1].value > plan[0].value
