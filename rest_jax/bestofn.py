@@ -119,7 +119,7 @@ def load_run_config(workdir: str) -> Any:
     return _build(RunConfig, json.load(f))
 
 
-def resolve_phase(workdir: str, phase: str, config: Any) -> str:
+def resolve_phase(workdir: str, phase: str) -> str:
   """"bc", "final" (the last finished phase) or "g2_i2" / "g002_i02" -> the checkpoint name."""
   done = sorted(name[:-5] for name in os.listdir(os.path.join(workdir, "phases"))
                 if name.endswith(".json")) if os.path.isdir(os.path.join(workdir, "phases")) else []
@@ -161,7 +161,7 @@ def run_best_of_n(workdir: str, *, phase: str, ns: Sequence[int], num_examples: 
   workdir = os.path.abspath(workdir)
   ns = parse_ns(list(ns))
   c = load_run_config(workdir)
-  name = resolve_phase(workdir, phase, c)
+  name = resolve_phase(workdir, phase)
   layout = make_layout(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   abstract = nnx.eval_shape(lambda: build_model(c.model, rngs=nnx.Rngs(c.seed)))
   graphdef, abstract_state = nnx.split(abstract)

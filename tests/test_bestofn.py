@@ -75,11 +75,11 @@ def test_workdir_helpers(tmp_path):
   assert bestofn.load_run_config(str(tmp_path)) == cfg
   for name in ("bc", "g001_i01", "g002_i01"):
     (tmp_path / "phases" / f"{name}.json").write_text("{}")
-  assert bestofn.resolve_phase(str(tmp_path), "final", cfg) == "g002_i01"
-  assert bestofn.resolve_phase(str(tmp_path), "g1_i1", cfg) == "g001_i01"
-  assert bestofn.resolve_phase(str(tmp_path), "bc", cfg) == "bc"
+  assert bestofn.resolve_phase(str(tmp_path), "final") == "g002_i01"
+  assert bestofn.resolve_phase(str(tmp_path), "g1_i1") == "g001_i01"
+  assert bestofn.resolve_phase(str(tmp_path), "bc") == "bc"
   with pytest.raises(RestJaxError, match="phase 'g3_i1' has no finished checkpoint"):
-    bestofn.resolve_phase(str(tmp_path), "g3_i1", cfg)
+    bestofn.resolve_phase(str(tmp_path), "g3_i1")
 
 
 def test_cli_errors(tmp_path, capsys):
