@@ -93,6 +93,21 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScheduleParams:
+  """Parameters of the threshold schedules (rest_jax.schedules); each reads only its own."""
+
+  quantiles: tuple[float, ...] = (0.5, 0.75, 0.9)  # "quantile": of the Grow sample rewards.
+  percentiles: tuple[float, ...] = (50.0, 75.0, 90.0)  # "per_source_percentile", 0..100.
+  gammas: tuple[float, ...] = (0.0, 0.5, 0.9)  # "per_source_interpolation": rising gamma.
+  start: float = 0.8  # "linear": threshold of Improve step 1 ...
+  end: float = 0.99  # ... and of the last Improve step.
+
+  def __post_init__(self):
+    for name in ("quantiles", "percentiles", "gammas"):
+      object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
+
+@dataclasses.dataclass(frozen=True)
 class ImproveConfig:
   """The Improve steps that follow each Grow step."""
 
@@ -101,6 +116,12 @@ class ImproveConfig:
   lr_decay: float = 0.5  # Improve step k (counted over the whole run) uses lr * lr_decay**k.
   restart_from_base: bool = False  # ReST-EM: every Grow step fine-tunes the BC policy again.
   max_per_prompt: int = 0  # Keep at most this many samples per prompt; 0 = no cap.
+  # Threshold schedule (rest_jax.schedules): "fixed" (the `thresholds` list), "quantile",
+  # "linear", "per_source_percentile" or "per_source_interpolation".
+  schedule: str = "fixed"
+  schedule_params: ScheduleParams = ScheduleParams()
+  deduplicate: bool = False  # Keep one of the records with the same example_id and targets.
+  mix_previous_grows: int = 0  # Also train on the samples of Grow steps g-1..g-k (same filter).
 
   def __post_init__(self):
     object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
@@ -111,6 +132,9 @@ class ImproveConfig:
              f"thresholds {self.thresholds} must be strictly increasing.")
     _require(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}.")
     _require(self.max_per_prompt >= 0, "max_per_prompt must be >= 0.")
+    _require(self.mix_previous_grows >= 0, "mix_previous_grows must be >= 0.")
+    from rest_jax import schedules  # pylint: disable=g-import-not-at-top
+    schedules.from_config(self)  # Unknown schedule names and bad parameters fail here.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +144,9 @@ class EvalConfig:
   num_examples: int = 256
   batch_size: int = 128
   max_decode_len: int = 64
+  # Reward-hacking monitor: a metric reported next to the reward at every evaluation. "auto":
+  # bleu for a chrF reward, chrF for bleu / exact_match (rest_jax.evaluation); "none": off.
+  independent_metric: str = "auto"
 
   def __post_init__(self):
     _require(self.num_examples >= 1 and self.batch_size >= 1,

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, PAD_ID
 from rest_jax.rewards import ExactMatch
 
@@ -46,9 +47,35 @@ class EvalSet:
                references=[e["targets_pretokenized"] for e in examples])
 
 
+# The independent metric chosen by EvalConfig.independent_metric = "auto", by training reward.
+AUTO_INDEPENDENT = {"chrf": "bleu", "bleu": "chrf", "exact_match": "chrf"}
+AUTO_INDEPENDENT_DEFAULT = "bleu"
+
+
+def independent_metric_name(reward: str, setting: str) -> str | None:
+  """The reward-hacking monitor's metric: ``setting`` ("auto", "none" or a reward name).
+
+  "auto" picks bleu for a chrF reward, chrF for bleu or exact_match rewards, bleu otherwise;
+  "none" turns the monitor off (None).
+
+  Raises:
+    RestJaxError: the metric is the training reward itself (it would not be independent).
+  """
+  if setting == "none":
+    return None
+  name = AUTO_INDEPENDENT.get(reward, AUTO_INDEPENDENT_DEFAULT) if setting == "auto" else setting
+  if name == reward:
+    raise RestJaxError(f"EvalConfig.independent_metric {name!r} is the training reward; pick a "
+                       "different metric (e.g. 'bleu' or 'chrf'), 'auto', or 'none'.")
+  return name
+
+
 def make_eval_fn(*, sampler: Any, eval_set: EvalSet, reward: Callable[..., np.ndarray],
-                 vocab: Any, batch_size: int) -> Callable[[Any], dict[str, float]]:
-  """Returns ``eval_fn(params) -> {"eval_reward", "eval_exact_match"}`` on greedy decodes.
+                 vocab: Any, batch_size: int,
+                 independent: Callable[..., np.ndarray] | None = None
+                 ) -> Callable[[Any], dict[str, float]]:
+  """Returns ``eval_fn(params) -> {"eval_reward", "eval_exact_match"[, "eval_independent"]}``
+  on greedy decodes.
 
   Args:
     sampler: a ``Sampler``; its ``greedy(params, inputs)`` gives `[batch, max_len]` tokens.
@@ -56,13 +83,19 @@ def make_eval_fn(*, sampler: Any, eval_set: EvalSet, reward: Callable[..., np.nd
     reward: ``reward(sources, hypotheses, references) -> [n]`` validated rewards in [0, 1].
     vocab: the target vocabulary (``decode(ids) -> str``).
     batch_size: prompts per greedy call.
+    independent: an independent metric ``(sources, hypotheses, references) -> [n]`` in [0, 1]
+      (the reward-hacking monitor): its mean is reported as "eval_independent".
   """
 
   def eval_fn(params: Any) -> dict[str, float]:
     hypotheses = decode_all(sampler, params, eval_set.inputs, vocab, batch_size)
     rewards = reward(eval_set.sources, hypotheses, eval_set.references)
     matches = _EXACT_MATCH(eval_set.sources, hypotheses, eval_set.references)
-    return {"eval_reward": float(np.mean(rewards)), "eval_exact_match": float(np.mean(matches))}
+    out = {"eval_reward": float(np.mean(rewards)), "eval_exact_match": float(np.mean(matches))}
+    if independent is not None:
+      out["eval_independent"] = float(np.mean(independent(eval_set.sources, hypotheses,
+                                                          eval_set.references)))
+    return out
 
   return eval_fn
 

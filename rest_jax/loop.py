@@ -23,11 +23,11 @@ from typing import Any
 import jax
 from flax import nnx
 
-from rest_jax import data, growdata, losses, rewards, tasks, thresholds
+from rest_jax import data, growdata, losses, mixture, rewards, schedules, tasks
 from rest_jax.checkpoints import PhaseCheckpoints
 from rest_jax.config import RunConfig, TrainConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.evaluation import EvalSet, make_eval_fn
+from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
 from rest_jax.grow import run_grow
 from rest_jax.improve import Trainer, make_optimizer, train_phase
 from rest_jax.models import build_model
@@ -124,8 +124,10 @@ def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
   eval_examples = data.examples(task, "validation", input_len=config.input_len,
                                 target_len=config.target_len)[:config.eval.num_examples]
   eval_set = EvalSet.from_examples(eval_examples, input_len=config.input_len)
+  metric = independent_metric_name(config.reward, config.eval.independent_metric)
   eval_fn = make_eval_fn(sampler=eval_sampler, eval_set=eval_set, reward=reward, vocab=vocab,
-                         batch_size=config.eval.batch_size)
+                         batch_size=config.eval.batch_size,
+                         independent=metric and _reward_call(rewards.get_reward(metric), metric))
   reporter = Reporter(workdir, enabled=jax.process_index() == 0)
   return _Run(config, workdir, layout, graphdef, base_params, task, vocab, reward, grow_sampler,
               eval_fn, reporter, progress)
@@ -139,6 +141,9 @@ def validate_names(config: RunConfig) -> None:
       raise RestJaxError(f"task {config.task!r} has no split {split!r} (it has "
                          f"{sorted(task.splits)}); fix the task or GrowConfig.unlabeled_split.")
   rewards.get_reward(config.reward)
+  metric = independent_metric_name(config.reward, config.eval.independent_metric)
+  if metric:
+    rewards.get_reward(metric)
   losses.get_loss(config.bc.loss)
   losses.get_loss(config.improve.train.loss)
 
@@ -254,7 +259,10 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
     row = summary_row(phase="bc", grow_step=0, improve_step=0, threshold=None,
                       train_examples=run_.task.num_input_examples("train"),
                       eval_reward=metrics["eval_reward"],
-                      eval_exact_match=metrics["eval_exact_match"])
+                      eval_exact_match=metrics["eval_exact_match"],
+                      eval_independent=metrics.get("eval_independent"),
+                      independent_metric=independent_metric_name(
+                          config.reward, config.eval.independent_metric))
     _mark(run_, "bc", row)
   rows.append(row)
   logger.info("BC eval reward %.4f, exact match %.3f", row["eval_reward"], row["eval_exact_match"])
@@ -282,40 +290,45 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
       _barrier(f"grow g{g} finalized")
     stats = growdata.read_stats(grow_dir)
     grow_stats[g] = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
-    taus, messages = thresholds.plan_thresholds(config.improve.thresholds,
-                                                mean_reward=grow_stats[g]["mean"],
-                                                num_improve_steps=config.num_improve_steps)
+    plan, messages = schedules.from_config(config.improve).plan(
+        schedules.GrowRewards.from_index(growdata.load_index(grow_dir)),
+        num_improve_steps=config.num_improve_steps)
     for message in messages:
       logger.info("grow g%d: %s", g, message)
-    taus_by_step[g] = taus[:config.num_improve_steps]
-    logger.info("Grow g%d: %d records, mean sample reward %.4f; thresholds %s", g,
-                grow_stats[g]["count"], grow_stats[g]["mean"],
-                ", ".join(f"{t:.3f}" for t in taus_by_step[g]))
+    taus_by_step[g] = [t.value for t in plan]
+    logger.info("Grow g%d: %d records, mean sample reward %.4f; %s thresholds %s", g,
+                grow_stats[g]["count"], grow_stats[g]["mean"], config.improve.schedule,
+                ", ".join(t.describe() for t in plan))
     for i in range(1, config.num_improve_steps + 1):
       name = phase_name(g, i)
       improve_count += 1
       row = _marked(run_, name)
       if row is None:
         save_state(f"improve g{g} i{i}")
-        tau = taus[i - 1]
+        tau = plan[i - 1]
         restart = config.improve.restart_from_base and i == 1
         if restart:
           start_params = bc_params if bc_params is not None else _restore_best(run_, "bc")
         else:
           start_params = params if params is not None else _restore_best(run_, last_done)
-        kw = dict(threshold=tau, max_per_prompt=config.improve.max_per_prompt,
-                  include_originals=config.grow.include_originals)
-        num_selected = growdata.count_selected(grow_dir, **kw)
-        dataset = growdata.grow_task(grow_dir, output_features=run_.task.output_features,
-                                     **kw).get_dataset(None, split="train", shuffle=False)
-        logger.info("Improve g%d i%d: threshold %.3f keeps %d examples", g, i, tau,
+        mix = mixture.select_mixture(
+            mixture.previous_grow_dirs(workdir, g, config.improve.mix_previous_grows),
+            threshold=tau, include_originals=config.grow.include_originals,
+            max_per_prompt=config.improve.max_per_prompt,
+            deduplicate=config.improve.deduplicate)
+        num_selected = mix.count
+        dataset = mixture.improve_dataset(mix, output_features=run_.task.output_features)
+        logger.info("Improve g%d i%d: threshold %s keeps %d examples", g, i, tau.describe(),
                     num_selected)
         params, metrics = _train(run_, name, params=start_params, cfg=config.improve.train,
                                  dataset=dataset, seed=config.seed * 1000 + improve_count,
                                  lr_scale=config.improve.lr_decay ** improve_count)
-        row = summary_row(phase="improve", grow_step=g, improve_step=i, threshold=tau,
+        row = summary_row(phase="improve", grow_step=g, improve_step=i, threshold=tau.value,
                           train_examples=num_selected, eval_reward=metrics["eval_reward"],
-                          eval_exact_match=metrics["eval_exact_match"])
+                          eval_exact_match=metrics["eval_exact_match"],
+                          eval_independent=metrics.get("eval_independent"),
+                          independent_metric=independent_metric_name(
+                          config.reward, config.eval.independent_metric))
         _mark(run_, name, row)
       else:
         params = None  # Finished earlier: restored from its best checkpoint when needed.

@@ -4,6 +4,7 @@
   rest-jax inspect W [--num_examples K] [--jsonl PATH]
   rest-jax import --from hf|t5x|orbax|auto SRC --to ORBAX_DIR [--preset P | --config JSON]
   rest-jax export --from CHECKPOINT --to hf|t5x|orbax OUT [--preset P | --config JSON]
+  rest-jax best-of-n --workdir W --phase bc,final [--n 1,2,4,8,16] [--output F.json]
 
 This is the only module that imports gin. Gin files bind the frozen dataclasses of
 ``rest_jax.config`` (with ``from __gin__ import dynamic_registration``); rerunning the same
@@ -93,6 +94,22 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"wrote {n} records to {args.jsonl}")
 
 
+def _best_of_n(args: argparse.Namespace) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  from rest_jax import bestofn  # pylint: disable=g-import-not-at-top
+
+  ns = bestofn.parse_ns(args.n)
+  results = [bestofn.run_best_of_n(args.workdir, phase=phase.strip(), ns=ns,
+                                   num_examples=args.num_examples,
+                                   temperature=args.temperature, seed=args.seed)
+             for phase in args.phase.split(",") if phase.strip()]
+  print(bestofn.format_best_of_n(results))
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {args.output}")
+
+
 def _quiet_gin_search(record: logging.LogRecord) -> bool:
   """Drops gin's log lines about include paths it tried before finding the file."""
   message = str(record.msg)
@@ -115,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
   ins.add_argument("--log_level", default="WARNING")
   from rest_jax import convert_cli  # pylint: disable=g-import-not-at-top
   convert_cli.add_parsers(sub)
+  bon = sub.add_parser("best-of-n", help="best-of-N reward of saved policies on D_eval")
+  bon.add_argument("--workdir", required=True, help="a `rest-jax run` workdir (read only)")
+  bon.add_argument("--phase", default="bc,final",
+                   help="comma-separated phases: bc, final, or gG_iI (e.g. g2_i2)")
+  bon.add_argument("--n", default="1,2,4,8,16", help="comma-separated N values")
+  bon.add_argument("--num_examples", type=int, default=0,
+                   help="D_eval prompts (0: EvalConfig.num_examples of the run)")
+  bon.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the run's Grow temperature)")
+  bon.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
+  bon.add_argument("--output", default=None, help="also write the results as JSON here")
+  bon.add_argument("--log_level", default="WARNING")
   return parser
 
 
@@ -137,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("import", "export"):
       from rest_jax import convert_cli  # pylint: disable=g-import-not-at-top
       (convert_cli.run_import if args.command == "import" else convert_cli.run_export)(args)
+    elif args.command == "best-of-n":
+      _best_of_n(args)
     else:
       _inspect(args)
   except RestJaxError as e:

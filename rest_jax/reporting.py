@@ -32,12 +32,43 @@ def read_json(path: str) -> Any:
 
 
 def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: float | None,
-                train_examples: int, eval_reward: float, eval_exact_match: float) -> dict:
-  """One row of ``summary.json`` (the shape tools rely on)."""
-  return {"phase": phase, "grow_step": int(grow_step), "improve_step": int(improve_step),
-          "threshold": None if threshold is None else float(threshold),
-          "train_examples": int(train_examples), "eval_reward": float(eval_reward),
-          "eval_exact_match": float(eval_exact_match)}
+                train_examples: int, eval_reward: float, eval_exact_match: float,
+                eval_independent: float | None = None,
+                independent_metric: str | None = None) -> dict:
+  """One row of ``summary.json`` (the shape tools rely on).
+
+  With the reward-hacking monitor on, the row also has "eval_independent" (the independent
+  metric's mean on D_eval) and "independent_metric" (its name).
+  """
+  row = {"phase": phase, "grow_step": int(grow_step), "improve_step": int(improve_step),
+         "threshold": None if threshold is None else float(threshold),
+         "train_examples": int(train_examples), "eval_reward": float(eval_reward),
+         "eval_exact_match": float(eval_exact_match)}
+  if eval_independent is not None:
+    row.update(eval_independent=float(eval_independent), independent_metric=independent_metric)
+  return row
+
+
+def _label(row: Mapping[str, Any]) -> str:
+  return "BC" if row["phase"] == "bc" else f"g{row['grow_step']} i{row['improve_step']}"
+
+
+def reward_hacking_events(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """Consecutive phases where the eval reward rose while the independent metric fell.
+
+  Returns:
+    one dict per such pair: {"from", "to" (phase labels), "reward_change", "metric_change",
+    "metric"}; rows without "eval_independent" are skipped.
+  """
+  rows = [r for r in rows if r.get("eval_independent") is not None]
+  events = []
+  for a, b in zip(rows, rows[1:]):
+    d_reward = b["eval_reward"] - a["eval_reward"]
+    d_metric = b["eval_independent"] - a["eval_independent"]
+    if d_reward > 0 and d_metric < 0:
+      events.append({"from": _label(a), "to": _label(b), "reward_change": float(d_reward),
+                     "metric_change": float(d_metric), "metric": b.get("independent_metric")})
+  return events
 
 
 class Reporter:
@@ -64,9 +95,19 @@ class Reporter:
         writer.add_scalar(f"{tag_prefix}/{name}", float(value), step)
 
   def write_summary(self, rows: Sequence[dict], wall_time_s: float) -> None:
-    if self.enabled:
-      write_json_atomic(os.path.join(self.workdir, SUMMARY_FILE),
-                        {"rows": list(rows), "wall_time_s": float(wall_time_s)})
+    """Writes summary.json; with the monitor on it also records "reward_hacking" (the
+    ``reward_hacking_events``, each logged as a WARNING) and "reward_hacking_suspected"."""
+    if not self.enabled:
+      return
+    summary = {"rows": list(rows), "wall_time_s": float(wall_time_s)}
+    if any(r.get("eval_independent") is not None for r in rows):
+      events = reward_hacking_events(rows)
+      for e in events:
+        logger.warning("possible reward hacking from %s to %s: eval reward %+.4f while the "
+                       "independent metric %s changed %+.4f", e["from"], e["to"],
+                       e["reward_change"], e["metric"], e["metric_change"])
+      summary.update(reward_hacking=events, reward_hacking_suspected=bool(events))
+    write_json_atomic(os.path.join(self.workdir, SUMMARY_FILE), summary)
 
   def write_plots(self, rows: Sequence[dict], grow_stats: Mapping[int, dict],
                   thresholds: Mapping[int, Sequence[float]]) -> list[str]:
@@ -86,6 +127,12 @@ class Reporter:
     x = np.arange(len(rows))
     ax.plot(x, [r["eval_reward"] for r in rows], "o-", label="eval reward")
     ax.plot(x, [r["eval_exact_match"] for r in rows], "s--", label="eval exact match")
+    if any(r.get("eval_independent") is not None for r in rows):
+      metric = next(r["independent_metric"] for r in rows if r.get("eval_independent") is not None)
+      ax.plot(x, [r.get("eval_independent", np.nan) for r in rows], "^-.",
+              label=f"independent: {metric}")
+      for e in reward_hacking_events(rows):
+        ax.axvspan(labels.index(e["to"]) - 1, labels.index(e["to"]), color="C3", alpha=0.12)
     ax.set_xticks(x, labels)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("held-out score")

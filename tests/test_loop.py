@@ -52,9 +52,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
   assert [(r["phase"], r["grow_step"], r["improve_step"]) for r in ref["rows"]] == [
       ("bc", 0, 0), ("improve", 1, 1), ("improve", 1, 2), ("improve", 2, 1), ("improve", 2, 2)]
   summary = json.load(open(os.path.join(ref_dir, "summary.json")))
-  assert set(summary) == {"rows", "wall_time_s"}
+  assert set(summary) == {"rows", "wall_time_s", "reward_hacking", "reward_hacking_suspected"}
   assert set(summary["rows"][0]) == {"phase", "grow_step", "improve_step", "threshold",
-                                     "train_examples", "eval_reward", "eval_exact_match"}
+                                     "train_examples", "eval_reward", "eval_exact_match",
+                                     "eval_independent", "independent_metric"}
+  assert summary["rows"][0]["independent_metric"] == "bleu"  # The monitor of a chrF reward.
   assert os.path.exists(os.path.join(ref_dir, "report", "eval_reward.png"))
   assert os.path.exists(os.path.join(ref_dir, "report", "grow_g001_rewards.png"))
   # Improve never ends below the policy it started from (the start is an eval candidate).

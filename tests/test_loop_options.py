@@ -1,0 +1,102 @@
+"""The loop's ReST / ReST-EM options with the heavy parts faked (no model is trained or sampled):
+which policy each Improve step starts from (restart_from_base), which TrainConfig it gets
+(patience), and the schedule + data mixture wiring on fabricated Grow sets."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rest_jax import config as C
+from rest_jax import data, growdata, loop, schedules, tasks
+from rest_jax.growdata import GrowRecord
+from rest_jax.reporting import Reporter
+
+
+def _records(grow_step: int) -> list[GrowRecord]:
+  out = []
+  for e in range(6):
+    for s in range(-1, 4):
+      reward = 1.0 if s == -1 else ((e * 5 + s * 3 + grow_step) % 9) / 8
+      targets = [20 + (e + s) % 3, 1] if s >= 0 else [30 + e, 1]  # Repeats within a prompt.
+      out.append(GrowRecord(e, s, [10 + e, 1], targets, f"x{e}", f"y{targets}", reward,
+                            [-1.0] * len(targets), s == -1, grow_step))
+  return out
+
+
+def _config(restart: bool) -> C.RunConfig:
+  return C.RunConfig(
+      task="numbers_de_en_small", reward="chrf", num_grow_steps=2, num_improve_steps=2,
+      bc=C.TrainConfig(num_steps=5, patience=0),
+      improve=C.ImproveConfig(train=C.TrainConfig(num_steps=7, patience=2),
+                              restart_from_base=restart, schedule="per_source_interpolation",
+                              schedule_params=C.ScheduleParams(gammas=(0.0, 0.5)),
+                              mix_previous_grows=1, deduplicate=True, max_per_prompt=3))
+
+
+@pytest.fixture
+def fake(monkeypatch):
+  calls = {"train": [], "grow": []}
+  task = tasks.get_task("numbers_de_en_small")
+
+  def build(config, workdir, progress):
+    return loop._Run(config, workdir, None, None, "params-init", task, None, None, None, None,
+                     Reporter(workdir), progress)  # pylint: disable=protected-access
+
+  def train(run, name, *, params, cfg, dataset, seed, lr_scale):
+    count = 0 if dataset is None else sum(1 for _ in dataset.as_numpy_iterator())
+    calls["train"].append({"name": name, "start": params, "cfg": cfg, "count": count})
+    return f"params-{name}", {"eval_reward": 0.5, "eval_exact_match": 0.0,
+                              "eval_independent": 0.25}
+
+  def grow(*, params, writer, grow_step, **unused):
+    calls["grow"].append((grow_step, params))
+    writer.write_chunk(0, _records(grow_step))
+
+  monkeypatch.setattr(loop, "_build", build)
+  monkeypatch.setattr(loop, "_train", train)
+  monkeypatch.setattr(loop, "_restore_best", lambda run, name: f"params-{name}")
+  monkeypatch.setattr(loop, "_grow_prompts", lambda run: [])
+  monkeypatch.setattr(loop, "run_grow", grow)
+  monkeypatch.setattr(loop, "place_params", lambda params, layout, sampling: params)
+  monkeypatch.setattr(data, "task_dataset", lambda *args, **kwargs: None)
+  return calls
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_improve_start_policy_and_config(tmp_path, fake, restart):
+  cfg = _config(restart)
+  work = str(tmp_path / "w")
+  result = loop.run(cfg, work, progress=False)
+  starts = {c["name"]: c["start"] for c in fake["train"]}
+  assert starts == {
+      "bc": "params-init", "g001_i01": "params-bc", "g001_i02": "params-g001_i01",
+      "g002_i01": "params-bc" if restart else "params-g001_i02", "g002_i02": "params-g002_i01"}
+  # Grow always samples the latest policy, also under ReST-EM.
+  assert fake["grow"] == [(1, "params-bc"), (2, "params-g001_i02")]
+  # Every Improve phase trains with the Improve TrainConfig (its patience gates the phase).
+  assert [c["cfg"] for c in fake["train"]] == [cfg.bc] + [cfg.improve.train] * 4
+  assert all(c["cfg"].patience == 2 for c in fake["train"][1:])
+  # The rows carry the schedule's (mean per-source) threshold and the mixture's size, which is
+  # what the dataset handed to training holds.
+  rows = result["rows"]
+  assert [r["train_examples"] for r in rows[1:]] == [c["count"] for c in fake["train"][1:]]
+  assert all(r["eval_independent"] == 0.25 and r["independent_metric"] == "bleu" for r in rows)
+  assert rows[3]["train_examples"] > rows[1]["train_examples"] > 0  # g2 also mixes g1 in.
+  plan, _ = schedules.from_config(cfg.improve).plan(
+      schedules.GrowRewards.from_index(growdata.load_index(os.path.join(work, "grow", "g001"))),
+      num_improve_steps=2)
+  assert [r["threshold"] for r in rows[1:3]] == pytest.approx([t.value for t in plan])
+  assert plan[0].is_per_source and plan[1].value > plan[0].value
+  summary = json.load(open(os.path.join(work, "summary.json")))
+  assert summary["reward_hacking_suspected"] is False
+  if restart:
+    # Resuming: finished phases are not rerun; g2's restart restores BC from its checkpoint.
+    for name in ("g002_i01", "g002_i02"):
+      os.remove(os.path.join(work, "phases", f"{name}.json"))
+    fake["train"].clear()
+    loop.run(cfg, work, progress=False)
+    assert [(c["name"], c["start"]) for c in fake["train"]] == [
+        ("g002_i01", "params-bc"), ("g002_i02", "params-g002_i01")]

@@ -1,0 +1,102 @@
+"""Reward-hacking monitor: the independent metric in evaluation, summary rows and the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from rest_jax import config as C
+from rest_jax.errors import RestJaxError
+from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
+from rest_jax.reporting import Reporter, reward_hacking_events, summary_row
+
+
+def _row(phase, g, i, reward, bleu):
+  return summary_row(phase=phase, grow_step=g, improve_step=i, threshold=None if g == 0 else 0.9,
+                     train_examples=10, eval_reward=reward, eval_exact_match=0.0,
+                     eval_independent=bleu, independent_metric="bleu")
+
+
+ROWS = [_row("bc", 0, 0, 0.70, 0.30), _row("improve", 1, 1, 0.75, 0.35),
+        _row("improve", 1, 2, 0.80, 0.28), _row("improve", 2, 1, 0.79, 0.20),
+        _row("improve", 2, 2, 0.85, 0.21)]
+
+
+def test_metric_choice():
+  assert independent_metric_name("chrf", "auto") == "bleu"
+  assert independent_metric_name("bleu", "auto") == "chrf"
+  assert independent_metric_name("exact_match", "auto") == "chrf"
+  assert independent_metric_name("my_learned_rm", "auto") == "bleu"
+  assert independent_metric_name("chrf", "exact_match") == "exact_match"
+  assert independent_metric_name("chrf", "none") is None
+  with pytest.raises(RestJaxError, match="is the training reward"):
+    independent_metric_name("chrf", "chrf")
+  assert C.EvalConfig().independent_metric == "auto"
+
+
+def test_events_on_fabricated_rows():
+  events = reward_hacking_events(ROWS)
+  # Reward up and BLEU down only from g1 i1 to g1 i2 (g1 i2 -> g2 i1: both fall).
+  assert events == [{"from": "g1 i1", "to": "g1 i2", "reward_change": pytest.approx(0.05),
+                     "metric_change": pytest.approx(-0.07), "metric": "bleu"}]
+  plain = [{k: v for k, v in r.items() if k not in ("eval_independent", "independent_metric")}
+           for r in ROWS]
+  assert reward_hacking_events(plain) == []
+  assert set(plain[0]) == set(summary_row(phase="bc", grow_step=0, improve_step=0,
+                                          threshold=None, train_examples=1, eval_reward=0.5,
+                                          eval_exact_match=0.0))
+
+
+def test_summary_flag_warning_and_plot(tmp_path, caplog):
+  reporter = Reporter(str(tmp_path))
+  with caplog.at_level(logging.WARNING, logger="rest_jax"):
+    reporter.write_summary(ROWS, 12.0)
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["reward_hacking_suspected"] is True
+  assert [(e["from"], e["to"]) for e in summary["reward_hacking"]] == [("g1 i1", "g1 i2")]
+  assert summary["rows"][2]["eval_independent"] == 0.28
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "possible reward hacking from g1 i1 to g1 i2" in warnings[0]
+  assert reporter.write_plots(ROWS, {}, {}) == [os.path.join(str(tmp_path), "report",
+                                                              "eval_reward.png")]
+  healthy = [_row("bc", 0, 0, 0.7, 0.3), _row("improve", 1, 1, 0.8, 0.4)]
+  reporter.write_summary(healthy, 1.0)
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["reward_hacking_suspected"] is False and summary["reward_hacking"] == []
+
+
+class _FakeSampler:
+  """Greedy "decoding" that returns fixed token rows."""
+
+  def __init__(self, outputs):
+    self.outputs = outputs
+
+  def greedy(self, params, inputs):
+    tokens = self.outputs[:len(inputs)]
+    self.outputs = self.outputs[len(inputs):]
+    return tokens, np.full(len(tokens), tokens.shape[1])
+
+
+class _Vocab:
+  def decode(self, ids):
+    return " ".join(f"w{i}" for i in ids)
+
+
+def test_eval_fn_reports_the_independent_metric():
+  eval_set = EvalSet(inputs=np.ones((3, 2), np.int32), sources=["a", "b", "c"],
+                     references=["w5 w6", "w7", "w9 w9"])
+  outputs = np.asarray([[5, 6], [7, 8], [9, 9]], np.int32)
+  reward = lambda s, h, r: np.asarray([0.5, 0.25, 0.0], np.float32)
+  length = lambda s, h, r: np.asarray([len(x) / 10 for x in h], np.float32)
+  metrics = make_eval_fn(sampler=_FakeSampler(outputs), eval_set=eval_set, reward=reward,
+                         vocab=_Vocab(), batch_size=2, independent=length)(None)
+  # Hypotheses "w5 w6", "w7 w8", "w9 w9": exact matches 1st and 3rd; lengths 5, 5, 5.
+  assert metrics == {"eval_reward": pytest.approx(0.25), "eval_exact_match": pytest.approx(2 / 3),
+                     "eval_independent": pytest.approx(0.5)}
+  no_monitor = make_eval_fn(sampler=_FakeSampler(outputs), eval_set=eval_set, reward=reward,
+                            vocab=_Vocab(), batch_size=3)(None)
+  assert set(no_monitor) == {"eval_reward", "eval_exact_match"}

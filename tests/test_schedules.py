@@ -1,0 +1,145 @@
+"""Named threshold schedules against numpy restatements of their definitions and the ReST rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rest_jax import config as C
+from rest_jax import schedules
+from rest_jax.errors import RestJaxError
+from rest_jax.schedules import GrowRewards, Threshold, make_schedule
+from rest_jax.thresholds import plan_thresholds
+
+
+def _grow(seed: int = 0, sources: int = 12, n: int = 6) -> GrowRewards:
+  """Sources 0..sources-1 (shuffled order), n samples each (some skewed), plus one original."""
+  rng = np.random.default_rng(seed)
+  ids, rewards, original = [], [], []
+  for e in range(sources):
+    skew = rng.uniform(0.5, 4.0)
+    ids += [e] * (n + 1)
+    rewards += list(np.round(rng.beta(skew, 1.5, size=n) * 64) / 64) + [1.0]
+    original += [False] * n + [True]
+  perm = rng.permutation(len(ids))
+  return GrowRewards(np.asarray(ids, np.int64)[perm], np.asarray(rewards, np.float32)[perm],
+                     np.asarray(original)[perm])
+
+
+def _check_rule_global(taus, mean):
+  values = [t.value for t in taus]
+  assert all(not t.is_per_source for t in taus)
+  assert values[0] >= mean and all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_fixed_equals_plan_thresholds():
+  grow = _grow()
+  taus, messages = make_schedule("fixed", thresholds=(0.0, 0.7, 0.8, 0.9)).plan(
+      grow, num_improve_steps=5)
+  expected, expected_messages = plan_thresholds((0.0, 0.7, 0.8, 0.9), mean_reward=grow.mean,
+                                                num_improve_steps=5)
+  assert [t.value for t in taus] == expected and messages == expected_messages
+
+
+def test_mean_covers_samples_only():
+  grow = _grow()
+  assert grow.mean == pytest.approx(float(grow.reward[~grow.is_original].astype(float).mean()))
+
+
+@pytest.mark.parametrize("quantiles", [(0.5, 0.75, 0.9), (0.1, 0.6), (0.3,)])
+def test_quantile_against_numpy(quantiles):
+  grow = _grow(1)
+  samples = grow.reward[~grow.is_original].astype(np.float64)
+  taus, messages = make_schedule("quantile", quantiles=quantiles).plan(grow, num_improve_steps=4)
+  qs = list(quantiles) + [quantiles[-1]] * (4 - len(quantiles))
+  expected = np.maximum(np.quantile(samples, qs), samples.mean())
+  np.testing.assert_allclose([t.value for t in taus], expected, rtol=0, atol=1e-12)
+  _check_rule_global(taus, samples.mean())
+  if quantiles[0] == 0.1:  # The 10% quantile is below the mean: raised, with a message.
+    assert any("below the Grow mean reward" in m for m in messages)
+
+
+def test_linear_ramp_against_numpy():
+  grow = _grow(2)
+  taus, messages = make_schedule("linear", start=0.2, end=0.95).plan(grow, num_improve_steps=4)
+  expected = np.maximum(np.linspace(0.2, 0.95, 4), grow.mean)
+  np.testing.assert_allclose([t.value for t in taus], expected, rtol=0, atol=1e-12)
+  assert taus[0].value == pytest.approx(grow.mean) and "below the Grow mean" in messages[0]
+  _check_rule_global(taus, grow.mean)
+  one, _ = make_schedule("linear", start=0.9, end=0.95).plan(grow, num_improve_steps=1)
+  assert [t.value for t in one] == [max(0.9, grow.mean)]
+
+
+def _numpy_per_source(grow, fn):
+  out = {}
+  for e in np.unique(grow.example_id):
+    r = grow.reward[(grow.example_id == e) & ~grow.is_original].astype(np.float64)
+    out[int(e)] = max(fn(r), r.mean())
+  return out
+
+
+@pytest.mark.parametrize("percentiles", [(25.0, 50.0, 90.0), (60.0, 99.0)])
+def test_per_source_percentile_against_numpy(percentiles):
+  grow = _grow(3)
+  taus, messages = make_schedule("per_source_percentile", percentiles=percentiles).plan(
+      grow, num_improve_steps=3)
+  ps = list(percentiles) + [percentiles[-1]] * (3 - len(percentiles))
+  previous = None
+  for tau, p in zip(taus, ps):
+    expected = _numpy_per_source(grow, lambda r, p=p: np.percentile(r, p))
+    assert tau.is_per_source and tau.example_ids.tolist() == sorted(expected)
+    np.testing.assert_allclose(tau.per_source, [expected[e] for e in sorted(expected)],
+                               rtol=0, atol=1e-12)
+    assert tau.value == pytest.approx(np.mean(list(expected.values())))
+    if previous is not None:  # Rises per source.
+      assert (tau.per_source >= previous).all()
+    previous = tau.per_source
+  if percentiles[0] == 25.0:
+    assert any("below their mean sample reward" in m for m in messages)
+
+
+def test_per_source_interpolation_against_numpy():
+  grow = _grow(4)
+  gammas = (0.0, 0.3, 0.8)
+  taus, _ = make_schedule("per_source_interpolation", gammas=gammas).plan(grow,
+                                                                          num_improve_steps=3)
+  for tau, g in zip(taus, gammas):
+    expected = _numpy_per_source(grow, lambda r, g=g: g * r.max() + (1 - g) * r.mean())
+    np.testing.assert_allclose(tau.per_source, [expected[e] for e in sorted(expected)],
+                               rtol=0, atol=1e-12)
+  means = np.asarray(list(_numpy_per_source(grow, np.mean).values()))
+  np.testing.assert_allclose(taus[0].per_source, means, rtol=0, atol=1e-12)  # gamma 0: mean(x).
+
+
+def test_threshold_for_records():
+  tau = Threshold(0.5, np.asarray([3, 7, 9]), np.asarray([0.1, 0.7, 0.9]))
+  np.testing.assert_array_equal(tau.for_records(np.asarray([9, 3, 4, 7, 100])),
+                                [0.9, 0.1, np.inf, 0.7, np.inf])
+  np.testing.assert_array_equal(Threshold(0.25).for_records(np.asarray([1, 2])), [0.25, 0.25])
+
+
+def test_source_without_samples_gets_infinite_threshold():
+  grow = GrowRewards(np.asarray([0, 0, 0, 1]), np.asarray([0.2, 0.6, 1.0, 1.0], np.float32),
+                     np.asarray([False, False, True, True]))
+  taus, messages = make_schedule("per_source_interpolation", gammas=(0.5,)).plan(
+      grow, num_improve_steps=1)
+  np.testing.assert_allclose(taus[0].per_source, [0.5, np.inf])
+  assert taus[0].value == pytest.approx(0.5) and "1 sources have no samples" in messages[0]
+
+
+def test_unknown_name_and_bad_parameters():
+  with pytest.raises(RestJaxError, match="known schedules: fixed, quantile, linear, "
+                     "per_source_percentile, per_source_interpolation"):
+    make_schedule("cosine")
+  with pytest.raises(RestJaxError, match="unknown"):
+    C.ImproveConfig(schedule="cosine")
+  with pytest.raises(RestJaxError, match="strictly increasing"):
+    C.ImproveConfig(schedule="quantile", schedule_params=C.ScheduleParams(quantiles=(0.9, 0.5)))
+  with pytest.raises(RestJaxError, match=r"in \[0, 100\]"):
+    make_schedule("per_source_percentile", percentiles=(50, 150))
+  with pytest.raises(RestJaxError, match="rising ramp"):
+    make_schedule("linear", start=0.9, end=0.5)
+  cfg = C.ImproveConfig(schedule="per_source_percentile",
+                        schedule_params=C.ScheduleParams(percentiles=[10, 20]))
+  assert schedules.from_config(cfg) == schedules.PerSourcePercentile((10.0, 20.0))
+  assert isinstance(schedules.from_config(cfg), schedules.Schedule)
