@@ -91,7 +91,7 @@ def short_names(bindings: Sequence[str]) -> list[str]:
 def _safe(text: str) -> str:
   """A filesystem-safe rendering of a gin value: quotes dropped, other odd characters -> _."""
   text = text.replace("'", "").replace('"', "")
-  return re.sub(r"[^A-Za-z0-9._+=-]", "_", text).strip("_.") or "_"
+  return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_.") or "_"
 
 
 def expand(axes: Sequence[Axis]) -> list[tuple[str, tuple[str, ...]]]:
