@@ -25,6 +25,11 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # libtpu matching the installed jax: runs on TPU VMs, and lets `rest-jax compile-check`
+        # compile for TPU topologies on any machine.
+        "tpu": ["jax[tpu]>=0.7"],
+    },
     entry_points={"console_scripts": ["rest-jax=rest_jax.main:console_main"]},
 )
