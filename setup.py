@@ -31,6 +31,9 @@ setup(
         "hf": ["safetensors>=0.4", "tokenizers>=0.15"],
         # spm: vocabularies (seqio's SentencePieceVocabulary) and hf: tokenizer.json ones.
         "tokenizers": ["sentencepiece>=0.1.99", "tokenizers>=0.15"],
+        # libtpu matching the installed jax: runs on TPU VMs, and lets `rest-jax compile-check`
+        # compile for TPU topologies on any machine.
+        "tpu": ["jax[tpu]>=0.7"],
     },
     entry_points={"console_scripts": ["rest-jax=rest_jax.main:console_main"]},
 )

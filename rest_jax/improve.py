@@ -183,12 +183,17 @@ class Trainer:
     Returns:
       the new state and the loss metrics (replicated scalars) plus "grad_norm".
     """
+    return self.jitted_step(state.params)(state, self.device_batch(batch))
+
+  def jitted_step(self, params: nnx.State) -> Callable:
+    """The jitted, donating ``(state, device batch) -> (state, metrics)`` (built once); also
+    what ``rest_jax.compile_check`` lowers with ``abstract_state(params)``."""
     if self._step_fn is None:
-      shardings = self.state_shardings(state.params)
+      shardings = self.state_shardings(params)
       self._step_fn = jax.jit(
           self._step, in_shardings=(shardings, self.batch_sharding),
           out_shardings=(shardings, self.layout.replicated()), donate_argnums=(0,))
-    return self._step_fn(state, self.device_batch(batch))
+    return self._step_fn
 
 
 # -- One training phase ----------------------------------------------------------------------

@@ -5,6 +5,9 @@
   rest-jax import --from hf|t5x|orbax|auto SRC --to ORBAX_DIR [--preset P | --config JSON]
   rest-jax export --from CHECKPOINT --to hf|t5x|orbax OUT [--preset P | --config JSON]
   rest-jax best-of-n --workdir W --phase bc,final [--n 1,2,4,8,16] [--output F.json]
+  rest-jax compile-check --topology v5e:16x16 --gin_file F [--gin.X=V ...]
+  rest-jax sweep --root R --gin_file F --sweep X=V1,V2 [...] [--launcher L --dry-run -- OPTS]
+  rest-jax compare W1 W2 ... [--out compare.png]
 
 This is the only module that imports gin. Gin files bind the frozen dataclasses of
 ``rest_jax.config`` (with ``from __gin__ import dynamic_registration``); rerunning the same
@@ -85,6 +88,44 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> None:
   loop.run(config, args.workdir, config_text=text, progress=not args.no_progress)
 
 
+def _compile_check(args: argparse.Namespace, bindings: list[str]) -> None:
+  if not args.gin_file:
+    raise RestJaxError("no --gin_file given; e.g. --gin_file gin/experiments/smoke_cpu.gin.")
+  from rest_jax import topology  # pylint: disable=g-import-not-at-top
+
+  needed = topology.needed_cpu_devices(args.topology)
+  if needed and "jax" not in sys.modules:  # GPU meshes compile for as many CPU devices.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={needed}").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compiles for the topology, runs nothing.
+  from rest_jax import compile_check  # pylint: disable=g-import-not-at-top
+  config, _ = parse_run_config(args.gin_file, bindings)
+  for topology in args.topology:
+    print(compile_check.format_result(compile_check.check(config, topology)), flush=True)
+
+
+def _sweep(args: argparse.Namespace, bindings: list[str]) -> None:
+  from rest_jax import launchers, sweep  # pylint: disable=g-import-not-at-top
+
+  if not args.gin_file:
+    raise RestJaxError("no --gin_file given; e.g. --gin_file gin/experiments/smoke_cpu.gin.")
+  overrides = [b.replace(" = ", "=", 1) for b in bindings]
+  runs = sweep.plan(args.root, args.gin_file, overrides, [sweep.parse_axis(a) for a in args.sweep])
+  opts = launchers.parse_options(args.launcher, args.launcher_args)
+  if not args.dry_run:
+    sweep.write_manifest(args.root, runs)
+  sweep.run_sweep(runs, launcher=args.launcher, opts=opts, dry_run=args.dry_run)
+
+
+def _compare(args: argparse.Namespace) -> None:
+  from rest_jax import compare  # pylint: disable=g-import-not-at-top
+
+  summaries = compare.load_summaries(compare.resolve_workdirs(args.workdirs))
+  print(compare.format_comparison(summaries))
+  if args.out:
+    print(f"wrote {compare.plot_comparison(summaries, args.out)}")
+
+
 def _inspect(args: argparse.Namespace) -> None:
   from rest_jax import inspection  # pylint: disable=g-import-not-at-top
 
@@ -125,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   run.add_argument("--no_progress", action="store_true", help="hide progress bars")
   run.add_argument("--log_level", default="INFO")
+  cc = sub.add_parser("compile-check", help="compile Grow and Improve steps for a TPU/GPU "
+                      "topology ahead of time and print per-device memory against HBM")
+  cc.add_argument("--topology", action="append", required=True,
+                  help="e.g. v5e:16x16, v4:2x2x2, v5p:4x4x4, h100:4x8 (repeatable)")
+  cc.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  cc.add_argument("--log_level", default="WARNING")
+  sw = sub.add_parser("sweep", help="one run per combination of swept gin bindings")
+  sw.add_argument("--root", required=True, help="sweep directory; run i goes to ROOT/<name>")
+  sw.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  sw.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                  help="a gin binding and its values (repeatable; cartesian product)")
+  sw.add_argument("--launcher", default="local", choices=("local", "tpu", "xpk", "slurm"))
+  sw.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                  help="print the launcher commands, run nothing")
+  sw.add_argument("launcher_args", nargs="*", help="after --: the launcher's options")
+  sw.add_argument("--log_level", default="WARNING")
+  cmp = sub.add_parser("compare", help="table + plot of several runs' summary.json")
+  cmp.add_argument("workdirs", nargs="+", help="run workdirs, or sweep roots")
+  cmp.add_argument("--out", default="", help="write the comparison plot (PNG) here")
+  cmp.add_argument("--log_level", default="WARNING")
   ins = sub.add_parser("inspect", help="print Grow datasets' stats and examples")
   ins.add_argument("workdir")
   ins.add_argument("--num_examples", type=int, default=3)
@@ -159,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
       logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
       handler.addFilter(_quiet_gin_search)
-    if bindings and args.command != "run":
-      raise RestJaxError("--gin.X=V flags are only for `rest-jax run`.")
+    if bindings and args.command not in ("run", "compile-check", "sweep"):
+      raise RestJaxError("--gin.X=V flags are only for `rest-jax run|compile-check|sweep`.")
     if args.command == "run":
       _run(args, bindings)
     elif args.command in ("import", "export"):
@@ -168,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
       (convert_cli.run_import if args.command == "import" else convert_cli.run_export)(args)
     elif args.command == "best-of-n":
       _best_of_n(args)
+    elif args.command == "compile-check":
+      _compile_check(args, bindings)
+    elif args.command == "sweep":
+      _sweep(args, bindings)
+    elif args.command == "compare":
+      _compare(args)
     else:
       _inspect(args)
   except RestJaxError as e:

@@ -184,6 +184,43 @@ class Sampler:
                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                   greedy=greedy, eos_id=self.eos_id, active=jnp.repeat(active, repeats))
 
+  def _generate_jit(self, params_state: Any, padded: int, input_len: int) -> Callable:
+    """The jitted N-samples decode for ``padded`` prompts of ``input_len`` tokens."""
+    n, length = self.num_samples, self.max_decode_len
+    rows = padded * n
+
+    def fn(params, inputs, active, key_data):
+      keys = jax.random.wrap_key_data(key_data)
+      return tuple(self._decode(params, inputs, active, keys, repeats=n, greedy=False))
+
+    return self._jit(("generate", padded, input_len), fn, params_state,
+                     ((padded, input_len), (padded,), (rows, 2)),
+                     ((rows, length), (rows, length), (rows,), None))
+
+  def lowerable_generate(self, params_state: Any, *, batch: int,
+                         input_len: int) -> tuple[Callable, tuple]:
+    """The jitted function ``generate`` runs, and abstract arguments to ``.lower()`` it with.
+
+    For ahead-of-time compilation (``rest_jax.compile_check``): nothing is allocated.
+
+    Args:
+      params_state: the params ``nnx.State`` (concrete or ``jax.ShapeDtypeStruct`` leaves).
+      batch: prompts per call (padded up like ``generate`` does).
+      input_len: prompt length.
+    Returns:
+      (jitted fn, args): params, inputs int32 `[padded, input_len]`, active bool `[padded]`,
+      key data uint32 `[padded * num_samples, 2]`, each a sharded ``jax.ShapeDtypeStruct``.
+    """
+    padded = self._padded_batch(batch)
+    rows = padded * self.num_samples
+    abstract = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=self.layout.batch_sharding(shape))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          params_state, self.param_shardings(params_state))
+    return self._generate_jit(params_state, padded, input_len), (
+        params, abstract((padded, input_len), jnp.int32), abstract((padded,), jnp.bool_),
+        abstract((rows, 2), jnp.uint32))
+
   # -- public API ------------------------------------------------------------------------------
 
   def generate(self, params_state: Any, inputs: np.ndarray, example_ids: np.ndarray, *,
@@ -211,15 +248,7 @@ class Sampler:
                          "samples); renumber the examples, e.g. by their index in the dataset.")
     batch, n = inputs.shape[0], self.num_samples
     padded = self._padded_batch(batch)
-    rows, length = padded * n, self.max_decode_len
-
-    def fn(params, inputs, active, key_data):
-      keys = jax.random.wrap_key_data(key_data)
-      return tuple(self._decode(params, inputs, active, keys, repeats=n, greedy=False))
-
-    compiled = self._jit(("generate", padded, inputs.shape[1]), fn, params_state,
-                         ((padded, inputs.shape[1]), (padded,), (rows, 2)),
-                         ((rows, length), (rows, length), (rows,), None))
+    compiled = self._generate_jit(params_state, padded, inputs.shape[1])
     keys = row_keys(seed, grow_step, np.repeat(self._pad(example_ids, padded), n),
                     np.tile(np.arange(n), padded))
     out = DecodeOutput(*compiled(
