@@ -102,14 +102,16 @@ def _reward_call(fn, name):
 def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
   layout = meshes.layout_from_config(config.mesh)
   s = config.grow.sampling
-  distributed.check_batch_sizes(
-      {"GrowConfig.sampling.batch_size": s.batch_size,
-       "GrowConfig.sampling.batch_size x num_samples": s.batch_size * s.num_samples,
-       "bc TrainConfig.batch_size": config.bc.batch_size,
+  distributed.check_batch_sizes(  # Before BC: a bad size must not surface mid-run.
+      {"bc TrainConfig.batch_size": config.bc.batch_size,
        "ImproveConfig.train.batch_size": config.improve.train.batch_size},
       num_batch_shards=layout.num_batch_shards)
-  distributed.check_batch_sizes({"EvalConfig.batch_size": config.eval.batch_size},
-                                num_batch_shards=layout.num_batch_shards, processes=False)
+  distributed.check_batch_sizes({"GrowConfig.sampling.batch_size": s.batch_size},
+                                num_batch_shards=1)
+  distributed.check_batch_sizes(
+      {"GrowConfig.sampling.batch_size x num_samples": s.batch_size * s.num_samples,
+       "EvalConfig.batch_size": config.eval.batch_size},
+      num_batch_shards=layout.num_batch_shards, processes=False)
   task = tasks.get_task(config.task)
   reward = _reward_call(rewards.get_reward(config.reward), config.reward)
   vocab = task.output_features["targets"].vocabulary

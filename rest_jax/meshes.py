@@ -72,8 +72,12 @@ def resolve_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...
 
 def granule_key(device: Any) -> int:
   """A device's granule: its TPU slice, else its process."""
-  index = getattr(device, "slice_index", None)
+  index = getattr(device, "slice_index", None) if _is_tpu(device) else None
   return int(device.process_index if index is None else index)
+
+
+def _is_tpu(device: Any) -> bool:
+  return getattr(device, "platform", "") == "tpu"
 
 
 def device_grid(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[Any], *,
@@ -103,7 +107,8 @@ def device_grid(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[Any], 
   if key is granule_key:
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     return mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=getattr(devices[0], "slice_index", None) is None,
+        ici, dcn, devices,
+        process_is_granule=not _is_tpu(devices[0]) or devices[0].slice_index is None,
         allow_split_physical_axes=True)
   # Custom granules (tests): create_hybrid_device_mesh's arrangement, without TPU topology.
   blocks = [np.asarray(groups[k], dtype=object).reshape(ici) for k in sorted(groups)]
