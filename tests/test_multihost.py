@@ -75,7 +75,7 @@ def _launch(workdir, num_processes: int, num_devices: int, extra=()) -> list[sub
   for i in range(num_processes):
     dist = ([] if num_processes == 1 else
             ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes",
-             str(num_processes), "--process_id", str(i), "--heartbeat_timeout_s", "5",
+             str(num_processes), "--process_id", str(i), "--heartbeat_timeout_s", "15",
              "--barrier_timeout_s", "60", "--gin.config.MeshConfig.dcn_data=2"])
     log = open(f"{workdir}.p{i}.log", "a", encoding="utf-8")  # pylint: disable=consider-using-with
     procs.append(subprocess.Popen(argv + dist, env=_env(num_devices), stdout=log,
