@@ -14,11 +14,13 @@ mesh; host 0 alone writes logs, progress bars, TensorBoard, reports and completi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
-from typing import Any, Mapping
+import sys
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -222,3 +224,30 @@ def check_batch_sizes(sizes: Mapping[str, int], *, num_batch_shards: int,
         raise RestJaxError(
             f"{what} = {size} is not divisible by {name}, {parts}; choose a multiple of "
             f"{np.lcm(num_batch_shards, count)}, or change MeshConfig.")
+
+
+@contextlib.contextmanager
+def collective_errors() -> Iterator[None]:
+  """Turns a failed cross-host computation (a peer died) into a RestJaxError."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    raise RestJaxError(
+        f"a computation across the {jax.process_count()} processes failed on process "
+        f"{jax.process_index()} ({str(e).strip().splitlines()[0][:300]}). Another host "
+        "probably crashed: read its log, then rerun the same command on every host to "
+        "resume.") from None
+
+
+def exit_now_if_multihost(code: int) -> None:
+  """Ends a multi-host process at once with ``code`` after an error (jax.distributed's normal
+  shutdown would wait for hosts that are gone); returns in a single-process run."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  if jax_distributed.global_state.client is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()
+  os._exit(code)  # pylint: disable=protected-access

@@ -96,14 +96,14 @@ def _global_rows(x: np.ndarray, host_rows: int, fill: np.ndarray) -> np.ndarray:
 
 
 def _sample_global(*, sampler, params, inputs, example_ids, grow_step, seed, host_rows, filler,
-                   input_len):
+                   input_len, num_samples):
   """``sampler.generate`` on every host's prompts at once; returns this host's rows.
 
   With one process the prompts go to the sampler as they are. Otherwise each host's
   `[rows, input_len]` prompts are padded to ``host_rows`` (with copies of a real prompt, whose
   samples are dropped), gathered into one global batch, sampled, and this host's rows kept.
   """
-  n = sampler.num_samples
+  n = num_samples
   if jax.process_count() == 1:
     return sampler.generate(params, inputs, example_ids, seed=seed, grow_step=grow_step)
   fill_inputs = (pad_rows([filler["inputs"]], input_len)[0] if filler is not None
@@ -149,7 +149,7 @@ def _grow_batch(*, sampler, params, prompts, reward, vocab, grow_step, seed, con
   references = [p["targets_pretokenized"] for p in prompts]
   out = _sample_global(sampler=sampler, params=params, inputs=inputs, example_ids=example_ids,
                        grow_step=grow_step, seed=seed, host_rows=host_rows, filler=filler,
-                       input_len=input_len)
+                       input_len=input_len, num_samples=config.sampling.num_samples)
   n = config.sampling.num_samples
   hypotheses = detokenize(vocab, out.tokens, out.lengths)
   rewards = (reward([s for s in sources for _ in range(n)], hypotheses,

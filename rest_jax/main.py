@@ -85,7 +85,8 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> None:
   if not distributed.is_host0():  # Logs come from host 0; other hosts report only problems.
     logging.getLogger("rest_jax").setLevel(logging.WARNING)
   from rest_jax import loop  # pylint: disable=g-import-not-at-top
-  loop.run(config, args.workdir, config_text=text, progress=not args.no_progress)
+  with distributed.collective_errors():
+    loop.run(config, args.workdir, config_text=text, progress=not args.no_progress)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
       _inspect(args)
   except RestJaxError as e:
     print(f"rest-jax: error: {e}", file=sys.stderr)
+    if "jax" in sys.modules:  # A multi-host run ends now, not after waiting for dead hosts.
+      from rest_jax import distributed  # pylint: disable=g-import-not-at-top
+      distributed.exit_now_if_multihost(2)
     return 2
   except KeyboardInterrupt:
     print("rest-jax: interrupted; rerun the same command to resume.", file=sys.stderr)
