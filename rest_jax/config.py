@@ -18,16 +18,31 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh sizes for the (data, fsdp, tensor) axes; one may be -1 ("the rest")."""
+  """Mesh sizes for the (data, fsdp, tensor) axes; one may be -1 ("the rest").
+
+  ``data`` / ``fsdp`` / ``tensor`` are the ICI sizes (within a slice); ``dcn_*`` the DCN sizes
+  (across slices, or hosts without slices); a mesh axis is their product. With every DCN size
+  1 the ICI sizes span all devices. ``rules`` names a rule set of ``rest_jax.meshes``: "2d"
+  (fsdp + tensor, the default), "fsdp" (ZeRO-3), "tensor" (Megatron) or "data" (pure data
+  parallel); each has its sampling variant.
+  """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
+  rules: str = "2d"
 
   def __post_init__(self):
-    sizes = (self.data, self.fsdp, self.tensor)
-    _require(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
-             f"MeshConfig sizes {sizes}: each must be >= 1, and at most one may be -1.")
+    for what, sizes in (("", (self.data, self.fsdp, self.tensor)),
+                        ("dcn_", (self.dcn_data, self.dcn_fsdp, self.dcn_tensor))):
+      _require(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
+               f"MeshConfig {what}sizes {sizes}: each must be >= 1, and at most one may be -1.")
+    rule_sets = ("2d", "fsdp", "tensor", "data")
+    _require(self.rules in rule_sets,
+             f"MeshConfig.rules={self.rules!r} is not a rule set; use one of {rule_sets}.")
 
 
 @dataclasses.dataclass(frozen=True)

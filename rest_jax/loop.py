@@ -23,7 +23,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from rest_jax import data, growdata, losses, mixture, rewards, schedules, tasks
+from rest_jax import data, distributed, growdata, hostdata, losses, meshes, mixture, rewards
+from rest_jax import schedules, tasks
 from rest_jax.checkpoints import PhaseCheckpoints
 from rest_jax.config import RunConfig, TrainConfig
 from rest_jax.errors import RestJaxError
@@ -33,7 +34,7 @@ from rest_jax.improve import Trainer, make_optimizer, train_phase
 from rest_jax.models import build_model
 from rest_jax.reporting import Reporter, format_table, read_json, summary_row, write_json_atomic
 from rest_jax.sampling import Sampler, place_params
-from rest_jax.sharding import Layout, make_layout
+from rest_jax.sharding import Layout
 
 logger = logging.getLogger("rest_jax")
 
@@ -47,7 +48,9 @@ def check_workdir(workdir: str, config: RunConfig, config_text: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "run_config.json")
   mine = json.loads(json.dumps(dataclasses.asdict(config)))
-  if os.path.exists(path):
+  exists = os.path.exists(path)
+  distributed.barrier("workdir checked")  # Every host looks before host 0 writes.
+  if exists:
     theirs = read_json(path)
     diffs = _diff(theirs, mine)
     if diffs:
@@ -56,9 +59,11 @@ def check_workdir(workdir: str, config: RunConfig, config_text: str) -> None:
           "Rerun with the gin files and overrides of that run (see its config.gin) to resume, "
           "or choose a new --workdir.")
     return
-  write_json_atomic(path, mine)
-  with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-    f.write(config_text)
+  if distributed.is_host0():
+    write_json_atomic(path, mine)
+    with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
+      f.write(config_text)
+  distributed.barrier("workdir recorded")
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -95,7 +100,18 @@ def _reward_call(fn, name):
 
 
 def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
-  layout = make_layout(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  layout = meshes.layout_from_config(config.mesh)
+  s = config.grow.sampling
+  distributed.check_batch_sizes(  # Before BC: a bad size must not surface mid-run.
+      {"bc TrainConfig.batch_size": config.bc.batch_size,
+       "ImproveConfig.train.batch_size": config.improve.train.batch_size},
+      num_batch_shards=layout.num_batch_shards)
+  distributed.check_batch_sizes({"GrowConfig.sampling.batch_size": s.batch_size},
+                                num_batch_shards=1)
+  distributed.check_batch_sizes(
+      {"GrowConfig.sampling.batch_size x num_samples": s.batch_size * s.num_samples,
+       "EvalConfig.batch_size": config.eval.batch_size},
+      num_batch_shards=layout.num_batch_shards, processes=False)
   task = tasks.get_task(config.task)
   reward = _reward_call(rewards.get_reward(config.reward), config.reward)
   vocab = task.output_features["targets"].vocabulary
@@ -156,9 +172,10 @@ def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any,
   c = run.config
 
   def batches(start_step: int):
-    return data.train_batches(dataset, batch_size=cfg.batch_size, seed=seed,
-                              start_step=start_step, input_len=c.input_len,
-                              target_len=c.target_len)
+    return hostdata.host_batches(
+        data.train_batches(dataset, batch_size=cfg.batch_size, seed=seed,
+                           start_step=start_step, input_len=c.input_len,
+                           target_len=c.target_len), trainer.batch_sharding)
 
   def log_fn(step: int, metrics: dict) -> None:
     run.reporter.scalars(name, step, metrics)
@@ -174,10 +191,8 @@ def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any,
 
 
 def _barrier(name: str) -> None:
-  """Waits for every host (a no-op in a single-process run)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+  """Waits for every host (a no-op in a single-process run); RestJaxError on a timeout."""
+  distributed.barrier(name)
 
 
 def _grow_prompts(run: _Run) -> list[dict]:
@@ -214,8 +229,10 @@ def _skip_bc(run: _Run) -> dict:
 
 def _mark(run: _Run, name: str, row: dict) -> None:
   path = os.path.join(run.workdir, "phases", f"{name}.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  write_json_atomic(path, row)
+  if distributed.is_host0():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, row)
+  _barrier(f"marked {name}")
 
 
 def _marked(run: _Run, name: str) -> dict | None:
@@ -252,8 +269,8 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   if row is None:
     save_state("bc")
     logger.info("BC: training on D (%s, train split)", config.task)
-    dataset = data.task_dataset(run_.task, "train", shard_index=jax.process_index(),
-                                num_shards=jax.process_count())
+    # Every host streams the same global batches and keeps its rows (hostdata.host_batches).
+    dataset = data.task_dataset(run_.task, "train")
     params, metrics = _train(run_, "bc", params=run_.base_params, cfg=config.bc, dataset=dataset,
                              seed=config.seed, lr_scale=1.0)
     row = summary_row(phase="bc", grow_step=0, improve_step=0, threshold=None,
@@ -317,7 +334,8 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
             max_per_prompt=config.improve.max_per_prompt,
             deduplicate=config.improve.deduplicate)
         num_selected = mix.count
-        dataset = mixture.improve_dataset(mix, output_features=run_.task.output_features)
+        dataset = hostdata.canonical_order(
+            mixture.improve_dataset(mix, output_features=run_.task.output_features))
         logger.info("Improve g%d i%d: threshold %s keeps %d examples", g, i, tau.describe(),
                     num_selected)
         params, metrics = _train(run_, name, params=start_params, cfg=config.improve.train,
@@ -338,6 +356,7 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
                   row["eval_reward"], row["eval_exact_match"])
 
   save_state("done")
+  _barrier("done")
   wall = read_json(state_path)["wall_time_s"] if os.path.exists(state_path) else 0.0
   run_.reporter.write_summary(rows, wall)
   run_.reporter.write_plots(rows, grow_stats, taus_by_step)

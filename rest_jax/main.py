@@ -79,13 +79,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def _run(args: argparse.Namespace, bindings: list[str]) -> None:
-  from rest_jax import loop  # pylint: disable=g-import-not-at-top
+  from rest_jax import distributed  # pylint: disable=g-import-not-at-top
 
   if not args.gin_file:
     raise RestJaxError("no --gin_file given; e.g. --gin_file "
                        "gin/experiments/numbers_de_en_cpu.gin.")
+  settings = distributed.settings_from(vars(args))
   config, text = parse_run_config(args.gin_file, bindings)
-  loop.run(config, args.workdir, config_text=text, progress=not args.no_progress)
+  # Before anything touches a jax backend.
+  distributed.initialize(settings)
+  if not distributed.is_host0():  # Logs come from host 0; other hosts report only problems.
+    logging.getLogger("rest_jax").setLevel(logging.WARNING)
+  from rest_jax import loop  # pylint: disable=g-import-not-at-top
+  with distributed.collective_errors():
+    loop.run(config, args.workdir, config_text=text, progress=not args.no_progress)
 
 
 def _compile_check(args: argparse.Namespace, bindings: list[str]) -> None:
@@ -100,8 +107,8 @@ def _compile_check(args: argparse.Namespace, bindings: list[str]) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compiles for the topology, runs nothing.
   from rest_jax import compile_check  # pylint: disable=g-import-not-at-top
   config, _ = parse_run_config(args.gin_file, bindings)
-  for topology in args.topology:
-    print(compile_check.format_result(compile_check.check(config, topology)), flush=True)
+  for name in args.topology:
+    print(compile_check.format_result(compile_check.check(config, name)), flush=True)
 
 
 def _sweep(args: argparse.Namespace, bindings: list[str]) -> None:
@@ -186,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("workdirs", nargs="+", help="run workdirs, or sweep roots")
   cmp.add_argument("--out", default="", help="write the comparison plot (PNG) here")
   cmp.add_argument("--log_level", default="WARNING")
+  multi = run.add_argument_group(
+      "multi-host", "run the same command on every host; without these (or the REST_JAX_* "
+      "environment variables) a TPU VM / SLURM cluster is detected, else one process runs")
+  multi.add_argument("--coordinator_address", default=None, help="host 0's HOST:PORT "
+                     "(env REST_JAX_COORDINATOR)")
+  multi.add_argument("--num_processes", type=int, default=None,
+                     help="number of processes (env REST_JAX_NUM_PROCESSES)")
+  multi.add_argument("--process_id", type=int, default=None,
+                     help="this process, 0..num_processes-1 (env REST_JAX_PROCESS_ID)")
+  multi.add_argument("--heartbeat_timeout_s", type=int, default=None,
+                     help="declare a silent host dead after this long (default 100; env "
+                     "REST_JAX_HEARTBEAT_TIMEOUT_S)")
+  multi.add_argument("--barrier_timeout_s", type=float, default=None,
+                     help="longest wait for the other hosts at a barrier (default 1800)")
   ins = sub.add_parser("inspect", help="print Grow datasets' stats and examples")
   ins.add_argument("workdir")
   ins.add_argument("--num_examples", type=int, default=3)
@@ -239,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
       _inspect(args)
   except RestJaxError as e:
     print(f"rest-jax: error: {e}", file=sys.stderr)
+    if "jax" in sys.modules:  # A multi-host run ends now, not after waiting for dead hosts.
+      from rest_jax import distributed  # pylint: disable=g-import-not-at-top
+      distributed.exit_now_if_multihost(2)
     return 2
   except KeyboardInterrupt:
     print("rest-jax: interrupted; rerun the same command to resume.", file=sys.stderr)

@@ -62,8 +62,10 @@ class Layout:
 
   @property
   def num_batch_shards(self) -> int:
-    """How many ways the batch axis is split (data x fsdp)."""
-    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    """How many ways the batch axis is split (data x fsdp under the default rules)."""
+    axes = dict(self.rules)["batch"]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return math.prod(self.mesh.shape[a] for a in axes)
 
   def spec(self, logical: Sequence[str | None], shape: Sequence[int] | None = None, *,
            sampling: bool = False) -> PartitionSpec:

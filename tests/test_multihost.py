@@ -1,0 +1,188 @@
+"""Real multi-process runs on localhost (gloo CPU collectives).
+
+One reference run (1 process x 4 CPU devices) and one 2-process run (2 processes x 2 devices,
+DCN data axis over the processes) of the same tiny config. The 2-process run is killed (process
+1, SIGKILL) right after BC: process 0 must stop with an error on its own, and rerunning the same
+command on both processes resumes to exactly the reference's Grow records and eval rewards, and
+final parameters equal within float tolerance.
+"""
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rest_jax import growdata
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The CLI, after registering a tiny task (32 prompts, 8 held out, short numbers).
+WRAPPER = """
+import sys
+from rest_jax import tasks
+from rest_jax.tasks import numbers
+tasks.register(numbers.make_numbers_task("mh_numbers", num_train=32, num_eval=8, max_number=99,
+                                         seed=3))
+from rest_jax import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+ARGS = [
+    "--gin_file", os.path.join(REPO, "gin", "experiments", "smoke_cpu.gin"), "--no_progress",
+    "--gin.config.RunConfig.task='mh_numbers'", "--gin.config.RunConfig.input_len=20",
+    "--gin.config.RunConfig.target_len=16", "--gin.config.RunConfig.num_grow_steps=1",
+    "--gin.config.RunConfig.num_improve_steps=1",
+    "--gin.bc/config.TrainConfig.num_steps=2", "--gin.bc/config.TrainConfig.eval_every=2",
+    "--gin.bc/config.TrainConfig.batch_size=8",
+    "--gin.improve/config.TrainConfig.num_steps=2",
+    "--gin.improve/config.TrainConfig.eval_every=2",
+    "--gin.improve/config.TrainConfig.batch_size=8",
+    "--gin.config.SamplingConfig.batch_size=8", "--gin.config.SamplingConfig.max_decode_len=16",
+    "--gin.config.GrowConfig.chunk_size=8",
+    "--gin.config.EvalConfig.num_examples=8", "--gin.config.EvalConfig.batch_size=8",
+    "--gin.config.EvalConfig.max_decode_len=16",
+]
+
+
+def _env(num_devices: int) -> dict:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env.update(XLA_FLAGS=" ".join(flags), JAX_NUM_CPU_DEVICES=str(num_devices),
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, num_processes: int, num_devices: int, extra=()) -> list[subprocess.Popen]:
+  """Starts ``rest-jax run`` once per process; stdout+stderr go to WORKDIR.p{i}.log."""
+  argv = [sys.executable, "-c", WRAPPER, "run", "--workdir", str(workdir)] + ARGS + list(extra)
+  port = _free_port()
+  procs = []
+  for i in range(num_processes):
+    dist = ([] if num_processes == 1 else
+            ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes",
+             str(num_processes), "--process_id", str(i), "--heartbeat_timeout_s", "15",
+             "--barrier_timeout_s", "900", "--gin.config.MeshConfig.dcn_data=2"])
+    log = open(f"{workdir}.p{i}.log", "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    procs.append(subprocess.Popen(argv + dist, env=_env(num_devices), stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=REPO))
+  return procs
+
+
+def _wait(procs, timeout=1800) -> list[int]:
+  """Exit codes; a process still running after ``timeout`` (a hang) is killed and fails."""
+  try:
+    return [p.wait(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def _tail(path: str) -> str:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [l for l in f.read().splitlines()
+             if l.strip() and not l.startswith("    @") and "Gloo" not in l]
+  return "\n".join(lines[-8:])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("multihost")
+  ref, multi = base / "ref", base / "multi"
+  codes = _wait(_launch(ref, 1, 4))
+  assert codes == [0], _tail(f"{ref}.p0.log")
+
+  procs = _launch(multi, 2, 2)
+  marker = multi / "phases" / "bc.json"
+  deadline = time.time() + 1800
+  while not marker.exists() and all(p.poll() is None for p in procs):
+    assert time.time() < deadline, "BC did not finish"
+    time.sleep(0.05)
+  assert all(p.poll() is None for p in procs), _tail(f"{multi}.p0.log")
+  killed_at = time.time()
+  procs[1].send_signal(signal.SIGKILL)
+  survivor_code = _wait(procs[:1], timeout=300)[0]  # A hang fails here, not blocks forever.
+  time_to_error = time.time() - killed_at
+  procs[1].wait()
+  survivor_log = _tail(f"{multi}.p0.log")
+
+  codes = _wait(_launch(multi, 2, 2))  # The same command again: resumes.
+  assert codes == [0, 0], _tail(f"{multi}.p0.log") + _tail(f"{multi}.p1.log")
+  print(f"\nkilled process 1 after BC; process 0 exited with {survivor_code} after "
+        f"{time_to_error:.1f} s:\n{survivor_log}")
+  return dict(ref=str(ref), multi=str(multi), survivor_code=survivor_code,
+              survivor_log=survivor_log, time_to_error=time_to_error)
+
+
+def _records(workdir):
+  out = {}
+  for r in growdata.read_records(os.path.join(workdir, "grow", "g001")):
+    out[(r.example_id, r.sample_idx)] = r
+  return out
+
+
+def _params(workdir, phase):
+  (path,) = glob.glob(os.path.join(workdir, "checkpoints", phase, "best", "*", "params"))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=restore_args))
+  return dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+
+
+def _eval_rewards(workdir):
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    return [(r["phase"], r["eval_reward"], r["eval_exact_match"]) for r in json.load(f)["rows"]]
+
+
+def test_killed_host_stops_the_others_with_an_error(runs):
+  # Either a collective with the dead host fails (our error, exit 2) or, if the survivor was
+  # not talking to it, jax.distributed's heartbeat check ends it (SIGABRT) with its message.
+  log = runs["survivor_log"]
+  if runs["survivor_code"] == 2:
+    assert "rest-jax: error: a computation across the 2 processes failed" in log, log
+    assert "rerun the same command on every host to resume" in log
+  else:
+    assert runs["survivor_code"] == -signal.SIGABRT, log
+    assert "JAX distributed service detected fatal errors" in log, log
+
+
+def test_two_processes_write_the_reference_grow_records(runs):
+  ref, multi = _records(runs["ref"]), _records(runs["multi"])
+  assert len(ref) == 32 * 3  # 32 prompts x (2 samples + the original pair).
+  assert sorted(ref) == sorted(multi)
+  for key, r in ref.items():
+    m = multi[key]
+    assert list(r.targets) == list(m.targets), key
+    assert r.reward == m.reward, key
+    np.testing.assert_allclose(r.behaviour_logprobs, m.behaviour_logprobs, atol=1e-5)
+  files = growdata.chunk_files(os.path.join(runs["multi"], "grow", "g001"))
+  assert {f[:len("chunk-h000")] for f in files} == {"chunk-h000", "chunk-h001"}
+  assert len(files) == 4  # 16 prompts per host, 8 per chunk.
+
+
+def test_two_processes_end_with_the_reference_evals_and_params(runs):
+  assert _eval_rewards(runs["multi"]) == _eval_rewards(runs["ref"])
+  for phase in ("bc", "g001_i01"):
+    ref, multi = _params(runs["ref"], phase), _params(runs["multi"], phase)
+    assert ref.keys() == multi.keys() and len(ref) > 10
+    diff = max(float(np.max(np.abs(ref[k] - multi[k]))) for k in ref)
+    print(f"{phase}: {len(ref)} arrays, max |param diff| {diff:.3g}")
+    assert diff < 1e-5, phase
