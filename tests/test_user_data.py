@@ -144,7 +144,7 @@ def test_rest_loop_on_jsonl_task_with_hf_tokenizer(tmp_path):
       task=name,
       model=get_preset("tiny_decoder", vocab_size=vocab.vocab_size, num_decoder_layers=1),
       reward="exact_match", input_len=16, target_len=8, num_grow_steps=1, num_improve_steps=1,
-      bc=C.TrainConfig(learning_rate=3e-3, num_steps=4, batch_size=8, eval_every=2),
+      bc=C.TrainConfig(learning_rate=3e-3, num_steps=2, batch_size=8, eval_every=2),
       improve=C.ImproveConfig(thresholds=(0.0,), train=C.TrainConfig(
           learning_rate=1e-3, num_steps=2, batch_size=8, eval_every=2)),
       grow=C.GrowConfig(sampling=C.SamplingConfig(num_samples=2, batch_size=16,
