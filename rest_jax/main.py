@@ -2,6 +2,8 @@
 
   rest-jax run --workdir W --gin_file F [--gin_file F2 ...] [--gin.X=V ...]
   rest-jax inspect W [--num_examples K] [--jsonl PATH]
+  rest-jax train-reward --data W_OR_JSONL --output_dir DIR   (see rest_jax/reward_commands.py)
+  rest-jax serve-reward --reward chrf --port P [--token_env VAR]
 
 This is the only module that imports gin. Gin files bind the frozen dataclasses of
 ``rest_jax.config`` (with ``from __gin__ import dynamic_registration``); rerunning the same
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
   ins.add_argument("--num_examples", type=int, default=3)
   ins.add_argument("--jsonl", default=None, help="also export every record to this JSONL file")
   ins.add_argument("--log_level", default="WARNING")
+  from rest_jax import reward_commands  # pylint: disable=g-import-not-at-top
+  reward_commands.add_parsers(sub)
   return parser
 
 
@@ -130,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
       raise RestJaxError("--gin.X=V flags are only for `rest-jax run`.")
     if args.command == "run":
       _run(args, bindings)
+    elif args.command in ("train-reward", "serve-reward"):
+      from rest_jax import reward_commands  # pylint: disable=g-import-not-at-top
+      (reward_commands.train_reward if args.command == "train-reward"
+       else reward_commands.serve_reward)(args)
     else:
       _inspect(args)
   except RestJaxError as e:
