@@ -25,7 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
   tr.add_argument("--model", default="tiny", help="encoder-decoder preset (tiny, small, ...)")
   tr.add_argument("--task", default=None, help="take the vocabulary of this task (default: bytes)")
   tr.add_argument("--init_from", default=None,
-                  help="policy params checkpoint (same --model) whose trunk initialises the model")
+                  help="policy params checkpoint (same --model) whose trunk initialises the model, "
+                  "or a reward-model directory to continue training")
   tr.add_argument("--num_steps", type=int, default=2000)
   tr.add_argument("--batch_size", type=int, default=64)
   tr.add_argument("--learning_rate", type=float, default=1e-3)

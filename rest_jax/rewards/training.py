@@ -174,10 +174,16 @@ def init_from_policy(params: nnx.State, checkpoint: str, *, model: ModelConfig,
     params: the RewardModel's params `nnx.State`.
     checkpoint: a policy params checkpoint (e.g. ``W/checkpoints/bc/best/<step>/params``) of an
       encoder-decoder with the ModelConfig ``model``.
+    A reward-model directory (from ``train_reward_model``) continues its training instead.
   Returns:
     the params with every leaf of the same path and shape replaced, and how many were.
   """
   from rest_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from rest_jax.rewards import learned  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(checkpoint, learned.META)):
+    restored = checkpoints.restore_params(os.path.join(checkpoint, learned.PARAMS),
+                                          learned.abstract_params(model, layout))
+    return restored, len(jax.tree.leaves(restored))
   from rest_jax.models.t5 import T5Model  # pylint: disable=g-import-not-at-top
   state = nnx.state(nnx.eval_shape(lambda: T5Model(model, rngs=nnx.Rngs(0))))
   shardings = layout.state_shardings(state)
