@@ -169,12 +169,43 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """How the reward named by ``RunConfig.reward`` is built (see rest_jax.rewards.build_reward).
+
+  ``range`` is the reward's declared (lo, hi): raw values are mapped to (v - lo) / (hi - lo),
+  which must land in [0, 1]. The remote settings apply to ``reward = "remote:URL"`` only.
+  """
+
+  range: tuple[float, float] = (0.0, 1.0)
+  timeout_s: float = 30.0  # Per HTTP request.
+  max_retries: int = 3  # Retries after the first try, with exponential backoff.
+  backoff_s: float = 0.5  # First retry delay; doubles each retry.
+  max_concurrency: int = 4  # Sub-batches in flight at once.
+  request_batch_size: int = 256  # Hypotheses per HTTP request.
+  token_env: str = ""  # Name of an env var holding a bearer token ("" sends none).
+  batch_size: int = 256  # Hypotheses per forward pass of a learned reward model.
+
+  def __post_init__(self):
+    rng = tuple(self.range)
+    _require(len(rng) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in rng)
+             and rng[0] < rng[1],
+             f"RewardConfig.range must be two finite numbers lo < hi, got {self.range}.")
+    object.__setattr__(self, "range", (float(rng[0]), float(rng[1])))
+    _require(self.timeout_s > 0, f"RewardConfig.timeout_s must be > 0, got {self.timeout_s}.")
+    _require(self.max_retries >= 0, "RewardConfig.max_retries must be >= 0.")
+    _require(self.backoff_s >= 0, "RewardConfig.backoff_s must be >= 0.")
+    _require(self.max_concurrency >= 1 and self.request_batch_size >= 1 and self.batch_size >= 1,
+             "RewardConfig.max_concurrency, request_batch_size and batch_size must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """A whole ReST experiment: BC on D, then G x (Grow, I x Improve)."""
 
   task: str = "numbers_de_en"
   model: ModelConfig = ModelConfig()
-  reward: str = "chrf"
+  reward: str = "chrf"  # A name, "learned:DIR", "remote:URL" or "py:module:function".
+  reward_config: RewardConfig = RewardConfig()
   input_len: int = 64
   target_len: int = 64
   num_grow_steps: int = 2

@@ -113,7 +113,8 @@ def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
        "EvalConfig.batch_size": config.eval.batch_size},
       num_batch_shards=layout.num_batch_shards, processes=False)
   task = tasks.get_task(config.task)
-  reward = _reward_call(rewards.get_reward(config.reward), config.reward)
+  reward = _reward_call(rewards.build_reward(config.reward, config.reward_config, layout=layout),
+                        rewards.reward_label(config.reward, config.reward_config))
   vocab = task.output_features["targets"].vocabulary
   if vocab.vocab_size > config.model.vocab_size:
     raise RestJaxError(f"task {config.task!r} has a vocabulary of {vocab.vocab_size} tokens but the "
@@ -156,7 +157,7 @@ def validate_names(config: RunConfig) -> None:
     if split and split not in task.splits:
       raise RestJaxError(f"task {config.task!r} has no split {split!r} (it has "
                          f"{sorted(task.splits)}); fix the task or GrowConfig.unlabeled_split.")
-  rewards.get_reward(config.reward)
+  rewards.check_reward_spec(config.reward)
   metric = independent_metric_name(config.reward, config.eval.independent_metric)
   if metric:
     rewards.get_reward(metric)

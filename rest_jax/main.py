@@ -8,6 +8,8 @@
   rest-jax compile-check --topology v5e:16x16 --gin_file F [--gin.X=V ...]
   rest-jax sweep --root R --gin_file F --sweep X=V1,V2 [...] [--launcher L --dry-run -- OPTS]
   rest-jax compare W1 W2 ... [--out compare.png]
+  rest-jax train-reward --data W_OR_JSONL --output_dir DIR   (see rest_jax/reward_commands.py)
+  rest-jax serve-reward --reward chrf --port P [--token_env VAR]
 
 This is the only module that imports gin. Gin files bind the frozen dataclasses of
 ``rest_jax.config`` (with ``from __gin__ import dynamic_registration``); rerunning the same
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
   bon.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
   bon.add_argument("--output", default=None, help="also write the results as JSON here")
   bon.add_argument("--log_level", default="WARNING")
+  from rest_jax import reward_commands  # pylint: disable=g-import-not-at-top
+  reward_commands.add_parsers(sub)
   return parser
 
 
@@ -256,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
       _sweep(args, bindings)
     elif args.command == "compare":
       _compare(args)
+    elif args.command in ("train-reward", "serve-reward"):
+      from rest_jax import reward_commands  # pylint: disable=g-import-not-at-top
+      (reward_commands.train_reward if args.command == "train-reward"
+       else reward_commands.serve_reward)(args)
     else:
       _inspect(args)
   except RestJaxError as e:

@@ -53,8 +53,8 @@ def test_import_export_and_run_from_checkpoint(tmp_path, capsys):
                    str(tmp_path / "imported" / "model.gin"), "--no_progress",
                    "--gin.config.RunConfig.run_bc=False",
                    "--gin.config.RunConfig.num_grow_steps=0",
-                   "--gin.config.EvalConfig.num_examples=4",
-                   "--gin.config.EvalConfig.batch_size=4",
+                   "--gin.config.EvalConfig.num_examples=8",
+                   "--gin.config.EvalConfig.batch_size=8",
                    "--gin.config.EvalConfig.max_decode_len=8"])
   assert code == 0, capsys.readouterr().err
   with open(os.path.join(work, "summary.json"), encoding="utf-8") as f:

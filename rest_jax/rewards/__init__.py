@@ -10,9 +10,12 @@ from rest_jax.errors import RestJaxError
 from rest_jax.rewards.answers import Gsm8kAnswer, MathAnswer
 from rest_jax.rewards.base import LengthReward, RewardFn, validate_rewards
 from rest_jax.rewards.metrics import Bleu, ChrF, ExactMatch
+from rest_jax.rewards.build import (NormalizedReward, build_reward, check_reward_spec,
+                                    reward_label)
 
-__all__ = ["Bleu", "ChrF", "ExactMatch", "Gsm8kAnswer", "LengthReward", "MathAnswer", "RewardFn",
-           "get_reward", "score", "validate_rewards", "REWARDS"]
+__all__ = ["Bleu", "ChrF", "ExactMatch", "Gsm8kAnswer", "LengthReward", "MathAnswer",
+           "NormalizedReward", "RewardFn", "build_reward", "check_reward_spec", "get_reward",
+           "reward_label", "score", "validate_rewards", "REWARDS"]
 
 REWARDS: dict[str, Callable[[], RewardFn]] = {
     "chrf": ChrF,
@@ -30,9 +33,11 @@ def get_reward(name: str) -> RewardFn:
     RestJaxError: unknown name; the message lists the known ones.
   """
   if name not in REWARDS:
-    raise RestJaxError(f"reward {name!r} is unknown; known rewards: {', '.join(sorted(REWARDS))}. "
-                       "A custom reward is any callable (sources, hypotheses, references) -> "
-                       "float array [n] in [0, 1] (see rest_jax.rewards.base.RewardFn).")
+    raise RestJaxError(f"reward {name!r} is unknown; known rewards: {', '.join(sorted(REWARDS))}, "
+                       "or 'learned:DIR' (a reward model from rest-jax train-reward), "
+                       "'remote:URL' (a reward server) or 'py:module:function' (any callable "
+                       "(sources, hypotheses, references) -> float array [n], see "
+                       "rest_jax.rewards.base.RewardFn).")
   return REWARDS[name]()
 
 

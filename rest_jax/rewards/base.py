@@ -52,7 +52,8 @@ def validate_rewards(values: object, n: int, name: str) -> np.ndarray:
     i = int(bad[0])
     raise RestJaxError(f"reward {name!r} returned {array[i]} for example {i} ({bad.size} values "
                        "outside [0, 1] in all); ReST thresholds assume rewards in [0, 1]: "
-                       "normalise the reward to [0, 1] (e.g. divide a 0-100 score by 100).")
+                       "normalise the reward to [0, 1] (e.g. divide a 0-100 score by 100) or declare its "
+                       "range with RewardConfig.range = (lo, hi).")
   return array.astype(np.float32)
 
 

@@ -1,0 +1,102 @@
+"""The reward-model commands of the CLI: ``rest-jax train-reward`` and ``rest-jax serve-reward``.
+
+  rest-jax train-reward --data WORKDIR_OR_JSONL --output_dir DIR [--model tiny] [--num_steps N]
+  rest-jax serve-reward --reward chrf --port 8000 [--host H] [--token_env VAR] [--range LO HI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from rest_jax.errors import RestJaxError
+
+logger = logging.getLogger("rest_jax")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+  """Adds the train-reward and serve-reward subcommands."""
+  tr = sub.add_parser("train-reward", help="train a learned reward model on scored pairs")
+  tr.add_argument("--data", required=True,
+                  help="a ReST workdir (its Grow records) or a JSONL of {source, hypothesis, score}")
+  tr.add_argument("--output_dir", required=True, help="new directory for the reward model")
+  tr.add_argument("--model", default="tiny", help="encoder-decoder preset (tiny, small, ...)")
+  tr.add_argument("--task", default=None, help="take the vocabulary of this task (default: bytes)")
+  tr.add_argument("--init_from", default=None,
+                  help="policy params checkpoint (same --model) whose trunk initialises the model, "
+                  "or a reward-model directory to continue training")
+  tr.add_argument("--num_steps", type=int, default=2000)
+  tr.add_argument("--batch_size", type=int, default=64)
+  tr.add_argument("--learning_rate", type=float, default=1e-3)
+  tr.add_argument("--warmup_steps", type=int, default=100)
+  tr.add_argument("--held_out_fraction", type=float, default=0.1)
+  tr.add_argument("--input_len", type=int, default=64)
+  tr.add_argument("--target_len", type=int, default=64)
+  tr.add_argument("--seed", type=int, default=0)
+  tr.add_argument("--range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                  help="declared range of the scores (mapped to [0, 1])")
+  tr.add_argument("--log_level", default="INFO")
+  sv = sub.add_parser("serve-reward", help="serve a reward over HTTP for reward='remote:URL'")
+  sv.add_argument("--reward", required=True, help="reward spec: chrf, learned:DIR, py:mod:fn, ...")
+  sv.add_argument("--host", default="127.0.0.1")
+  sv.add_argument("--port", type=int, required=True)
+  sv.add_argument("--token_env", default="",
+                  help="env var holding a bearer token that clients must send")
+  sv.add_argument("--range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                  help="declared range of the served reward (mapped to [0, 1])")
+  sv.add_argument("--log_level", default="INFO")
+
+
+def train_reward(args: argparse.Namespace) -> dict:
+  """Runs `rest-jax train-reward`; prints and returns the metrics."""
+  from rest_jax import tasks  # pylint: disable=g-import-not-at-top
+  from rest_jax.models import get_preset  # pylint: disable=g-import-not-at-top
+  from rest_jax.rewards import training  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  if os.path.exists(os.path.join(args.output_dir, "reward_model.json")):
+    raise RestJaxError(f"{args.output_dir} already holds a reward model; choose a new "
+                       "--output_dir or delete it.")
+  vocab = (tasks.get_task(args.task).output_features["targets"].vocabulary if args.task
+           else seqio.ByteVocabulary())
+  model = get_preset(args.model)
+  if vocab.vocab_size > model.vocab_size:
+    raise RestJaxError(f"the vocabulary has {vocab.vocab_size} tokens but preset {args.model!r} "
+                       f"has vocab_size={model.vocab_size}; choose a larger preset.")
+  cfg = training.RewardTrainConfig(
+      num_steps=args.num_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+      warmup_steps=args.warmup_steps, held_out_fraction=args.held_out_fraction,
+      input_len=args.input_len, target_len=args.target_len, seed=args.seed)
+  pairs = training.load_scored_pairs(args.data, score_range=tuple(args.range))
+  logger.info("train-reward: %d scored pairs from %s", len(pairs), args.data)
+  metrics = training.train_reward_model(pairs, model=model, vocab=vocab, cfg=cfg,
+                                        output_dir=args.output_dir, init_from=args.init_from)
+  print(json.dumps(metrics))
+  print(f"use it with --gin.config.RunConfig.reward=\"'learned:{os.path.abspath(args.output_dir)}'\"")
+  return metrics
+
+
+def serve_reward(args: argparse.Namespace) -> None:
+  """Runs `rest-jax serve-reward` until interrupted."""
+  from rest_jax.config import RewardConfig  # pylint: disable=g-import-not-at-top
+  from rest_jax.rewards import build_reward, reward_label  # pylint: disable=g-import-not-at-top
+  from rest_jax.rewards.server import make_server  # pylint: disable=g-import-not-at-top
+
+  token = None
+  if args.token_env:
+    token = os.environ.get(args.token_env)
+    if not token:
+      raise RestJaxError(f"--token_env names {args.token_env!r}, but that environment variable "
+                         "is not set; export it first.")
+  config = RewardConfig(range=tuple(args.range))
+  server = make_server(build_reward(args.reward, config), host=args.host, port=args.port,
+                       token=token, name=reward_label(args.reward, config))
+  host, port = server.server_address[:2]
+  print(f"serving reward {args.reward!r} on http://{host}:{port}/"
+        f"{' (bearer token required)' if token else ''}", flush=True)
+  try:
+    server.serve_forever()
+  finally:
+    server.server_close()

@@ -1,0 +1,139 @@
+"""A learned reward R(x, y): a saved RewardModel (rest_jax.models.scalar_head) used as a RewardFn.
+
+A reward-model directory (written by ``save_reward_model``, read by ``LearnedReward``) holds:
+
+  reward_model.json   {"model": ModelConfig fields, "vocabulary": {"kind": "byte"} or
+                       {"kind": "sentencepiece", "path": ...}, "input_len", "target_len",
+                       "metrics": {...}}
+  params/             the model's parameters (an orbax checkpoint, rest_jax.checkpoints)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import seqio
+from flax import nnx
+
+from rest_jax import checkpoints
+from rest_jax.errors import RestJaxError
+from rest_jax.models.base import EOS_ID, PAD_ID, ModelConfig
+from rest_jax.models.scalar_head import RewardModel
+from rest_jax.sharding import Layout, make_layout
+
+META = "reward_model.json"
+PARAMS = "params"
+
+
+def vocabulary_info(vocab: Any) -> dict[str, str]:
+  """The JSON description of a seqio vocabulary (byte or SentencePiece)."""
+  if isinstance(vocab, seqio.ByteVocabulary):
+    return {"kind": "byte"}
+  if isinstance(vocab, seqio.SentencePieceVocabulary):
+    return {"kind": "sentencepiece", "path": vocab.sentencepiece_model_file}
+  raise RestJaxError(f"cannot describe vocabulary {type(vocab).__name__} for a reward model; "
+                     "use a seqio ByteVocabulary or SentencePieceVocabulary.")
+
+
+def make_vocabulary(info: Mapping[str, str]) -> seqio.Vocabulary:
+  """Inverse of ``vocabulary_info``."""
+  if info.get("kind") == "byte":
+    return seqio.ByteVocabulary()
+  if info.get("kind") == "sentencepiece":
+    return seqio.SentencePieceVocabulary(info["path"])
+  raise RestJaxError(f"unknown reward-model vocabulary {dict(info)}; expected kind 'byte' or "
+                     "'sentencepiece' (re-save the model with rest-jax train-reward).")
+
+
+def encode(vocab: seqio.Vocabulary, texts: Sequence[str], length: int) -> np.ndarray:
+  """Texts -> int32 `[len(texts), length]`: ids + EOS, truncated (EOS kept last), right-padded."""
+  out = np.full((len(texts), length), PAD_ID, np.int32)
+  for i, text in enumerate(texts):
+    ids = list(vocab.encode(text))[:length - 1] + [EOS_ID]
+    out[i, :len(ids)] = ids
+  return out
+
+
+def save_reward_model(directory: str, params: nnx.State, *, model: ModelConfig, vocab: Any,
+                      input_len: int, target_len: int,
+                      metrics: Mapping[str, float] | None = None) -> None:
+  """Writes params (orbax) and reward_model.json into the new directory ``directory``."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(os.path.join(directory, META)):
+    raise RestJaxError(f"{directory} already holds a reward model; choose a new --output_dir "
+                       "or delete it.")
+  os.makedirs(directory, exist_ok=True)
+  checkpoints.save_pytree(os.path.join(directory, PARAMS), params)
+  meta = {"model": dataclasses.asdict(model), "vocabulary": vocabulary_info(vocab),
+          "input_len": input_len, "target_len": target_len, "metrics": dict(metrics or {})}
+  tmp = os.path.join(directory, META + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, os.path.join(directory, META))
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+  """reward_model.json of a reward-model directory."""
+  path = os.path.join(directory, META)
+  if not os.path.exists(path):
+    raise RestJaxError(f"{directory} is not a reward-model directory (no {META}); train one with "
+                       "`rest-jax train-reward --output_dir DIR` and use reward = 'learned:DIR'.")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def abstract_params(config: ModelConfig, layout: Layout) -> nnx.State:
+  """The RewardModel's params as ShapeDtypeStructs on their Layout shardings."""
+  abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract)
+  shardings = layout.state_shardings(state)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                      shardings)
+
+
+class LearnedReward:
+  """RewardFn of a saved reward model; reference-free (references are ignored)."""
+
+  def __init__(self, directory: str, *, batch_size: int = 256, layout: Layout | None = None):
+    directory = os.path.abspath(directory)
+    meta = read_meta(directory)
+    self.config = ModelConfig(**meta["model"])
+    self.vocab = make_vocabulary(meta["vocabulary"])
+    self.input_len, self.target_len = int(meta["input_len"]), int(meta["target_len"])
+    self.metrics = meta.get("metrics", {})
+    layout = layout or make_layout()
+    shards = layout.num_batch_shards
+    self.batch_size = -(-batch_size // shards) * shards
+    params = checkpoints.restore_params(os.path.join(directory, PARAMS),
+                                        abstract_params(self.config, layout))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: RewardModel(self.config, rngs=nnx.Rngs(0))))
+    self._params = params
+    self._sharding = layout.batch_sharding((self.batch_size, 1))
+
+    @jax.jit
+    def forward(params, inputs, targets):
+      return nnx.merge(graphdef, params)(inputs, targets)
+
+    self._forward = forward
+
+  def __call__(self, sources: Sequence[str], hypotheses: Sequence[str],
+               references: Sequence[str] | None) -> np.ndarray:
+    """float32 `[n]` rewards in (0, 1), computed in fixed-size batches (one compilation)."""
+    del references
+    inputs = encode(self.vocab, sources, self.input_len)
+    targets = encode(self.vocab, hypotheses, self.target_len)
+    out = []
+    for start in range(0, len(hypotheses), self.batch_size):
+      x, y = inputs[start:start + self.batch_size], targets[start:start + self.batch_size]
+      rows = x.shape[0]
+      if rows < self.batch_size:
+        x = np.concatenate([x, np.repeat(x[:1], self.batch_size - rows, 0)])
+        y = np.concatenate([y, np.repeat(y[:1], self.batch_size - rows, 0)])
+      x, y = (jax.device_put(a, self._sharding) for a in (x, y))
+      out.append(np.asarray(self._forward(self._params, x, y))[:rows])
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
