@@ -52,7 +52,8 @@ def check_workdir(workdir: str, config: RunConfig, config_text: str) -> None:
   distributed.barrier("workdir checked")  # Every host looks before host 0 writes.
   if exists:
     theirs = read_json(path)
-    diffs = _diff(theirs, mine)
+    # A field added by a newer rest_jax is missing from older workdirs: it reads as its default.
+    diffs = _diff(theirs, mine, json.loads(json.dumps(dataclasses.asdict(RunConfig()))))
     if diffs:
       raise RestJaxError(
           f"workdir {workdir} was made by a different config ({'; '.join(diffs[:5])}). "
@@ -66,11 +67,14 @@ def check_workdir(workdir: str, config: RunConfig, config_text: str) -> None:
   distributed.barrier("workdir recorded")
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+def _diff(a: Any, b: Any, default: Any = None, prefix: str = "") -> list[str]:
+  """Differences between recorded config ``a`` and ``b``; keys missing in ``a`` read as ``default``."""
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
+    default = default if isinstance(default, dict) else {}
     for key in sorted(set(a) | set(b)):
-      out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+      theirs = a[key] if key in a else default.get(key)
+      out += _diff(theirs, b.get(key), default.get(key), f"{prefix}{key}.")
     return out
   return [] if a == b else [f"{prefix[:-1]}: {a!r} in the workdir, {b!r} now"]
 
