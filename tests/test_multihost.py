@@ -96,7 +96,7 @@ def _wait(procs, timeout=1800) -> list[int]:
 def _tail(path: str) -> str:
   with open(path, encoding="utf-8", errors="replace") as f:
     lines = [l for l in f.read().splitlines()
-             if l.strip() and not l.startswith("    @") and "Gloo" not in l]
+             if l.strip() and not l.startswith("    @") and not l.startswith("[Gloo]")]
   return "\n".join(lines[-8:])
 
 
