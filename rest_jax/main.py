@@ -97,8 +97,8 @@ def _compile_check(args: argparse.Namespace, bindings: list[str]) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compiles for the topology, runs nothing.
   from rest_jax import compile_check  # pylint: disable=g-import-not-at-top
   config, _ = parse_run_config(args.gin_file, bindings)
-  for topology in args.topology:
-    print(compile_check.format_result(compile_check.check(config, topology)), flush=True)
+  for name in args.topology:
+    print(compile_check.format_result(compile_check.check(config, name)), flush=True)
 
 
 def _sweep(args: argparse.Namespace, bindings: list[str]) -> None:
