@@ -136,6 +136,11 @@ def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
     logger.info("starting from checkpoint %s", config.init_checkpoint)
     _, base_params = convert.load_checkpoint(config.init_checkpoint, config=config.model,
                                              layout=layout)
+    fmt, path = convert.parse_spec(config.init_checkpoint)
+    if hasattr(vocab, "model_to_hf") and (fmt if fmt != "auto" else
+                                          convert.detect_format(path)) == "hf":
+      # The checkpoint's token rows are in the tokenizer's order; ours puts PAD at 0, EOS at 1.
+      base_params = convert.reorder_vocab(config.model, base_params, vocab.model_to_hf)
   else:
     base_params = jax.jit(init, out_shardings=shardings)()
   grow_sampler = Sampler.from_config(graphdef, layout, config.grow.sampling)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax import decoding
+from rest_jax import convert, decoding
 from rest_jax.convert import (hf_config, load_checkpoint, load_hf, load_t5x, save_hf, save_orbax,
                               save_t5x)
 from rest_jax.convert.params import host_arrays
@@ -188,3 +188,19 @@ def test_load_checkpoint_formats(tmp_path):
                     config=dataclasses.replace(config, num_kv_heads=4))
   with pytest.raises(RestJaxError, match="cannot tell the checkpoint format"):
     load_checkpoint(str(tmp_path))
+
+
+def test_reorder_vocab_moves_token_rows_and_output_columns():
+  """An imported table is re-indexed to a vocabulary that swaps tokenizer ids (PAD 0 / EOS 1)."""
+  path = os.path.join(DATA, "hf", "llama_gqa")
+  config, params = load_checkpoint(f"hf:{path}")
+  embed = np.asarray(params["embed"]["embedding"].value)
+  head = np.asarray(params["lm_head"]["kernel"].value)
+  perm = np.arange(60)
+  perm[[1, 2]] = [2, 1]  # Tokenizer: <s> 1, </s> 2 -> model EOS 1 is the tokenizer's 2.
+  out = convert.reorder_vocab(config, params, perm)
+  full = np.concatenate([perm, np.arange(60, config.vocab_size)])
+  np.testing.assert_array_equal(np.asarray(out["embed"]["embedding"].value), embed[full])
+  np.testing.assert_array_equal(np.asarray(out["lm_head"]["kernel"].value), head[:, full])
+  with pytest.raises(RestJaxError, match="tokenizer has 65 tokens"):
+    convert.reorder_vocab(config, params, np.arange(65))

@@ -9,9 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from rest_jax import config as C
-from rest_jax import data, loop, tasks, vocabularies
+from rest_jax import convert, data, loop, tasks, vocabularies
 from rest_jax.errors import RestJaxError
-from rest_jax.models import get_preset
 from tokenizer_fixtures import build_hf_tokenizer
 
 WORDS = ["zero", "one", "two", "three", "four", "five"]
@@ -140,9 +139,11 @@ def test_rest_loop_on_jsonl_task_with_hf_tokenizer(tmp_path):
       vocabulary=vocab_spec, prompt_field="question", reference_field="solution",
       answer_field="final"))
   vocab = vocabularies.get_vocabulary(vocab_spec)
+  # Start from an imported Hugging Face Llama checkpoint (grouped-query attention, 64 tokens).
+  llama = os.path.join(os.path.dirname(__file__), "testdata", "hf", "llama_gqa")
+  model, _ = convert.load_checkpoint(f"hf:{llama}")
   cfg = C.RunConfig(
-      task=name,
-      model=get_preset("tiny_decoder", vocab_size=vocab.vocab_size, num_decoder_layers=1),
+      task=name, model=model, init_checkpoint=f"hf:{llama}", run_bc=False,
       reward="exact_match", input_len=16, target_len=8, num_grow_steps=1, num_improve_steps=1,
       bc=C.TrainConfig(learning_rate=3e-3, num_steps=2, batch_size=8, eval_every=2),
       improve=C.ImproveConfig(thresholds=(0.0,), train=C.TrainConfig(
@@ -154,10 +155,10 @@ def test_rest_loop_on_jsonl_task_with_hf_tokenizer(tmp_path):
   out = loop.run(cfg, str(tmp_path / "work"), progress=False)
   assert [(r["phase"], r["grow_step"], r["improve_step"]) for r in out["rows"]] == [
       ("bc", 0, 0), ("improve", 1, 1)]
-  assert out["rows"][0]["train_examples"] == 10
+  assert out["rows"][0]["train_examples"] == 0  # run_bc=False: the import is the start.
   from rest_jax import growdata
   records = list(growdata.read_records(str(tmp_path / "work" / "grow" / "g001")))
   # 10 labeled + 6 unlabeled prompts x 2 samples, plus D's 10 originals.
   assert len([r for r in records if r.sample_idx >= 0]) == (10 + 6) * 2
   assert len([r for r in records if r.sample_idx == -1]) == 10
-  assert all(0 <= int(t) < vocab.vocab_size for r in records for t in r.targets)
+  assert all(0 <= int(t) < cfg.model.vocab_size for r in records for t in r.targets)

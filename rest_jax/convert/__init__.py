@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Literal
+from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rest_jax import checkpoints
@@ -132,6 +135,42 @@ def load_checkpoint(path: str, *, format: Format = "auto",  # pylint: disable=re
   if config is not None:
     check_same_architecture(config, read_model_config(path), source=path)
   return load_orbax(path, config=config, layout=layout)
+
+
+# The parameters with a vocabulary axis: (path, axis).
+_VOCAB_PARAMS = {"decoder": ((("embed", "embedding"), 0), (("lm_head", "kernel"), 1)),
+                 "encdec": ((("token_embedder", "embedding"), 0),
+                            (("decoder", "logits_dense", "kernel"), 1))}
+
+
+def reorder_vocab(config: ModelConfig, params: nnx.State, model_to_source: Any) -> nnx.State:
+  """Reorders the token rows of imported params to a vocabulary's ids.
+
+  A tokenizer wrapped with PAD 0 / EOS 1 (``vocabularies.HFTokenizerVocabulary``) swaps a few
+  ids; the checkpoint's embedding and output layer are in the tokenizer's own order.
+
+  Args:
+    config: the model's config (its ``vocab_size`` may exceed the tokenizer's size).
+    params: the imported params state.
+    model_to_source: int `[tokenizer_size]`: model id -> checkpoint (tokenizer) id.
+  Returns:
+    params with embedding rows ``E[model_to_source]`` and output columns reordered alike.
+  """
+  perm = np.asarray(model_to_source, dtype=np.int64)
+  if perm.size > config.vocab_size:
+    raise RestJaxError(f"the tokenizer has {perm.size} tokens but the model only "
+                       f"{config.vocab_size}; use a checkpoint whose vocabulary covers it.")
+  if np.array_equal(perm, np.arange(perm.size)):
+    return params
+  perm = np.concatenate([perm, np.arange(perm.size, config.vocab_size)])
+  for path, axis in _VOCAB_PARAMS[config.kind]:
+    node = params
+    for key in path:
+      node = node[key]
+    value = node.value
+    node.value = jax.jit(lambda x, axis=axis: jnp.take(x, perm, axis=axis),
+                         out_shardings=value.sharding)(value)
+  return params
 
 
 _DTYPE_FIELDS = ("dtype", "param_dtype")
