@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import sys
+import time
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -167,12 +168,14 @@ def barrier(name: str, *, timeout_s: float | None = None) -> None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
     return
+  start = time.monotonic()
   try:
     client.wait_at_barrier(f"rest_jax:{next(_BARRIER_COUNTER)}:{name}", int(timeout_s * 1000))
   except jax.errors.JaxRuntimeError as e:
     raise RestJaxError(
-        f"process {jax.process_index()} waited {timeout_s:g} s at barrier {name!r} but not "
-        f"every one of the {jax.process_count()} processes arrived ({str(e).splitlines()[0]}). "
+        f"process {jax.process_index()} stopped at barrier {name!r} after "
+        f"{time.monotonic() - start:.0f} s (limit {timeout_s:g} s): not every one of the "
+        f"{jax.process_count()} processes arrived ({str(e).splitlines()[0]}). "
         "Another host probably crashed: read its log, then rerun the same command on every "
         "host to resume.") from None
 
