@@ -67,13 +67,13 @@ class ValueNet:
     self.shardings = layout.state_shardings(state)
     self.abstract_params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, self.shardings)
-    self._config = config
+    self._init = jax.jit(lambda: nnx.split(ValueModel(config, rngs=nnx.Rngs(seed)))[1],
+                         out_shardings=self.shardings)
 
   def init(self, policy_params: nnx.State | None = None) -> nnx.State:
     """Fresh params; with ``policy_params`` the trunk starts from the policy's weights (every
     parameter of the same path and shape; the head and bias stay fresh)."""
-    params = jax.jit(lambda: nnx.split(ValueModel(self._config, rngs=nnx.Rngs(self.seed)))[1],
-                     out_shardings=self.shardings)()
+    params = self._init()
     if policy_params is None:
       return params
     pure = nnx.to_pure_dict(params)

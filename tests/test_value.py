@@ -18,7 +18,7 @@ from rest_jax.extras import build_extras
 from rest_jax.models import build_model, get_preset
 from rest_jax.sharding import make_layout
 
-CONFIG = get_preset("tiny", num_encoder_layers=1, num_decoder_layers=1)
+CONFIG = get_preset("tiny_decoder", num_decoder_layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_params_carry_logical_axes_and_are_sharded(net):
     names = var.get_metadata()["out_sharding"]
     assert len(names) == var.get_value().ndim
   pure = nnx.to_pure_dict(params)
-  assert pure["trunk"]["decoder"]["logits_dense"]["kernel"].shape == (CONFIG.d_model, 1)
-  embedding = pure["trunk"]["token_embedder"]["embedding"]
+  assert pure["trunk"]["lm_head"]["kernel"].shape == (CONFIG.d_model, 1)
+  embedding = pure["trunk"]["embed"]["embedding"]
   assert embedding.sharding.spec == net.layout.spec(("vocab", "embed"), embedding.shape)
   assert embedding.sharding.spec != jax.sharding.PartitionSpec(None, None)  # Really split.
 
@@ -80,11 +80,10 @@ def test_init_from_policy_and_extras(net):
   graphdef, policy_params = nnx.split(policy)
   params = net.init(policy_params)
   pure, theirs = nnx.to_pure_dict(params), nnx.to_pure_dict(policy_params)
-  np.testing.assert_array_equal(pure["trunk"]["token_embedder"]["embedding"],
-                                theirs["token_embedder"]["embedding"])
-  np.testing.assert_array_equal(pure["trunk"]["decoder"]["layers_0"]["mlp"]["wo"]["kernel"],
-                                theirs["decoder"]["layers_0"]["mlp"]["wo"]["kernel"])
-  assert pure["trunk"]["decoder"]["logits_dense"]["kernel"].shape == (CONFIG.d_model, 1)
+  np.testing.assert_array_equal(pure["trunk"]["embed"]["embedding"], theirs["embed"]["embedding"])
+  np.testing.assert_array_equal(pure["trunk"]["layers_0"]["mlp"]["down_proj"]["kernel"],
+                                theirs["layers_0"]["mlp"]["down_proj"]["kernel"])
+  assert pure["trunk"]["lm_head"]["kernel"].shape == (CONFIG.d_model, 1)
 
   needs = frozenset({losses.NEEDS_VALUES, losses.NEEDS_BC_LOGPROBS})
   extras = build_extras(needs, layout=net.layout, policy_graphdef=graphdef,
