@@ -83,6 +83,80 @@ class GrowConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GoldConfig:
+  """GOLD (Pang and He, 2021): importance-weighted policy gradient with returns from the frozen BC
+  policy. ``reward``: "prob" (r_t = pi_BC(y_t | s_t), GOLD-p) or "logprob"
+  (r_t = log pi_BC(y_t | s_t) - log_reward_baseline, GOLD-s); each r_t is clipped below at
+  ``reward_min``; Q_t sums the next ``horizon`` rewards (from t on) discounted by ``discount``."""
+
+  horizon: int = 5
+  discount: float = 1.0
+  weight_floor: float = 0.1  # u in w_t = stopgrad(max(pi_theta(y_t | s_t), u)).
+  reward: str = "prob"
+  log_reward_baseline: float = -5.0
+  reward_min: float = 0.0
+
+  def __post_init__(self):
+    _require(self.horizon >= 1, f"GoldConfig.horizon must be >= 1, got {self.horizon}.")
+    _require(0.0 < self.discount <= 1.0, f"GoldConfig.discount must be in (0, 1], got "
+             f"{self.discount}.")
+    _require(0.0 <= self.weight_floor <= 1.0,
+             f"GoldConfig.weight_floor must be in [0, 1], got {self.weight_floor}.")
+    _require(self.reward in ("prob", "logprob"),
+             f"GoldConfig.reward {self.reward!r} is unknown; use 'prob' or 'logprob'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BvmpoConfig:
+  """Behaviour V-MPO: top-``top_fraction`` advantages, temperature eta (bound ``eps_eta``), KL trust
+  region to the phase's starting policy (multiplier alpha, bound ``eps_alpha``), both multipliers
+  learned with Adam at ``multiplier_lr``; plus lambda * KL(pi_behaviour || pi_theta) with lambda
+  annealed geometrically from ``kl_start`` to ``kl_end`` over the phase's steps."""
+
+  top_fraction: float = 0.5
+  eps_eta: float = 0.1
+  eps_alpha: float = 0.01
+  init_eta: float = 1.0
+  init_alpha: float = 1.0
+  multiplier_lr: float = 1e-2
+  kl_start: float = 1.0
+  kl_end: float = 1e-5
+
+  def __post_init__(self):
+    _require(0.0 < self.top_fraction <= 1.0,
+             f"BvmpoConfig.top_fraction must be in (0, 1], got {self.top_fraction}.")
+    for name in ("eps_eta", "eps_alpha", "init_eta", "init_alpha", "multiplier_lr", "kl_start",
+                 "kl_end"):
+      _require(getattr(self, name) > 0, f"BvmpoConfig.{name} must be > 0, got "
+               f"{getattr(self, name)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OacConfig:
+  """Offline actor-critic: -stopgrad(A_t) log pi(y_t | s_t), A_t = return_t - V(s_t)."""
+
+  normalize_advantages: bool = False  # Divide A by its standard deviation over the batch tokens.
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueConfig:
+  """The behaviour value network of BVMPO / OAC: the policy's architecture with a scalar head,
+  regressed on the Monte-Carlo returns discount**(T - t) * R of each Grow dataset D_g."""
+
+  discount: float = 1.0
+  learning_rate: float = 1e-3
+  num_steps: int = 200
+  batch_size: int = 64
+  init_from_policy: bool = True  # Start the trunk from the BC policy's weights.
+
+  def __post_init__(self):
+    _require(0.0 < self.discount <= 1.0, f"ValueConfig.discount must be in (0, 1], got "
+             f"{self.discount}.")
+    _require(self.learning_rate > 0 and self.num_steps >= 1 and self.batch_size >= 1,
+             "ValueConfig.learning_rate must be > 0, num_steps and batch_size >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One optimisation phase: BC on D, or one Improve step."""
 
@@ -96,6 +170,9 @@ class TrainConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   decay_to_zero: bool = True  # Linear decay from the peak to 0 over num_steps.
+  gold: GoldConfig = GoldConfig()  # Read by loss "gold" only.
+  bvmpo: BvmpoConfig = BvmpoConfig()  # Read by loss "bvmpo" only.
+  oac: OacConfig = OacConfig()  # Read by loss "oac" only.
 
   def __post_init__(self):
     _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
@@ -216,6 +293,7 @@ class RunConfig:
   bc: TrainConfig = TrainConfig()
   improve: ImproveConfig = ImproveConfig()
   eval: EvalConfig = EvalConfig()
+  value: ValueConfig = ValueConfig()  # Used only by losses that need values (bvmpo, oac).
   # Start from a checkpoint instead of a random init: "hf:/path", "t5x:/path" or "orbax:/path"
   # (see rest_jax.convert); ``model`` must describe the same architecture.
   init_checkpoint: str = ""

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from rest_jax.checkpoints import BEST_METRIC, PhaseCheckpoints
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.losses import LossFn
+from rest_jax.losses import Loss, LossFn, plain_loss
 from rest_jax.sharding import Layout
 
 Batch = Mapping[str, Any]
@@ -37,6 +37,10 @@ class TrainState:
   params: nnx.State  # nnx.State of nnx.Param: the model's weights.
   opt_state: optax.OptState
   step: jax.Array  # int32 scalar: optimizer steps taken in this phase.
+  # The loss's own learnable scalars (e.g. BVMPO's Lagrange multipliers) and their optimizer
+  # state; empty for losses without parameters.
+  loss_params: Any = flax.struct.field(default_factory=dict)
+  loss_opt_state: Any = flax.struct.field(default_factory=tuple)
 
 
 def make_schedule(cfg: TrainConfig, *, lr_scale: float = 1.0) -> optax.Schedule:
@@ -72,12 +76,20 @@ class Trainer:
   batch over ``("data", "fsdp")``, metrics replicated) and donation of the state.
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, layout: Layout, loss_fn: LossFn,
-               optimizer: optax.GradientTransformation):
+  def __init__(self, graphdef: nnx.GraphDef, layout: Layout, loss_fn: LossFn | Loss,
+               optimizer: optax.GradientTransformation, *,
+               extras: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None):
+    """``loss_fn``: a plain ``(logits, batch)`` loss or a ``Loss``; ``extras``: the jitted
+    pre-pass that adds what ``loss.needs`` to each (device) batch (``rest_jax.extras``)."""
     self.graphdef = graphdef
     self.layout = layout
+    self.loss = loss_fn if isinstance(loss_fn, Loss) else plain_loss(loss_fn)
     self.loss_fn = loss_fn
     self.optimizer = optimizer
+    self.extras = extras
+    if self.loss.needs and extras is None:
+      raise RestJaxError(f"this loss needs {sorted(self.loss.needs)} in every batch; build the "
+                         "Trainer with extras=rest_jax.extras.build_extras(...).")
     self.batch_sharding = layout.sharding(("batch",))
     self._abstract: TrainState | None = None
     self._init_fn: Callable | None = None
@@ -94,12 +106,13 @@ class Trainer:
       if others:
         raise RestJaxError(f"the model state holds {others} besides nnx.Param; split the model "
                            "so that the trained state is parameters only.")
-      shapes = jax.eval_shape(lambda p: TrainState(p, self.optimizer.init(p), jnp.int32(0)),
-                              params)
+      shapes = jax.eval_shape(lambda p: self._fresh_state(p), params)
+      replicate = lambda tree: jax.tree.map(lambda _: self.layout.replicated(), tree)
       shardings = TrainState(
           params=self.layout.state_shardings(shapes.params),
           opt_state=self._opt_state_shardings(shapes.opt_state),
-          step=self.layout.replicated())
+          step=self.layout.replicated(), loss_params=replicate(shapes.loss_params),
+          loss_opt_state=replicate(shapes.loss_opt_state))
       self._abstract = jax.tree.map(
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     elif jax.tree.structure(params) != jax.tree.structure(self._abstract.params):
@@ -128,12 +141,21 @@ class Trainer:
 
     return jax.tree.map(one, opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
+  def _fresh_state(self, params: nnx.State) -> TrainState:
+    """Step 0: optimizer and loss parameters initialised (``params`` used as they are)."""
+    loss_params, loss_opt_state = {}, ()
+    if self.loss.init_params is not None:
+      loss_params = self.loss.init_params()
+      loss_opt_state = self.loss.params_optimizer.init(loss_params)
+    return TrainState(params, self.optimizer.init(params), jnp.int32(0), loss_params,
+                      loss_opt_state)
+
   def init(self, params: nnx.State) -> TrainState:
     """A fresh TrainState (step 0) on the Layout; ``params`` is copied, never donated later."""
     shardings = self.state_shardings(params)
     if self._init_fn is None:
       self._init_fn = jax.jit(
-          lambda p: TrainState(jax.tree.map(jnp.copy, p), self.optimizer.init(p), jnp.int32(0)),
+          lambda p: self._fresh_state(jax.tree.map(jnp.copy, p)),
           in_shardings=(shardings.params,), out_shardings=shardings)
     return self._init_fn(jax.device_put(params, shardings.params))
 
@@ -162,16 +184,24 @@ class Trainer:
 
   def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
 
-    def loss_of(params):
+    batch = dict(batch, step=state.step)
+
+    def loss_of(params, loss_params):
       model = nnx.merge(self.graphdef, params)
       logits = model(batch["inputs"], batch["targets"])
-      return self.loss_fn(logits, batch)
+      return self.loss.fn(logits, batch, loss_params)
 
-    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    (_, metrics), (grads, loss_grads) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
+        state.params, state.loss_params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    loss_params, loss_opt_state = state.loss_params, state.loss_opt_state
+    if self.loss.params_optimizer is not None:
+      loss_updates, loss_opt_state = self.loss.params_optimizer.update(
+          loss_grads, loss_opt_state, loss_params)
+      loss_params = optax.apply_updates(loss_params, loss_updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return TrainState(params, opt_state, state.step + 1), metrics
+    return TrainState(params, opt_state, state.step + 1, loss_params, loss_opt_state), metrics
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. ``state`` is donated: do not use it afterwards.
@@ -183,7 +213,10 @@ class Trainer:
     Returns:
       the new state and the loss metrics (replicated scalars) plus "grad_norm".
     """
-    return self.jitted_step(state.params)(state, self.device_batch(batch))
+    batch = self.device_batch(batch)
+    if self.extras is not None:
+      batch = {**batch, **jax.device_put(self.extras(batch), self.batch_sharding)}
+    return self.jitted_step(state.params)(state, batch)
 
   def jitted_step(self, params: nnx.State) -> Callable:
     """The jitted, donating ``(state, device batch) -> (state, metrics)`` (built once); also

@@ -24,11 +24,12 @@ import jax
 from flax import nnx
 
 from rest_jax import data, distributed, growdata, hostdata, losses, meshes, mixture, rewards
-from rest_jax import schedules, tasks
+from rest_jax import schedules, tasks, value
 from rest_jax.checkpoints import PhaseCheckpoints
 from rest_jax.config import RunConfig, TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
+from rest_jax.extras import build_extras
 from rest_jax.grow import run_grow
 from rest_jax.improve import Trainer, make_optimizer, train_phase
 from rest_jax.models import build_model
@@ -172,13 +173,17 @@ def validate_names(config: RunConfig) -> None:
     rewards.get_reward(metric)
   losses.get_loss(config.bc.loss)
   losses.get_loss(config.improve.train.loss)
+  if losses.make_loss(config.bc).needs:
+    raise RestJaxError(f"loss {config.bc.loss!r} needs {sorted(losses.make_loss(config.bc).needs)}"
+                       ", which exist only in Improve steps; train BC with 'bc' (bc/TrainConfig."
+                       "loss) and select it for Improve (improve/TrainConfig.loss).")
 
 
 def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any, seed: int,
-           lr_scale: float) -> tuple[Any, dict]:
+           lr_scale: float, extras: Any = None) -> tuple[Any, dict]:
   """Runs (or resumes) one training phase and returns its best params and metrics."""
-  trainer = Trainer(run.graphdef, run.layout, losses.get_loss(cfg.loss),
-                    make_optimizer(cfg, lr_scale=lr_scale))
+  trainer = Trainer(run.graphdef, run.layout, losses.make_loss(cfg),
+                    make_optimizer(cfg, lr_scale=lr_scale), extras=extras)
   c = run.config
 
   def batches(start_step: int):
@@ -198,6 +203,42 @@ def _train(run: _Run, name: str, *, params: Any, cfg: TrainConfig, dataset: Any,
                        checkpoints=PhaseCheckpoints(os.path.join(run.workdir, "checkpoints", name)),
                        lr_scale=lr_scale, progress=run.progress, log_fn=log_fn)
   return result.best_params, result.best_metrics
+
+
+def _extras(run: _Run, grow_dir: str, g: int, *, start_params: Any, bc_params: Any) -> Any:
+  """The pre-pass of the Improve loss (None for BC-like losses); trains (or restores) the
+  behaviour value network of Grow step ``g`` when the loss needs values."""
+  c = run.config
+  needs = losses.make_loss(c.improve.train).needs
+  if not needs:
+    return None
+  kw = {}
+  if losses.NEEDS_BC_LOGPROBS in needs:
+    kw["bc_params"] = bc_params if bc_params is not None else _restore_best(run, "bc")
+  if losses.NEEDS_VALUES in needs:
+    net = value.ValueNet(c.model, run.layout, seed=c.seed)
+
+    def train():
+      policy = None
+      if c.value.init_from_policy:
+        policy = bc_params if bc_params is not None else _restore_best(run, "bc")
+      dataset = growdata.grow_task(grow_dir, output_features=run.task.output_features,
+                                   threshold=0.0, include_originals=c.grow.include_originals
+                                   ).get_dataset(None, split="train", shuffle=False)
+      batches = data.train_batches(dataset, batch_size=c.value.batch_size, seed=c.seed + g,
+                                   input_len=c.input_len, target_len=c.target_len)
+      logger.info("value g%d: %d steps of Monte-Carlo return regression", g, c.value.num_steps)
+      init = net.init(policy)
+      params, history = value.train_value(
+          net, init, cfg=c.value, batches=batches,
+          log_fn=lambda step, m: run.reporter.scalars(f"value_g{g:03d}", step, m))
+      logger.info("value g%d: loss %.4f -> %.4f", g, history[0], history[-1])
+      return params, history
+
+    kw.update(value_net=net, discount=c.value.discount, value_params=value.load_or_train_value(
+        net, directory=value.value_dir(run.workdir, g), train=train))
+  return build_extras(needs, layout=run.layout, policy_graphdef=run.graphdef,
+                      start_params=start_params, **kw)
 
 
 def _barrier(name: str) -> None:
@@ -348,9 +389,11 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
             mixture.improve_dataset(mix, output_features=run_.task.output_features))
         logger.info("Improve g%d i%d: threshold %s keeps %d examples", g, i, tau.describe(),
                     num_selected)
+        extras = _extras(run_, grow_dir, g, start_params=start_params, bc_params=bc_params)
         params, metrics = _train(run_, name, params=start_params, cfg=config.improve.train,
                                  dataset=dataset, seed=config.seed * 1000 + improve_count,
-                                 lr_scale=config.improve.lr_decay ** improve_count)
+                                 lr_scale=config.improve.lr_decay ** improve_count,
+                                 extras=extras)
         row = summary_row(phase="improve", grow_step=g, improve_step=i, threshold=tau.value,
                           train_examples=num_selected, eval_reward=metrics["eval_reward"],
                           eval_exact_match=metrics["eval_exact_match"],

@@ -98,8 +98,10 @@ def test_bfloat16_logits_are_computed_in_float32():
 def test_registry():
   assert losses.get_loss("bc") is losses.bc_loss
   assert losses.get_loss("reward_weighted_bc") is losses.reward_weighted_bc_loss
-  with pytest.raises(RestJaxError, match=r"unknown loss 'gold'.*\['bc', 'reward_weighted_bc'\]"):
-    losses.get_loss("gold")
+  with pytest.raises(RestJaxError,
+                     match=r"unknown loss 'ppo'.*\['bc', 'bvmpo', 'gold', 'oac', "
+                     r"'reward_weighted_bc'\]"):
+    losses.get_loss("ppo")
 
 
 def test_register_loss(monkeypatch):
