@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from rest_jax import memory
 from rest_jax.config import SamplingConfig
 from rest_jax.decoding import DecodeOutput, decode, greedy_logits, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
@@ -87,11 +88,16 @@ class Sampler:
     batch_size: optional fixed number of prompts per call: smaller batches are padded up to
       it, so the last, short batch of a dataset does not compile again.
     eos_id: the token that ends a sample.
+    memory_bytes: device memory (per device) ``generate`` may plan for; None reads the
+      devices' ``memory_stats()`` (no limit where they report none, e.g. on CPU). A batch
+      whose N samples' KV caches do not fit is split into calls that do (same samples);
+      when one prompt does not fit, ``generate`` raises a RestJaxError with the numbers.
   """
 
   def __init__(self, graphdef: Any, layout: Layout, *, num_samples: int, max_decode_len: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               batch_size: int | None = None, eos_id: int = EOS_ID):
+               batch_size: int | None = None, eos_id: int = EOS_ID,
+               memory_bytes: int | None = None):
     # Validates exactly as the config does (one place for the rules and messages).
     SamplingConfig(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                    max_decode_len=max_decode_len, batch_size=batch_size or 1)
@@ -104,6 +110,8 @@ class Sampler:
     self.top_p = float(top_p)
     self.batch_size = batch_size
     self.eos_id = eos_id
+    self.memory_bytes = memory_bytes
+    self._plans: dict[tuple, memory.MemoryPlan] = {}
     self._compiled: dict[tuple, Callable] = {}
     self._param_shardings: tuple[Any, Any] | None = None
 
@@ -127,6 +135,19 @@ class Sampler:
   def place_params(self, params_state: Any) -> Any:
     """Puts params on the sampling shardings (a no-op for arrays already placed there)."""
     return jax.device_put(params_state, self.param_shardings(params_state))
+
+  def memory_plan(self, params_state: Any, input_len: int, batch: int) -> memory.MemoryPlan:
+    """The memory plan of a ``generate`` call on ``batch`` (padded) prompts of ``input_len``."""
+    key = (input_len, batch)
+    if key not in self._plans:
+      available = self.memory_bytes
+      if available is None:
+        available = memory.device_memory_bytes(list(self.layout.mesh.devices.flat))
+      self._plans[key] = memory.plan_sampling(
+          self.graphdef, params_state, num_samples=self.num_samples, input_len=input_len,
+          max_decode_len=self.max_decode_len, requested_batch=batch,
+          available_bytes=available, num_batch_shards=self.layout.num_batch_shards)
+    return self._plans[key]
 
   def _padded_batch(self, batch: int) -> int:
     target = max(batch, self.batch_size or 0)
@@ -209,8 +230,22 @@ class Sampler:
     if example_ids.min() < 0 or example_ids.max() >= 2**32:
       raise RestJaxError("Sampler.generate: example ids must lie in [0, 2**32) (they seed the "
                          "samples); renumber the examples, e.g. by their index in the dataset.")
+    padded = self._padded_batch(inputs.shape[0])
+    per_call = self.memory_plan(params_state, inputs.shape[1], padded).batch_size
+    if per_call >= padded:
+      return self._generate(params_state, inputs, example_ids, padded, seed=seed,
+                            grow_step=grow_step)
+    parts = [self._generate(params_state, inputs[i:i + per_call], example_ids[i:i + per_call],
+                            per_call, seed=seed, grow_step=grow_step)
+             for i in range(0, inputs.shape[0], per_call)]
+    return SampleOutput(*(np.concatenate([getattr(p, f.name) for p in parts])
+                          for f in dataclasses.fields(SampleOutput) if f.name != "num_steps"),
+                        num_steps=max(p.num_steps for p in parts))
+
+  def _generate(self, params_state: Any, inputs: np.ndarray, example_ids: np.ndarray,
+                padded: int, *, seed: int, grow_step: int) -> SampleOutput:
+    """``generate`` of at most ``padded`` prompts in one jitted call."""
     batch, n = inputs.shape[0], self.num_samples
-    padded = self._padded_batch(batch)
     rows, length = padded * n, self.max_decode_len
 
     def fn(params, inputs, active, key_data):
