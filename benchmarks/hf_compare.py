@@ -6,6 +6,7 @@ any is missing. Both sides decode ``max_new_tokens`` tokens for every row (EOS s
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any
 
@@ -47,7 +48,8 @@ def compare(config: ModelConfig, *, batches: list[int], input_len: int, max_new_
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
   torch.set_grad_enabled(False)
-  with tempfile.TemporaryDirectory() as path:
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "model")
     save_hf(path, config, params)
     hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
   layout = make_layout(devices=jax.local_devices()[:1])

@@ -92,12 +92,15 @@ class Sampler:
       devices' ``memory_stats()`` (no limit where they report none, e.g. on CPU). A batch
       whose N samples' KV caches do not fit is split into calls that do (same samples);
       when one prompt does not fit, ``generate`` raises a RestJaxError with the numbers.
+    cache_segment: decode in segments whose KV cache holds ``cache_segment``, then twice,
+      four times ... as many tokens (up to ``max_decode_len``), so a step attends to at most
+      twice the tokens generated so far; None decodes on the full-length cache throughout.
   """
 
   def __init__(self, graphdef: Any, layout: Layout, *, num_samples: int, max_decode_len: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                batch_size: int | None = None, eos_id: int = EOS_ID,
-               memory_bytes: int | None = None):
+               memory_bytes: int | None = None, cache_segment: int | None = 32):
     # Validates exactly as the config does (one place for the rules and messages).
     SamplingConfig(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                    max_decode_len=max_decode_len, batch_size=batch_size or 1)
@@ -111,6 +114,9 @@ class Sampler:
     self.batch_size = batch_size
     self.eos_id = eos_id
     self.memory_bytes = memory_bytes
+    if cache_segment is not None and cache_segment < 2:
+      raise RestJaxError(f"Sampler: cache_segment must be >= 2 (or None), got {cache_segment}.")
+    self.cache_segment = cache_segment
     self._plans: dict[tuple, memory.MemoryPlan] = {}
     self._compiled: dict[tuple, Callable] = {}
     self._param_shardings: tuple[Any, Any] | None = None
@@ -181,10 +187,23 @@ class Sampler:
 
   # -- traced pieces ---------------------------------------------------------------------------
 
+  def cache_lengths(self) -> list[int]:
+    """The decode-cache length of each decode segment: doubling from ``cache_segment``."""
+    lengths = [self.max_decode_len]
+    if self.cache_segment:
+      lengths = [min(self.cache_segment, self.max_decode_len)]
+      while lengths[-1] < self.max_decode_len:
+        lengths.append(min(2 * lengths[-1], self.max_decode_len))
+    return lengths
+
   def _prefill(self, params: Any, inputs: jax.Array, repeats: int):
-    """Merges the model, prefills once per prompt, repeats logits and cache ``repeats`` times."""
+    """Merges the model, prefills once per prompt, repeats logits and cache ``repeats`` times.
+
+    The cache is built for the first decode segment; ``extend`` grows it (zero slots at the
+    end of every leaf whose length depends on ``max_decode_len``) for the next ones.
+    """
     model = nnx.merge(self.graphdef, params)
-    logits, cache = model.prefill(inputs, self.max_decode_len)
+    logits, cache = model.prefill(inputs, self.cache_lengths()[0])
     if repeats > 1:
       logits = jnp.repeat(logits, repeats, axis=0)
       cache = jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), cache)
@@ -197,13 +216,21 @@ class Sampler:
       logits, cache = model.decode_step(tokens, cache, index)
       return logits, constrain(cache)
 
-    return step_fn, logits, constrain(cache)
+    one, two = (jax.eval_shape(lambda m=m: model.prefill(inputs, m)[1]) for m in (1, 2))
+    grows = jax.tree.map(lambda a, b: a.shape != b.shape, one, two)
+
+    def extend(cache, old, new):
+      pad = lambda x: jnp.pad(x, [(0, 0), (0, new - old)] + [(0, 0)] * (x.ndim - 2))
+      return constrain(jax.tree.map(lambda g, x: pad(x) if g else x, grows, cache))
+
+    return step_fn, logits, constrain(cache), extend
 
   def _decode(self, params, inputs, active, keys, *, repeats: int, greedy: bool):
-    step_fn, logits, cache = self._prefill(params, inputs, repeats)
+    step_fn, logits, cache, extend = self._prefill(params, inputs, repeats)
     return decode(step_fn, logits, cache, keys, max_decode_len=self.max_decode_len,
                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                  greedy=greedy, eos_id=self.eos_id, active=jnp.repeat(active, repeats))
+                  greedy=greedy, eos_id=self.eos_id, active=jnp.repeat(active, repeats),
+                  cache_lengths=self.cache_lengths(), extend_cache=extend)
 
   # -- public API ------------------------------------------------------------------------------
 
