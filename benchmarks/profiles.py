@@ -43,6 +43,7 @@ class Profile:
   hf_input_len: int
   hf_new_tokens: int
   time_budget_s: float
+  cache_segment: int = 32  # The Sampler's first KV-cache segment (it doubles from there).
 
 
 QUICK = Profile(
@@ -51,10 +52,10 @@ QUICK = Profile(
     scaling_preset="tiny", scaling_prompts=2, scaling_num_samples=(1, 2, 4),
     scaling_lengths=(4, 8, 12), scaling_length=8, scaling_input_len=8,
     scaling_train_batches=(2, 4, 6), hf_preset="tiny_decoder", hf_batches=(2,), hf_input_len=8,
-    hf_new_tokens=8, time_budget_s=1e9)
+    hf_new_tokens=8, time_budget_s=1e9, cache_segment=4)
 
 CPU = Profile(
-    matmul_n=2048, bandwidth_bytes=256 << 20, repeats=2,
+    matmul_n=2048, bandwidth_bytes=256 << 20, repeats=1,
     grow=(GrowCase("wmt_base", 8, 1, 32, 32), GrowCase("wmt_base", 256, 1, 32, 32),
           GrowCase("wmt_base", 32, 8, 32, 32), GrowCase("decoder_base", 8, 1, 32, 32),
           GrowCase("decoder_base", 32, 8, 32, 32)),
@@ -75,6 +76,6 @@ GPU = Profile(
     scaling_preset="wmt_base", scaling_prompts=16, scaling_num_samples=(1, 4, 16, 64),
     scaling_lengths=(32, 64, 128, 256), scaling_length=64, scaling_input_len=64,
     scaling_train_batches=(32, 64, 128, 256), hf_preset="decoder_base", hf_batches=(8, 256),
-    hf_input_len=64, hf_new_tokens=128, time_budget_s=300)
+    hf_input_len=64, hf_new_tokens=128, time_budget_s=300, cache_segment=64)
 
 PROFILES = {"quick": QUICK, "cpu": CPU, "gpu": GPU}

@@ -71,7 +71,8 @@ def table(results: dict[str, Any]) -> str:
         r["tokens_per_s"], r["mfu"]] for r in results["improve"]]))
   s = results["scaling"]
   parts += ["", f"Scaling ({s['preset']}): seconds per call / step"]
-  for key in ("grow_vs_num_samples", "grow_vs_length", "improve_vs_tokens"):
+  for key in ("grow_vs_num_samples", "grow_vs_length", "grow_vs_length_full_cache",
+              "improve_vs_tokens"):
     entry = s.get(key, {})
     fit = entry.get("fit") or {}
     points = ", ".join(f"{p['x']}: {p['seconds']:.3g}" for p in entry.get("points", []))

@@ -52,8 +52,12 @@ class Budget:
       return None
 
 
-def run(profile: profiles.Profile, *, presets: list[str] | None = None) -> dict[str, Any]:
-  """Runs every measurement of ``profile``; returns the results dict (see README)."""
+SECTIONS = ("grow", "improve", "hf", "scaling")
+
+
+def run(profile: profiles.Profile, *, presets: list[str] | None = None,
+        sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+  """Runs the measurements of ``profile`` in ``sections``; returns the results dict (README)."""
   started = time.perf_counter()
   backend = jax.default_backend()
   dtype, sample_pdtype, train_pdtype = _dtypes(backend)
@@ -74,7 +78,9 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None) -> dict[
 
   def grow(case: profiles.GrowCase, **overrides) -> dict | None:
     fields = dict(prompts=case.prompts, num_samples=case.num_samples,
-                  input_len=case.input_len, max_decode_len=case.max_decode_len, **overrides)
+                  input_len=case.input_len, max_decode_len=case.max_decode_len,
+                  cache_segment=profile.cache_segment)
+    fields.update(overrides)
     return budget.run(f"grow {case.preset} {fields}", lambda: dict(
         preset=case.preset, **workloads.grow(grow_config(case.preset), repeats=profile.repeats,
                                              peak_flops=peak, bandwidth=bw, **fields)))
@@ -87,38 +93,14 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None) -> dict[
                                                 repeats=profile.repeats, peak_flops=peak,
                                                 **fields)))
 
-  results["grow"] = [r for r in (grow(c) for c in profile.grow if keep(c.preset)) if r]
-  results["improve"] = [r for r in (improve(c) for c in profile.improve if keep(c.preset)) if r]
-
-  scaling: dict[str, Any] = {"preset": profile.scaling_preset}
-  base = profiles.GrowCase(profile.scaling_preset, profile.scaling_prompts, 1,
-                           profile.scaling_input_len, profile.scaling_length)
-  for key, xs, field in (("grow_vs_num_samples", profile.scaling_num_samples, "num_samples"),
-                         ("grow_vs_length", profile.scaling_lengths, "max_decode_len")):
-    fixed = {} if field == "num_samples" else {"num_samples": 4}
-    points = []
-    for x in xs:
-      case = profiles.GrowCase(**{**base.__dict__, **fixed, field: x})
-      row = grow(case)
-      if row:
-        points.append({"x": x, "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"]})
-    scaling[key] = {"x": field, "points": points}
-    if len(points) >= 3:
-      scaling[key]["fit"] = ceilings.linearity([p["x"] for p in points],
-                                               [p["seconds"] for p in points])
-  points = []
-  for b in profile.scaling_train_batches:
-    row = improve(profiles.ImproveCase(profile.scaling_preset, b, profile.scaling_input_len,
-                                       profile.scaling_length))
-    if row:
-      points.append({"x": row["tokens"], "seconds": row["seconds"], "mfu": row["mfu"]})
-  scaling["improve_vs_tokens"] = {"x": "tokens", "points": points}
-  if len(points) >= 3:
-    scaling["improve_vs_tokens"]["fit"] = ceilings.linearity(
-        [p["x"] for p in points], [p["seconds"] for p in points])
-  results["scaling"] = scaling
+  results["grow"] = [r for r in (grow(c) for c in profile.grow
+                                 if keep(c.preset) and "grow" in sections) if r]
+  results["improve"] = [r for r in (improve(c) for c in profile.improve
+                                    if keep(c.preset) and "improve" in sections) if r]
 
   reason = hf_compare.unavailable()
+  if "hf" not in sections:
+    reason = "section not selected"
   if reason is None and keep(profile.hf_preset):
     rows = budget.run(f"transformers comparison {profile.hf_preset}", lambda: hf_compare.compare(
         grow_config(profile.hf_preset), batches=list(profile.hf_batches),
@@ -130,6 +112,38 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None) -> dict[
     reason = reason or f"preset {profile.hf_preset} not selected"
     print(f"[bench] skip transformers comparison: {reason}", flush=True)
     results["hf_compare"] = {"skipped": reason}
+
+  scaling: dict[str, Any] = {"preset": profile.scaling_preset}
+  base = profiles.GrowCase(profile.scaling_preset, profile.scaling_prompts, 1,
+                           profile.scaling_input_len, profile.scaling_length)
+  for key, xs, field, segment in () if "scaling" not in sections else (
+      ("grow_vs_num_samples", profile.scaling_num_samples, "num_samples",
+       profile.cache_segment),
+      ("grow_vs_length", profile.scaling_lengths, "max_decode_len", profile.cache_segment),
+      # Before the segmented KV cache (every step attends to all max_decode_len slots).
+      ("grow_vs_length_full_cache", profile.scaling_lengths, "max_decode_len", None)):
+    fixed = {} if field == "num_samples" else {"num_samples": 4}
+    points = []
+    for x in xs:
+      case = profiles.GrowCase(**{**base.__dict__, **fixed, field: x})
+      row = grow(case, cache_segment=segment)
+      if row:
+        points.append({"x": x, "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"]})
+    scaling[key] = {"x": field, "points": points}
+    if len(points) >= 3:
+      scaling[key]["fit"] = ceilings.linearity([p["x"] for p in points],
+                                               [p["seconds"] for p in points])
+  points = []
+  for b in profile.scaling_train_batches if "scaling" in sections else ():
+    row = improve(profiles.ImproveCase(profile.scaling_preset, b, profile.scaling_input_len,
+                                       profile.scaling_length))
+    if row:
+      points.append({"x": row["tokens"], "seconds": row["seconds"], "mfu": row["mfu"]})
+  scaling["improve_vs_tokens"] = {"x": "tokens", "points": points}
+  if len(points) >= 3:
+    scaling["improve_vs_tokens"]["fit"] = ceilings.linearity(
+        [p["x"] for p in points], [p["seconds"] for p in points])
+  results["scaling"] = scaling
   results["memory"] = ceilings.peak_memory()
   results["skipped"] = budget.skipped
   results["targets"] = report.targets(results)
@@ -147,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                      help="accelerator sizes (wmt_base, decoder_base, decoder_1b; ~5 min)")
   parser.add_argument("--presets", nargs="+", default=None,
                       help="only the cases of these model presets")
+  parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                      help="which measurements to run (the ceilings always run)")
   parser.add_argument("--time_budget", type=float, default=None,
                       help="seconds after which remaining cases are skipped")
   args = parser.parse_args(argv)
   profile = profiles.PROFILES["quick" if args.quick else "gpu" if args.gpu else "cpu"]
   if args.time_budget is not None:
     profile = profiles.dataclasses.replace(profile, time_budget_s=args.time_budget)
-  results = run(profile, presets=args.presets)
+  results = run(profile, presets=args.presets, sections=tuple(args.sections))
   results["profile"] = "quick" if args.quick else "gpu" if args.gpu else "cpu"
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)

@@ -40,16 +40,19 @@ def random_tokens(rows: int, length: int, vocab: int, *, seed: int) -> np.ndarra
 
 
 def grow(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
-         max_decode_len: int, repeats: int, peak_flops: float,
-         bandwidth: float) -> dict[str, Any]:
+         max_decode_len: int, repeats: int, peak_flops: float, bandwidth: float,
+         cache_segment: int | None = 32) -> dict[str, Any]:
   """Times ``Sampler.generate`` (N samples of ``max_decode_len`` tokens for ``prompts`` prompts).
+
+  ``cache_segment`` is the Sampler's (None: the full-length KV cache at every step).
 
   Returns times, generated tokens/s, prompts/s and the fraction of the roofline reached.
   """
   graphdef, params, num_params = _model(config)
   layout = make_layout(devices=jax.local_devices()[:1])
   sampler = Sampler(graphdef, layout, num_samples=num_samples, max_decode_len=max_decode_len,
-                    temperature=1.0, batch_size=prompts, eos_id=NEVER_EOS)
+                    temperature=1.0, batch_size=prompts, eos_id=NEVER_EOS,
+                    cache_segment=cache_segment)
   params = sampler.place_params(params)
   inputs = random_tokens(prompts, input_len, config.vocab_size, seed=1)
   ids = np.arange(prompts, dtype=np.int64)
@@ -65,6 +68,7 @@ def grow(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
   roof = costs.grow_roofline(config, prompts=prompts, rows=rows, input_len=input_len,
                              steps=steps, peak_flops=peak_flops, bandwidth=bandwidth)
   return {"params": num_params, "prompts": prompts, "num_samples": num_samples, "rows": rows,
+          "cache_segment": cache_segment,
           "input_len": input_len, "max_decode_len": max_decode_len, "decode_steps": steps,
           "generated_tokens": tokens, "compile_and_first_s": t["first_s"],
           "seconds": t["min_s"], "median_s": t["median_s"],

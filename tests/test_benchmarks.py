@@ -57,7 +57,8 @@ def test_quick_run_writes_json(tmp_path):
   assert 0 < grow["roofline_fraction"] and grow["tokens_per_s"] > 0
   train, = results["improve"]
   assert train["tokens"] == 4 * 16 and 0 < train["mfu"]
-  for key in ("grow_vs_num_samples", "grow_vs_length", "improve_vs_tokens"):
+  for key in ("grow_vs_num_samples", "grow_vs_length", "grow_vs_length_full_cache",
+              "improve_vs_tokens"):
     assert len(results["scaling"][key]["points"]) == 3
     assert results["scaling"][key]["fit"]["max_deviation_ratio"] >= 1.0
   assert results["memory"]["host_peak_rss_bytes"] > 0
