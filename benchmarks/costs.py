@@ -72,8 +72,9 @@ def grow_roofline(config: ModelConfig, *, prompts: int, rows: int, input_len: in
 
   Per decode step t (cache length t + 1, plus the prompt for decoder-only): the step's
   weights and the filled KV cache are read once; FLOPs = 2 x step params x rows + attention.
-  Step time = max(bytes / bandwidth, flops / peak). Prefill: every weight read once, 2 x
-  params x prompt tokens (the prompts are encoded once, not once per sample).
+  Step time = max(bytes / bandwidth, flops / peak). Prefill: every weight read once; 2 x
+  encoder (T5) or layer (decoder-only) params x prompt tokens, + the decoder (T5) or the
+  output projection once per prompt (the prompts are encoded once, not once per sample).
   """
   act_bytes = jnp.dtype(config.dtype).itemsize
   param_bytes = jnp.dtype(config.param_dtype).itemsize
@@ -81,8 +82,12 @@ def grow_roofline(config: ModelConfig, *, prompts: int, rows: int, input_len: in
   layers = config.num_decoder_layers
   kv_width = 2 * config.num_kv_heads * config.head_dim  # K and V per token per layer.
   hd = config.num_heads * config.head_dim
-  prefill_params = p["encoder"] + p["decoder"] if config.kind == "encdec" else p["decoder"]
-  prefill_flops = 2.0 * prefill_params * prompts * input_len
+  if config.kind == "encdec":  # The encoder on the prompt, the decoder on the start token.
+    prefill_params = p["encoder"] + p["decoder"]
+    prefill_flops = 2.0 * (p["encoder"] * prompts * input_len + p["decoder"] * prompts)
+  else:  # Every layer on the prompt, the output projection on its last position.
+    prefill_params = p["decoder"]
+    prefill_flops = 2.0 * (p["layers"] * prompts * input_len + p["head"] * prompts)
   total = max(prefill_params * param_bytes / bandwidth, prefill_flops / peak_flops)
   flops_total = prefill_flops
   for t in range(steps):

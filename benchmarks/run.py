@@ -34,9 +34,11 @@ def _dtypes(backend: str) -> tuple[str, str, str]:
 class Budget:
   """Skips work that would start after ``seconds``; records what it skipped and why."""
 
-  def __init__(self, seconds: float):
+  def __init__(self, seconds: float, *, on_done: Callable[[], None] = lambda: None):
     self.deadline = time.perf_counter() + seconds
     self.skipped: list[str] = []
+    self.on_done = on_done
+    self.partial: list[dict[str, Any]] = []  # Every case run so far, in order.
 
   def run(self, name: str, fn: Callable[[], Any]) -> Any:
     if time.perf_counter() > self.deadline:
@@ -45,23 +47,31 @@ class Budget:
       return None
     print(f"[bench] {name}", flush=True)
     try:
-      return fn()
+      result = fn()
     except Exception as e:  # pylint: disable=broad-except  (one failure must not lose the rest)
       traceback.print_exc()
       self.skipped.append(f"{name}: {type(e).__name__}: {e}")
-      return None
+      result = None
+    self.partial.append({"case": name, "result": result})
+    self.on_done()
+    return result
 
 
 SECTIONS = ("grow", "improve", "hf", "scaling")
 
 
 def run(profile: profiles.Profile, *, presets: list[str] | None = None,
-        sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
-  """Runs the measurements of ``profile`` in ``sections``; returns the results dict (README)."""
+        sections: tuple[str, ...] = SECTIONS,
+        save: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
+  """Runs the measurements of ``profile`` in ``sections``; returns the results dict (README).
+
+  ``save(results)`` is called after every case with the results so far (partial results
+  survive a run that is killed).
+  """
   started = time.perf_counter()
   backend = jax.default_backend()
   dtype, sample_pdtype, train_pdtype = _dtypes(backend)
-  budget = Budget(profile.time_budget_s)
+  budget = Budget(profile.time_budget_s, on_done=lambda: save(results))
   keep = lambda preset: presets is None or preset in presets
   results: dict[str, Any] = {
       "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -72,6 +82,7 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
   matmul = ceilings.matmul_peak(n=profile.matmul_n, dtype=dtype)
   bandwidth = ceilings.memory_bandwidth(num_bytes=profile.bandwidth_bytes)
   results["ceilings"] = {"matmul": matmul, "bandwidth": bandwidth}
+  results["cases_so_far"] = budget.partial  # Replaced by the sections below at the end.
   peak, bw = matmul["flops_per_s"], bandwidth["bytes_per_s"]
   grow_config = lambda p: workloads.model_config(p, dtype=dtype, param_dtype=sample_pdtype)
   train_config = lambda p: workloads.model_config(p, dtype=dtype, param_dtype=train_pdtype)
@@ -98,9 +109,7 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
   results["improve"] = [r for r in (improve(c) for c in profile.improve
                                     if keep(c.preset) and "improve" in sections) if r]
 
-  reason = hf_compare.unavailable()
-  if "hf" not in sections:
-    reason = "section not selected"
+  reason = "section not selected" if "hf" not in sections else hf_compare.unavailable()
   if reason is None and keep(profile.hf_preset):
     rows = budget.run(f"transformers comparison {profile.hf_preset}", lambda: hf_compare.compare(
         grow_config(profile.hf_preset), batches=list(profile.hf_batches),
@@ -144,6 +153,7 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
     scaling["improve_vs_tokens"]["fit"] = ceilings.linearity(
         [p["x"] for p in points], [p["seconds"] for p in points])
   results["scaling"] = scaling
+  del results["cases_so_far"]
   results["memory"] = ceilings.peak_memory()
   results["skipped"] = budget.skipped
   results["targets"] = report.targets(results)
@@ -163,16 +173,27 @@ def main(argv: list[str] | None = None) -> int:
                       help="only the cases of these model presets")
   parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                       help="which measurements to run (the ceilings always run)")
+  parser.add_argument("--improve_batch", type=int, default=None,
+                      help="override the batch size of the Improve cases (e.g. a slow machine)")
   parser.add_argument("--time_budget", type=float, default=None,
                       help="seconds after which remaining cases are skipped")
   args = parser.parse_args(argv)
   profile = profiles.PROFILES["quick" if args.quick else "gpu" if args.gpu else "cpu"]
   if args.time_budget is not None:
     profile = profiles.dataclasses.replace(profile, time_budget_s=args.time_budget)
-  results = run(profile, presets=args.presets, sections=tuple(args.sections))
-  results["profile"] = "quick" if args.quick else "gpu" if args.gpu else "cpu"
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
+  if args.improve_batch is not None:
+    profile = profiles.dataclasses.replace(profile, improve=tuple(
+        profiles.dataclasses.replace(c, batch=args.improve_batch) for c in profile.improve))
+  name = "quick" if args.quick else "gpu" if args.gpu else "cpu"
+
+  def save(results: dict[str, Any]) -> None:
+    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(dict(results, profile=name), f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+
+  results = run(profile, presets=args.presets, sections=tuple(args.sections), save=save)
+  results["profile"] = name
+  save(results)
   print(report.table(results))
   return 0
 
