@@ -57,7 +57,11 @@ def table(results: dict[str, Any]) -> str:
            f"started {results['started_utc']}, wall {results.get('wall_s', 0):.0f} s",
            f"ceilings: matmul {c['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s "
            f"({c['matmul']['dtype']}, n={c['matmul']['n']}), bandwidth "
-           f"{c['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s", "", "Grow (Sampler.generate)"]
+           f"{c['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s at the start; "
+           f"{c.get('matmul_at_end', {}).get('flops_per_s', 0) / 1e9:.1f} GFLOP/s, "
+           f"{c.get('bandwidth_at_end', {}).get('bytes_per_s', 0) / 1e9:.1f} GB/s at the end; "
+           f"ratios use the better: {c.get('peak_flops_used', 0) / 1e9:.1f} GFLOP/s, "
+           f"{c.get('bandwidth_used', 0) / 1e9:.1f} GB/s", "", "Grow (Sampler.generate)"]
   parts.append(_table(
       ["preset", "prompts", "N", "rows", "in", "out", "s", "tokens/s", "prompts/s",
        "roofline s", "of roofline"],

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import jax
 
-from benchmarks import ceilings, hf_compare, profiles, report, workloads
+from benchmarks import ceilings, costs, hf_compare, profiles, report, workloads
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -154,6 +154,21 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
         [p["x"] for p in points], [p["seconds"] for p in points])
   results["scaling"] = scaling
   del results["cases_so_far"]
+  # Other processes may share this machine: measure the ceilings again and judge everything
+  # against the better of the two readings (ratios never exceed what the machine can do).
+  again = ceilings.matmul_peak(n=profile.matmul_n, dtype=dtype)
+  again_bw = ceilings.memory_bandwidth(num_bytes=profile.bandwidth_bytes)
+  results["ceilings"]["matmul_at_end"], results["ceilings"]["bandwidth_at_end"] = again, again_bw
+  peak, bw = max(peak, again["flops_per_s"]), max(bw, again_bw["bytes_per_s"])
+  results["ceilings"]["peak_flops_used"], results["ceilings"]["bandwidth_used"] = peak, bw
+  for row in results["improve"]:
+    row["mfu"] = row["model_flops"] / row["seconds"] / peak
+  for row in results["grow"]:
+    roof = costs.grow_roofline(
+        grow_config(row["preset"]), prompts=row["prompts"], rows=row["rows"],
+        input_len=row["input_len"], steps=row["decode_steps"], peak_flops=peak, bandwidth=bw)
+    row["roofline_s"] = roof["roofline_s"]
+    row["roofline_fraction"] = roof["roofline_s"] / row["seconds"]
   results["memory"] = ceilings.peak_memory()
   results["skipped"] = budget.skipped
   results["targets"] = report.targets(results)
