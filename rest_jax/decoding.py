@@ -9,7 +9,7 @@ batch size or the mesh. ``rest_jax.sampling.Sampler`` jits these with the Layout
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +131,9 @@ def row_keys(seed: int, grow_step: int, example_ids: Any, sample_idx: Any) -> ja
 def decode(step_fn: StepFn, first_logits: jax.Array, cache: Any, row_keys: jax.Array | None,
            *, max_decode_len: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, greedy: bool = False, eos_id: int = EOS_ID,
-           active: jax.Array | None = None) -> DecodeOutput:
-  """Decodes every row until it emits EOS or reaches max_decode_len (one while_loop).
+           active: jax.Array | None = None, cache_lengths: Sequence[int] = (),
+           extend_cache: Callable[[Any, int, int], Any] | None = None) -> DecodeOutput:
+  """Decodes every row until it emits EOS or reaches max_decode_len (while_loops).
 
   The loop stops as soon as every row is finished. At position t, row b samples with the key
   ``fold_in(row_keys[b], t)``; greedy takes the argmax and records the model's log_softmax
@@ -150,6 +151,13 @@ def decode(step_fn: StepFn, first_logits: jax.Array, cache: Any, row_keys: jax.A
     eos_id: the token that ends a row.
     active: optional bool `[batch]`; inactive rows (batch padding) are finished from the
       start: all-zero tokens, length 0, and they never keep the loop running.
+    cache_lengths: increasing ``max_decode_len`` values the cache is built for, segment by
+      segment (empty: one segment). ``cache`` must come from ``prefill(inputs,
+      cache_lengths[0])``; positions ``t < cache_lengths[j]`` run on the cache of segment j,
+      so attention reads at most twice the filled part of the cache (for doubling lengths)
+      instead of all ``max_decode_len`` slots at every step: cost linear in the length.
+    extend_cache: ``(cache, old_length, new_length) -> cache`` grows a cache built for
+      ``old_length`` decoded tokens to ``new_length`` (needed with ``cache_lengths``).
   Returns:
     DecodeOutput: tokens int32 `[batch, L]`, logprobs float32 `[batch, L]`, lengths int32
     `[batch]`, num_steps int32 scalar.
@@ -180,16 +188,20 @@ def decode(step_fn: StepFn, first_logits: jax.Array, cache: Any, row_keys: jax.A
            jnp.zeros((batch,), jnp.int32), done)
   last, state = emit(state, first_logits, jnp.int32(0))
 
-  def cond(carry):
-    t, _, _, state = carry
-    return (t < length) & ~jnp.all(state[3])
-
   def body(carry):
     t, last, cache, state = carry
     logits, cache = step_fn(last, cache, t - 1)
     last, state = emit(state, logits, t)
     return t + 1, last, cache, state
 
-  t, _, _, (tokens, logprobs, lengths, _) = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), last, cache, state))
+  # A cache built for M decoded tokens serves decode positions t < M (both model families).
+  ends = [m for m in sorted(set(cache_lengths)) if 1 < m < length] + [length]
+  carry = (jnp.int32(1), last, cache, state)
+  for j, end in enumerate(ends):
+    if j:
+      t, last, cache, state = carry
+      carry = (t, last, extend_cache(cache, ends[j - 1], end), state)
+    carry = jax.lax.while_loop(
+        lambda c, end=end: (c[0] < end) & ~jnp.all(c[3][3]), body, carry)
+  t, _, _, (tokens, logprobs, lengths, _) = carry
   return DecodeOutput(tokens, logprobs, lengths, t - 1)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from rest_jax import memory
 from rest_jax.config import SamplingConfig
 from rest_jax.decoding import DecodeOutput, decode, greedy_logits, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
@@ -87,11 +88,19 @@ class Sampler:
     batch_size: optional fixed number of prompts per call: smaller batches are padded up to
       it, so the last, short batch of a dataset does not compile again.
     eos_id: the token that ends a sample.
+    memory_bytes: device memory (per device) ``generate`` may plan for; None reads the
+      devices' ``memory_stats()`` (no limit where they report none, e.g. on CPU). A batch
+      whose N samples' KV caches do not fit is split into calls that do (same samples);
+      when one prompt does not fit, ``generate`` raises a RestJaxError with the numbers.
+    cache_segment: decode in segments whose KV cache holds ``cache_segment``, then twice,
+      four times ... as many tokens (up to ``max_decode_len``), so a step attends to at most
+      twice the tokens generated so far; None decodes on the full-length cache throughout.
   """
 
   def __init__(self, graphdef: Any, layout: Layout, *, num_samples: int, max_decode_len: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               batch_size: int | None = None, eos_id: int = EOS_ID):
+               batch_size: int | None = None, eos_id: int = EOS_ID,
+               memory_bytes: int | None = None, cache_segment: int | None = 32):
     # Validates exactly as the config does (one place for the rules and messages).
     SamplingConfig(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                    max_decode_len=max_decode_len, batch_size=batch_size or 1)
@@ -104,6 +113,11 @@ class Sampler:
     self.top_p = float(top_p)
     self.batch_size = batch_size
     self.eos_id = eos_id
+    self.memory_bytes = memory_bytes
+    if cache_segment is not None and cache_segment < 2:
+      raise RestJaxError(f"Sampler: cache_segment must be >= 2 (or None), got {cache_segment}.")
+    self.cache_segment = cache_segment
+    self._plans: dict[tuple, memory.MemoryPlan] = {}
     self._compiled: dict[tuple, Callable] = {}
     self._param_shardings: tuple[Any, Any] | None = None
 
@@ -127,6 +141,19 @@ class Sampler:
   def place_params(self, params_state: Any) -> Any:
     """Puts params on the sampling shardings (a no-op for arrays already placed there)."""
     return jax.device_put(params_state, self.param_shardings(params_state))
+
+  def memory_plan(self, params_state: Any, input_len: int, batch: int) -> memory.MemoryPlan:
+    """The memory plan of a ``generate`` call on ``batch`` (padded) prompts of ``input_len``."""
+    key = (input_len, batch)
+    if key not in self._plans:
+      available = self.memory_bytes
+      if available is None:
+        available = memory.device_memory_bytes(list(self.layout.mesh.devices.flat))
+      self._plans[key] = memory.plan_sampling(
+          self.graphdef, params_state, num_samples=self.num_samples, input_len=input_len,
+          max_decode_len=self.max_decode_len, requested_batch=batch,
+          available_bytes=available, num_batch_shards=self.layout.num_batch_shards)
+    return self._plans[key]
 
   def _padded_batch(self, batch: int) -> int:
     target = max(batch, self.batch_size or 0)
@@ -160,10 +187,23 @@ class Sampler:
 
   # -- traced pieces ---------------------------------------------------------------------------
 
+  def cache_lengths(self) -> list[int]:
+    """The decode-cache length of each decode segment: doubling from ``cache_segment``."""
+    lengths = [self.max_decode_len]
+    if self.cache_segment:
+      lengths = [min(self.cache_segment, self.max_decode_len)]
+      while lengths[-1] < self.max_decode_len:
+        lengths.append(min(2 * lengths[-1], self.max_decode_len))
+    return lengths
+
   def _prefill(self, params: Any, inputs: jax.Array, repeats: int):
-    """Merges the model, prefills once per prompt, repeats logits and cache ``repeats`` times."""
+    """Merges the model, prefills once per prompt, repeats logits and cache ``repeats`` times.
+
+    The cache is built for the first decode segment; ``extend`` grows it (zero slots at the
+    end of every leaf whose length depends on ``max_decode_len``) for the next ones.
+    """
     model = nnx.merge(self.graphdef, params)
-    logits, cache = model.prefill(inputs, self.max_decode_len)
+    logits, cache = model.prefill(inputs, self.cache_lengths()[0])
     if repeats > 1:
       logits = jnp.repeat(logits, repeats, axis=0)
       cache = jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), cache)
@@ -176,13 +216,21 @@ class Sampler:
       logits, cache = model.decode_step(tokens, cache, index)
       return logits, constrain(cache)
 
-    return step_fn, logits, constrain(cache)
+    one, two = (jax.eval_shape(lambda m=m: model.prefill(inputs, m)[1]) for m in (1, 2))
+    grows = jax.tree.map(lambda a, b: a.shape != b.shape, one, two)
+
+    def extend(cache, old, new):
+      pad = lambda x: jnp.pad(x, [(0, 0), (0, new - old)] + [(0, 0)] * (x.ndim - 2))
+      return constrain(jax.tree.map(lambda g, x: pad(x) if g else x, grows, cache))
+
+    return step_fn, logits, constrain(cache), extend
 
   def _decode(self, params, inputs, active, keys, *, repeats: int, greedy: bool):
-    step_fn, logits, cache = self._prefill(params, inputs, repeats)
+    step_fn, logits, cache, extend = self._prefill(params, inputs, repeats)
     return decode(step_fn, logits, cache, keys, max_decode_len=self.max_decode_len,
                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                  greedy=greedy, eos_id=self.eos_id, active=jnp.repeat(active, repeats))
+                  greedy=greedy, eos_id=self.eos_id, active=jnp.repeat(active, repeats),
+                  cache_lengths=self.cache_lengths(), extend_cache=extend)
 
   def _generate_jit(self, params_state: Any, padded: int, input_len: int) -> Callable:
     """The jitted N-samples decode for ``padded`` prompts of ``input_len`` tokens."""
@@ -246,8 +294,22 @@ class Sampler:
     if example_ids.min() < 0 or example_ids.max() >= 2**32:
       raise RestJaxError("Sampler.generate: example ids must lie in [0, 2**32) (they seed the "
                          "samples); renumber the examples, e.g. by their index in the dataset.")
+    padded = self._padded_batch(inputs.shape[0])
+    per_call = self.memory_plan(params_state, inputs.shape[1], padded).batch_size
+    if per_call >= padded:
+      return self._generate(params_state, inputs, example_ids, padded, seed=seed,
+                            grow_step=grow_step)
+    parts = [self._generate(params_state, inputs[i:i + per_call], example_ids[i:i + per_call],
+                            per_call, seed=seed, grow_step=grow_step)
+             for i in range(0, inputs.shape[0], per_call)]
+    return SampleOutput(*(np.concatenate([getattr(p, f.name) for p in parts])
+                          for f in dataclasses.fields(SampleOutput) if f.name != "num_steps"),
+                        num_steps=max(p.num_steps for p in parts))
+
+  def _generate(self, params_state: Any, inputs: np.ndarray, example_ids: np.ndarray,
+                padded: int, *, seed: int, grow_step: int) -> SampleOutput:
+    """``generate`` of at most ``padded`` prompts in one jitted call."""
     batch, n = inputs.shape[0], self.num_samples
-    padded = self._padded_batch(batch)
     compiled = self._generate_jit(params_state, padded, inputs.shape[1])
     keys = row_keys(seed, grow_step, np.repeat(self._pad(example_ids, padded), n),
                     np.tile(np.arange(n), padded))

@@ -1,0 +1,88 @@
+"""Our greedy decoder-only sampler against ``transformers``' ``generate`` on the same weights.
+
+Needs torch, transformers and ``rest_jax.convert.hf.save_hf``; skipped (with the reason) when
+any is missing. Both sides decode ``max_new_tokens`` tokens for every row (EOS suppressed).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks.ceilings import timed
+from benchmarks.workloads import NEVER_EOS, _model, random_tokens
+from rest_jax.models.base import ModelConfig
+from rest_jax.sampling import Sampler
+from rest_jax.sharding import make_layout
+
+
+def unavailable() -> str | None:
+  """Why the comparison cannot run here, or None."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    import transformers  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    return f"torch/transformers not installed ({e})"
+  try:
+    from rest_jax.convert.hf import save_hf  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    return f"rest_jax.convert.hf.save_hf not available ({e})"
+  return None
+
+
+def compare(config: ModelConfig, *, batches: list[int], input_len: int, max_new_tokens: int,
+            repeats: int) -> list[dict[str, Any]]:
+  """Greedy tokens/s of ours and of ``LlamaForCausalLM.generate`` at each batch size."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+
+  from rest_jax.convert.hf import save_hf  # pylint: disable=import-outside-toplevel
+
+  if config.kind != "decoder":
+    raise ValueError("the transformers comparison uses the decoder-only (Llama) family")
+  graphdef, params, _ = _model(config)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+  torch.set_grad_enabled(False)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "model")
+    save_hf(path, config, params)
+    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
+  layout = make_layout(devices=jax.local_devices()[:1])
+  rows = []
+  for batch in batches:
+    inputs = random_tokens(batch, input_len, config.vocab_size, seed=4)
+    sampler = Sampler(graphdef, layout, num_samples=1, max_decode_len=max_new_tokens,
+                      batch_size=batch, eos_id=NEVER_EOS)
+    placed = sampler.place_params(params)
+    ours = {}
+
+    def run_ours():
+      ours["tokens"], _ = sampler.greedy(placed, inputs)
+
+    t_ours = timed(run_ours, repeats=repeats)
+    ids = torch.as_tensor(inputs, dtype=torch.long, device=device)
+    theirs = {}
+
+    def run_hf():
+      theirs["tokens"] = hf.generate(
+          ids, attention_mask=torch.ones_like(ids), do_sample=False,
+          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0)
+      if device == "cuda":
+        torch.cuda.synchronize()
+
+    t_hf = timed(run_hf, repeats=repeats)
+    hf_tokens = theirs["tokens"][:, input_len:].cpu().numpy()
+    tokens = batch * max_new_tokens
+    rows.append({
+        "batch": batch, "input_len": input_len, "max_new_tokens": max_new_tokens,
+        "ours_s": t_ours["min_s"], "hf_s": t_hf["min_s"],
+        "ours_tokens_per_s": tokens / t_ours["min_s"], "hf_tokens_per_s": tokens / t_hf["min_s"],
+        "speedup": t_hf["min_s"] / t_ours["min_s"],
+        "first_token_agreement": float(np.mean(hf_tokens[:, 0] == ours["tokens"][:, 0])),
+        "token_agreement": float(np.mean(hf_tokens == ours["tokens"]))})
+  return rows

@@ -1,0 +1,84 @@
+"""The sampler's memory plan: exact cache sizes, the batch it picks, and the early failure."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from rest_jax import memory
+from rest_jax.errors import RestJaxError
+from rest_jax.models import build_model, get_preset
+from rest_jax.sampling import Sampler
+from rest_jax.sharding import make_layout
+
+
+def _split(preset: str):
+  return nnx.split(build_model(get_preset(preset), rngs=nnx.Rngs(0)))
+
+
+def test_cache_bytes_per_row_encdec():
+  graphdef, params = _split("tiny")
+  # Per decoder layer: self_k, self_v [8 slots, 2 heads, 16] and cross_k, cross_v [8 inputs,
+  # 2, 16], float32: 4 * 8 * 32 * 4 bytes; 2 layers; plus the bool encoder mask [8].
+  assert memory.cache_bytes_per_row(graphdef, params, input_len=8, max_decode_len=8) == (
+      2 * 4 * 8 * 32 * 4 + 8, 260)
+
+
+def test_cache_bytes_per_row_decoder():
+  graphdef, params = _split("tiny_decoder")
+  # Per layer k, v [8 + 8 slots, 2 kv heads, 16] float32; bool prompt mask [8]; int32 length.
+  assert memory.cache_bytes_per_row(graphdef, params, input_len=8, max_decode_len=8) == (
+      2 * 2 * 16 * 32 * 4 + 8 + 4, 260)
+
+
+def _per_prompt(num_samples: int) -> int:
+  row = (2 * 4 * 8 * 32 * 4 + 8) + 4 * 260 * memory.LOGIT_COPIES + 2 * 4 * 8 + 16
+  return num_samples * row + 4 * 8
+
+
+def test_plan_picks_the_largest_batch_that_fits():
+  graphdef, params = _split("tiny")
+  params_bytes = 66_304 * 4
+  plan = memory.plan_sampling(graphdef, params, num_samples=3, input_len=8, max_decode_len=8,
+                              requested_batch=64, available_bytes=None)
+  assert (plan.batch_size, plan.bytes_per_prompt, plan.params_bytes) == (
+      64, _per_prompt(3), params_bytes)
+  available = int((params_bytes + 5 * _per_prompt(3)) / 0.9) + 2
+  plan = memory.plan_sampling(graphdef, params, num_samples=3, input_len=8, max_decode_len=8,
+                              requested_batch=64, available_bytes=available)
+  assert (plan.max_prompts, plan.batch_size) == (5, 5)
+  plan = memory.plan_sampling(graphdef, params, num_samples=3, input_len=8, max_decode_len=8,
+                              requested_batch=4, available_bytes=available)
+  assert plan.batch_size == 4
+  plan = memory.plan_sampling(graphdef, params, num_samples=3, input_len=8, max_decode_len=8,
+                              requested_batch=64, available_bytes=available,
+                              num_batch_shards=2)
+  assert (plan.max_prompts, plan.batch_size) == (10, 10)
+
+
+def test_plan_fails_early_with_the_numbers():
+  graphdef, params = _split("tiny")
+  available = int((66_304 * 4 + _per_prompt(3)) / 0.9) - 100
+  with pytest.raises(RestJaxError, match=f"one prompt needs {_per_prompt(3):,} bytes.*"
+                     f"{available:,} bytes are available.*Lower SamplingConfig.num_samples"):
+    memory.plan_sampling(graphdef, params, num_samples=3, input_len=8, max_decode_len=8,
+                         requested_batch=64, available_bytes=available)
+
+
+def test_sampler_splits_a_batch_that_does_not_fit_into_calls_with_the_same_samples():
+  graphdef, params = _split("tiny")
+  layout = make_layout(devices=jax.devices()[:1])
+  inputs = np.random.default_rng(0).integers(2, 260, (5, 8)).astype(np.int32)
+  ids = np.arange(10, 15)
+  whole = Sampler(graphdef, layout, num_samples=2, max_decode_len=8, batch_size=5,
+                  memory_bytes=10**12)
+  tight = Sampler(graphdef, layout, num_samples=2, max_decode_len=8, batch_size=5,
+                  memory_bytes=int((66_304 * 4 + 2 * _per_prompt(2)) / 0.9) + 2)
+  assert tight.memory_plan(params, 8, 5).batch_size == 2
+  a = whole.generate(params, inputs, ids, seed=1, grow_step=0)
+  b = tight.generate(params, inputs, ids, seed=1, grow_step=0)
+  for name in ("tokens", "logprobs", "lengths", "example_ids", "sample_idx"):
+    np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+  assert b.tokens.shape == (10, 8)
