@@ -26,7 +26,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "safetensors>=0.4", "sentencepiece>=0.1.99", "tokenizers>=0.15",
+        "test": ["pytest>=8", "pytest-xdist>=3", "safetensors>=0.4", "sentencepiece>=0.1.99", "tokenizers>=0.15",
                  "jax[tpu]"],  # libtpu: the compile check compiles for a real TPU topology.
         # Hugging Face checkpoints (safetensors) and tokenizer.json vocabularies.
         "hf": ["safetensors>=0.4", "tokenizers>=0.15"],

@@ -45,9 +45,9 @@ def test_linearity_fit():
 
 def test_quick_run_writes_json(tmp_path):
   out = tmp_path / "results.json"
-  # The transformers comparison (torch) is left out to keep the test fast.
-  assert run.main(["--quick", "--out", str(out), "--sections", "grow", "improve",
-                   "scaling"]) == 0
+  # The transformers comparison (torch) and the scaling sweeps (a dozen more compiles; their
+  # fit is test_linearity_fit) are left out to keep the test fast.
+  assert run.main(["--quick", "--out", str(out), "--sections", "grow", "improve"]) == 0
   results = json.loads(out.read_text())
   assert {"machine", "ceilings", "grow", "improve", "scaling", "hf_compare", "memory",
           "targets", "skipped", "wall_s", "profile"} <= set(results)
@@ -61,9 +61,5 @@ def test_quick_run_writes_json(tmp_path):
   assert 0 < grow["roofline_fraction"] and grow["tokens_per_s"] > 0
   train, = results["improve"]
   assert train["tokens"] == 4 * 16 and 0 < train["mfu"]
-  for key in ("grow_vs_num_samples", "grow_vs_length", "grow_vs_length_full_cache",
-              "improve_vs_tokens"):
-    assert len(results["scaling"][key]["points"]) == 3
-    assert results["scaling"][key]["fit"]["max_deviation_ratio"] >= 1.0
   assert results["memory"]["host_peak_rss_bytes"] > 0
   assert len(results["targets"]) == 7

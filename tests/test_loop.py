@@ -18,12 +18,12 @@ def tiny_run_config() -> C.RunConfig:
       task="numbers_de_en_small", model=get_preset("tiny", num_encoder_layers=1,
                                                   num_decoder_layers=1),
       reward="chrf", input_len=40, target_len=40, num_grow_steps=2, num_improve_steps=2,
-      bc=C.TrainConfig(learning_rate=3e-3, num_steps=12, batch_size=16, eval_every=6),
+      bc=C.TrainConfig(learning_rate=3e-3, num_steps=12, batch_size=16, eval_every=12),
       improve=C.ImproveConfig(train=C.TrainConfig(learning_rate=1e-3, num_steps=8,
                                                   batch_size=16, eval_every=4)),
       grow=C.GrowConfig(sampling=C.SamplingConfig(num_samples=2, batch_size=64,
-                                                  max_decode_len=40), chunk_size=64),
-      eval=C.EvalConfig(num_examples=32, batch_size=32, max_decode_len=40))
+                                                  max_decode_len=32), chunk_size=64),
+      eval=C.EvalConfig(num_examples=32, batch_size=32, max_decode_len=32))
 
 
 def _records(workdir):

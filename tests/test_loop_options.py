@@ -45,7 +45,7 @@ def fake(monkeypatch):
     return loop._Run(config, workdir, None, None, "params-init", task, None, None, None, None,
                      Reporter(workdir), progress)  # pylint: disable=protected-access
 
-  def train(run, name, *, params, cfg, dataset, seed, lr_scale):
+  def train(run, name, *, params, cfg, dataset, seed, lr_scale, extras=None):
     count = 0 if dataset is None else sum(1 for _ in dataset.as_numpy_iterator())
     calls["train"].append({"name": name, "start": params, "cfg": cfg, "count": count})
     return f"params-{name}", {"eval_reward": 0.5, "eval_exact_match": 0.0,

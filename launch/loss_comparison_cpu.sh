@@ -2,7 +2,7 @@
 # The loss comparison of gin/experiments/loss_comparison_cpu.gin: BC, then GOLD, BVMPO and OAC.
 # The later runs start from a copy of the first run's BC phase and Grow dataset (the loop skips a
 # finished phase and a complete Grow step), so every loss improves the same BC policy on the
-# same D_g. Usage: scripts/loss_comparison_cpu.sh [WORKROOT]   (default: workdirs)
+# same D_g. Usage: launch/loss_comparison_cpu.sh [WORKROOT]   (default: workdirs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-workdirs}
