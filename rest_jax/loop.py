@@ -137,9 +137,7 @@ def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
     logger.info("starting from checkpoint %s", config.init_checkpoint)
     _, base_params = convert.load_checkpoint(config.init_checkpoint, config=config.model,
                                              layout=layout)
-    fmt, path = convert.parse_spec(config.init_checkpoint)
-    if hasattr(vocab, "model_to_hf") and (fmt if fmt != "auto" else
-                                          convert.detect_format(path)) == "hf":
+    if hasattr(vocab, "model_to_hf") and convert.checkpoint_format(config.init_checkpoint) == "hf":
       # The checkpoint's token rows are in the tokenizer's order; ours puts PAD at 0, EOS at 1.
       base_params = convert.reorder_vocab(config.model, base_params, vocab.model_to_hf)
   else:
@@ -173,8 +171,9 @@ def validate_names(config: RunConfig) -> None:
     rewards.get_reward(metric)
   losses.get_loss(config.bc.loss)
   losses.get_loss(config.improve.train.loss)
-  if losses.make_loss(config.bc).needs:
-    raise RestJaxError(f"loss {config.bc.loss!r} needs {sorted(losses.make_loss(config.bc).needs)}"
+  bc_needs = losses.make_loss(config.bc).needs
+  if bc_needs:
+    raise RestJaxError(f"loss {config.bc.loss!r} needs {sorted(bc_needs)}"
                        ", which exist only in Improve steps; train BC with 'bc' (bc/TrainConfig."
                        "loss) and select it for Improve (improve/TrainConfig.loss).")
 

@@ -44,6 +44,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
   return "auto", spec
 
 
+def checkpoint_format(spec: str) -> str:
+  """The format of a checkpoint spec: its prefix, else detected from the directory."""
+  prefix, path = parse_spec(spec)
+  return prefix if prefix != "auto" else detect_format(path)
+
+
 def detect_format(path: str) -> str:
   """"hf" (config.json + safetensors), "t5x" (a ``checkpoint`` msgpack file) or "orbax"."""
   if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
@@ -113,10 +119,8 @@ def load_checkpoint(path: str, *, format: Format = "auto",  # pylint: disable=re
       model_config.json (e.g. other dtypes).
     layout: shardings for the params (default: ``make_layout()``).
   """
-  prefix, path = parse_spec(path)
-  fmt = format if format != "auto" else prefix
-  if fmt == "auto":
-    fmt = detect_format(path)
+  fmt = format if format != "auto" else checkpoint_format(path)
+  path = parse_spec(path)[1]
   if fmt not in FORMATS:
     raise RestJaxError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS} or 'auto'.")
   if fmt == "hf":
