@@ -19,8 +19,9 @@ logger = logging.getLogger("rest_jax")
 def add_parsers(sub: argparse._SubParsersAction) -> None:
   """Adds the train-reward and serve-reward subcommands."""
   tr = sub.add_parser("train-reward", help="train a learned reward model on scored pairs")
-  tr.add_argument("--data", required=True,
-                  help="a ReST workdir (its Grow records) or a JSONL of {source, hypothesis, score}")
+  tr.add_argument("--data", required=True, nargs="+",
+                  help="ReST workdirs (their Grow records) and/or JSONL files of {source, "
+                  "hypothesis, score[, example_id]}; duplicate pairs are dropped")
   tr.add_argument("--output_dir", required=True, help="new directory for the reward model")
   tr.add_argument("--model", default="tiny", help="encoder-decoder preset (tiny, small, ...)")
   tr.add_argument("--task", default=None, help="take the vocabulary of this task (default: bytes)")
@@ -35,6 +36,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
   tr.add_argument("--input_len", type=int, default=64)
   tr.add_argument("--target_len", type=int, default=64)
   tr.add_argument("--seed", type=int, default=0)
+  tr.add_argument("--ranking_weight", type=float, default=0.0,
+                  help="weight of the in-batch pairwise ranking loss added to the cross-entropy")
+  tr.add_argument("--weight_decay", type=float, default=0.0)
+  tr.add_argument("--eval_every", type=int, default=0,
+                  help="log the held-out Kendall tau every this many steps (0: at the end)")
+  tr.add_argument("--export_arrays", default=None, metavar="NPZ",
+                  help="only encode and split the pairs into this .npz (for "
+                  "launch/fit_reward_arrays.py on an accelerator host), do not train")
+  tr.add_argument("--no_progress", action="store_true", help="no progress bar")
   tr.add_argument("--range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                   help="declared range of the scores (mapped to [0, 1])")
   tr.add_argument("--log_level", default="INFO")
@@ -56,7 +66,8 @@ def train_reward(args: argparse.Namespace) -> dict:
   from rest_jax.rewards import training  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
 
-  if os.path.exists(os.path.join(args.output_dir, "reward_model.json")):
+  if not args.export_arrays and os.path.exists(os.path.join(args.output_dir,
+                                                            "reward_model.json")):
     raise RestJaxError(f"{args.output_dir} already holds a reward model; choose a new "
                        "--output_dir or delete it.")
   vocab = (tasks.get_task(args.task).output_features["targets"].vocabulary if args.task
@@ -68,11 +79,20 @@ def train_reward(args: argparse.Namespace) -> dict:
   cfg = training.RewardTrainConfig(
       num_steps=args.num_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
       warmup_steps=args.warmup_steps, held_out_fraction=args.held_out_fraction,
-      input_len=args.input_len, target_len=args.target_len, seed=args.seed)
+      input_len=args.input_len, target_len=args.target_len, seed=args.seed,
+      ranking_weight=args.ranking_weight, weight_decay=args.weight_decay,
+      eval_every=args.eval_every)
   pairs = training.load_scored_pairs(args.data, score_range=tuple(args.range))
-  logger.info("train-reward: %d scored pairs from %s", len(pairs), args.data)
+  logger.info("train-reward: %d scored pairs from %s", len(pairs), ", ".join(args.data))
+  if args.export_arrays:
+    sizes = training.export_arrays(args.export_arrays, pairs, model=model, vocab=vocab, cfg=cfg)
+    print(json.dumps(sizes))
+    print(f"fit it with: python launch/fit_reward_arrays.py {args.export_arrays} "
+          f"{args.output_dir} --num_steps {args.num_steps}")
+    return sizes
   metrics = training.train_reward_model(pairs, model=model, vocab=vocab, cfg=cfg,
-                                        output_dir=args.output_dir, init_from=args.init_from)
+                                        output_dir=args.output_dir, init_from=args.init_from,
+                                        progress=not args.no_progress)
   print(json.dumps(metrics))
   print(f"use it with --gin.config.RunConfig.reward=\"'learned:{os.path.abspath(args.output_dir)}'\"")
   return metrics

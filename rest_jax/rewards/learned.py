@@ -10,7 +10,6 @@ A reward-model directory (written by ``save_reward_model``, read by ``LearnedRew
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -24,10 +23,9 @@ from rest_jax import checkpoints
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, PAD_ID, ModelConfig
 from rest_jax.models.scalar_head import RewardModel
+from rest_jax.rewards.fitting import META, PARAMS, write_reward_model_dir
 from rest_jax.sharding import Layout, make_layout
 
-META = "reward_model.json"
-PARAMS = "params"
 
 
 def vocabulary_info(vocab: Any) -> dict[str, str]:
@@ -61,20 +59,10 @@ def encode(vocab: seqio.Vocabulary, texts: Sequence[str], length: int) -> np.nda
 
 def save_reward_model(directory: str, params: nnx.State, *, model: ModelConfig, vocab: Any,
                       input_len: int, target_len: int,
-                      metrics: Mapping[str, float] | None = None) -> None:
+                      metrics: Mapping[str, Any] | None = None) -> None:
   """Writes params (orbax) and reward_model.json into the new directory ``directory``."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, META)):
-    raise RestJaxError(f"{directory} already holds a reward model; choose a new --output_dir "
-                       "or delete it.")
-  os.makedirs(directory, exist_ok=True)
-  checkpoints.save_pytree(os.path.join(directory, PARAMS), params)
-  meta = {"model": dataclasses.asdict(model), "vocabulary": vocabulary_info(vocab),
-          "input_len": input_len, "target_len": target_len, "metrics": dict(metrics or {})}
-  tmp = os.path.join(directory, META + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, os.path.join(directory, META))
+  write_reward_model_dir(directory, params, model=model, vocabulary=vocabulary_info(vocab),
+                         input_len=input_len, target_len=target_len, metrics=metrics)
 
 
 def read_meta(directory: str) -> dict[str, Any]:
