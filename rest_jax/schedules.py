@@ -257,8 +257,12 @@ class PerSourceInterpolation:
     gs = _pad(list(self.gammas), num_improve_steps, messages, "gammas")
     ids, rewards, means = _source_stats(grow, "per_source_interpolation", messages)
     maxes = np.asarray([r.max() if r.size else np.inf for r in rewards])
+    # As mean + g (max - mean), clipped to max: exactly mean(x) when every sample of x has the
+    # same reward, and rising with g. (g max + (1 - g) mean can land one ulp above max = mean
+    # for g = 0.1 and back on it for g = 0.5: a spurious "thresholds fall" error.)
     with np.errstate(invalid="ignore"):
-      taus = [np.where(np.isfinite(means), g * maxes + (1 - g) * means, np.inf) for g in gs]
+      taus = [np.where(np.isfinite(means), np.minimum(means + g * (maxes - means), maxes),
+                       np.inf) for g in gs]
     return _per_source_rule("per_source_interpolation", ids, means, taus, messages), messages
 
 

@@ -111,6 +111,20 @@ def test_per_source_interpolation_against_numpy():
   np.testing.assert_allclose(taus[0].per_source, means, rtol=0, atol=1e-12)  # gamma 0: mean(x).
 
 
+def test_per_source_interpolation_with_tied_samples_keeps_them():
+  # Every sample of source 0 has the same reward m: tau(x) must be exactly m for every gamma.
+  # g max + (1 - g) mean is m + 1.1e-16 at g = 0.1 and m at g = 0.5 (it fell: RestJaxError).
+  m = float(np.float32(0.8123))
+  grow = GrowRewards(np.asarray([0, 0, 0, 1, 1]), np.asarray([m, m, m, 0.25, 0.75], np.float32),
+                     np.zeros(5, bool))
+  taus, _ = make_schedule("per_source_interpolation", gammas=(0.1, 0.5, 0.9)).plan(
+      grow, num_improve_steps=3)
+  for tau, expected in zip(taus, (0.525, 0.625, 0.725)):  # Source 1: 0.5 + g * (0.75 - 0.5).
+    assert tau.per_source[0] == m and tau.per_source[1] == pytest.approx(expected, abs=1e-15)
+    np.testing.assert_array_equal(grow.reward.astype(np.float64) >= tau.for_records(
+        grow.example_id), [True, True, True, False, True])
+
+
 def test_threshold_for_records():
   tau = Threshold(0.5, np.asarray([3, 7, 9]), np.asarray([0.1, 0.7, 0.9]))
   np.testing.assert_array_equal(tau.for_records(np.asarray([9, 3, 4, 7, 100])),
