@@ -37,16 +37,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--seed", type=int, default=1)
   a = ap.parse_args(argv)
 
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from num2words import num2words  # pylint: disable=g-import-not-at-top
 
   from rest_jax import bestofn, data, rewards, tasks  # pylint: disable=g-import-not-at-top
-  from rest_jax.checkpoints import PhaseCheckpoints  # pylint: disable=g-import-not-at-top
   from rest_jax.evaluation import detokenize  # pylint: disable=g-import-not-at-top
-  from rest_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards.learned import encode  # pylint: disable=g-import-not-at-top
   from rest_jax.sampling import Sampler  # pylint: disable=g-import-not-at-top
   from rest_jax.sharding import make_layout  # pylint: disable=g-import-not-at-top
@@ -62,15 +58,10 @@ def main(argv: list[str] | None = None) -> int:
   refs = [num2words(n, lang="en") for n in nums]
   inputs = encode(vocab, sources, c.input_len)
   layout = make_layout()
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(c.model, rngs=nnx.Rngs(0))))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                        layout.state_shardings(state))
   chrf = rewards.get_reward("chrf")
   with open(a.out, "a", encoding="utf-8") as f:
     for phase in a.phases.split(","):
-      name = bestofn.resolve_phase(a.workdir, phase)
-      with PhaseCheckpoints(os.path.join(a.workdir, "checkpoints", name)) as ckpt:
-        params = ckpt.restore_best_params(target)
+      name, graphdef, params = bestofn.load_phase_params(a.workdir, phase, layout)
       for ti, temp in enumerate(float(t) for t in a.temps.split(",")):
         start_time, n = time.time(), 0
         sampler = Sampler(graphdef, layout, num_samples=a.num_samples,

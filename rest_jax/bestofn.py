@@ -136,6 +136,27 @@ def resolve_phase(workdir: str, phase: str) -> str:
   return name
 
 
+def load_phase_params(workdir: str, phase: str, layout: Any) -> tuple[str, Any, Any]:
+  """(checkpoint name, graphdef, best params) of a finished phase of a workdir, on ``layout``.
+
+  ``phase``: "bc", "final" or "gG_iI" (see ``resolve_phase``). Reads only.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from rest_jax.checkpoints import PhaseCheckpoints  # pylint: disable=g-import-not-at-top
+  from rest_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  c = load_run_config(workdir)
+  name = resolve_phase(workdir, phase)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(c.model,
+                                                                    rngs=nnx.Rngs(c.seed))))
+  ckpt_dir = os.path.join(workdir, "checkpoints", name)
+  if not os.path.isdir(os.path.join(ckpt_dir, "best")):
+    raise RestJaxError(f"{ckpt_dir}/best does not exist; phase {name} saved no checkpoint.")
+  with PhaseCheckpoints(ckpt_dir) as ckpt:
+    return name, graphdef, ckpt.restore_best_params(layout.abstract_state(abstract))
+
+
 def run_best_of_n(workdir: str, *, phase: str, ns: Sequence[int], num_examples: int = 0,
                   temperature: float | None = None, seed: int | None = None,
                   batch_size: int = 0) -> dict:
@@ -148,30 +169,16 @@ def run_best_of_n(workdir: str, *, phase: str, ns: Sequence[int], num_examples: 
     {"phase", "n": {N: mean best reward}, "mean_sample_reward", "num_examples",
      "temperature", "reward"}.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
   from rest_jax import data, rewards, tasks  # pylint: disable=g-import-not-at-top
-  from rest_jax.checkpoints import PhaseCheckpoints  # pylint: disable=g-import-not-at-top
   from rest_jax.evaluation import EvalSet  # pylint: disable=g-import-not-at-top
-  from rest_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from rest_jax.sampling import Sampler  # pylint: disable=g-import-not-at-top
   from rest_jax.sharding import make_layout  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(workdir)
   ns = parse_ns(list(ns))
   c = load_run_config(workdir)
-  name = resolve_phase(workdir, phase)
   layout = make_layout(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  abstract = nnx.eval_shape(lambda: build_model(c.model, rngs=nnx.Rngs(c.seed)))
-  graphdef, abstract_state = nnx.split(abstract)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_state, layout.state_shardings(abstract_state))
-  ckpt_dir = os.path.join(workdir, "checkpoints", name)
-  if not os.path.isdir(os.path.join(ckpt_dir, "best")):
-    raise RestJaxError(f"{ckpt_dir}/best does not exist; phase {name} saved no checkpoint.")
-  with PhaseCheckpoints(ckpt_dir) as ckpt:
-    params = ckpt.restore_best_params(target)
+  name, graphdef, params = load_phase_params(workdir, phase, layout)
   task = tasks.get_task(c.task)
   examples = data.examples(task, "validation", input_len=c.input_len, target_len=c.target_len)
   examples = examples[:num_examples or c.eval.num_examples]

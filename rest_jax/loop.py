@@ -259,9 +259,7 @@ def _grow_prompts(run: _Run) -> list[dict]:
 
 def _restore_best(run: _Run, name: str) -> Any:
   ckpt = PhaseCheckpoints(os.path.join(run.workdir, "checkpoints", name))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.base_params, run.layout.state_shardings(run.base_params))
-  return ckpt.restore_best_params(abstract)
+  return ckpt.restore_best_params(run.layout.abstract_state(run.base_params))
 
 
 def _skip_bc(run: _Run) -> dict:

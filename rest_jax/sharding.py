@@ -122,6 +122,12 @@ class Layout:
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
+  def abstract_state(self, state: Any, *, sampling: bool = False) -> Any:
+    """``state`` (arrays or ShapeDtypeStructs in Variables) as ShapeDtypeStructs placed on
+    ``state_shardings(state)``: the target of an orbax restore or an AOT lowering."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                        self.state_shardings(state, sampling=sampling))
+
   def tree_shardings(self, tree: Any, logical_tree: Any, *, sampling: bool = False) -> Any:
     """Shardings for a plain pytree of arrays given a matching tree of logical-name tuples."""
     return jax.tree.map(

@@ -65,8 +65,7 @@ class ValueNet:
     abstract = nnx.eval_shape(lambda: ValueModel(config, rngs=nnx.Rngs(seed)))
     self.graphdef, state = nnx.split(abstract)
     self.shardings = layout.state_shardings(state)
-    self.abstract_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, self.shardings)
+    self.abstract_params = layout.abstract_state(state)
     self._init = jax.jit(lambda: nnx.split(ValueModel(config, rngs=nnx.Rngs(seed)))[1],
                          out_shardings=self.shardings)
 

@@ -98,12 +98,8 @@ def load_orbax(path: str, *, config: ModelConfig | None = None,
   """Reads a ``save_orbax`` directory; params land on the Layout's shardings."""
   config = config or read_model_config(path)
   layout = layout or make_layout()
-  abstract = abstract_params(config)
-  target = layout.state_shardings(abstract)
-  import jax  # pylint: disable=g-import-not-at-top
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, target)
-  return config, checkpoints.restore_params(os.path.join(path, PARAMS_DIR), abstract)
+  return config, checkpoints.restore_params(os.path.join(path, PARAMS_DIR),
+                                            layout.abstract_state(abstract_params(config)))
 
 
 def load_checkpoint(path: str, *, format: Format = "auto",  # pylint: disable=redefined-builtin

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Mapping
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from scipy import stats
 from tqdm.auto import tqdm
 
 from rest_jax import checkpoints
@@ -87,21 +87,8 @@ class EncodedPairs:
 
 
 def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
-  """Kendall's tau-b of two `[n]` arrays (scipy.stats.kendalltau when installed)."""
-  try:
-    from scipy import stats  # pylint: disable=g-import-not-at-top
-    return float(stats.kendalltau(x, y).statistic)
-  except ImportError:
-    pass
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  concordant = tied_x = tied_y = total = 0.0
-  for i in range(len(x) - 1):
-    dx, dy = np.sign(x[i + 1:] - x[i]), np.sign(y[i + 1:] - y[i])
-    concordant += float(np.sum(dx * dy))
-    tied_x += float(np.sum(dx == 0))
-    tied_y += float(np.sum(dy == 0))
-    total += len(dx)
-  return concordant / math.sqrt((total - tied_x) * (total - tied_y))
+  """Kendall's tau-b of two `[n]` arrays (scipy, which jax depends on)."""
+  return float(stats.kendalltau(x, y).statistic)
 
 
 def reward_losses(logits: jax.Array, scores: jax.Array, *, ranking_weight: float
@@ -163,8 +150,11 @@ def fit_reward_model(train: EncodedPairs, held: EncodedPairs, *, model: ModelCon
     raise RestJaxError(f"{len(train)} training and {len(held)} held-out pairs; both must be "
                        "non-empty (add data or change --held_out_fraction).")
   layout = layout or make_layout()
-  graphdef, fresh = nnx.split(RewardModel(model, rngs=nnx.Rngs(cfg.seed)))
-  params = jax.device_put(fresh if params is None else params, layout.state_shardings(fresh))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(model,
+                                                                    rngs=nnx.Rngs(cfg.seed))))
+  if params is None:
+    params = nnx.state(RewardModel(model, rngs=nnx.Rngs(cfg.seed)))
+  params = jax.device_put(params, layout.state_shardings(abstract))
   schedule = (optax.constant_schedule(cfg.learning_rate) if cfg.num_steps == 1 else
               optax.warmup_cosine_decay_schedule(
                   0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.num_steps - 1),

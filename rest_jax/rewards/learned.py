@@ -77,11 +77,8 @@ def read_meta(directory: str) -> dict[str, Any]:
 
 def abstract_params(config: ModelConfig, layout: Layout) -> nnx.State:
   """The RewardModel's params as ShapeDtypeStructs on their Layout shardings."""
-  abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0)))
-  state = nnx.state(abstract)
-  shardings = layout.state_shardings(state)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                      shardings)
+  return layout.abstract_state(nnx.state(nnx.eval_shape(
+      lambda: RewardModel(config, rngs=nnx.Rngs(0)))))
 
 
 class LearnedReward:

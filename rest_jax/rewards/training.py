@@ -141,10 +141,7 @@ def init_from_policy(params: nnx.State, checkpoint: str, *, model: ModelConfig,
     return restored, len(jax.tree.leaves(restored))
   from rest_jax.models.t5 import T5Model  # pylint: disable=g-import-not-at-top
   state = nnx.state(nnx.eval_shape(lambda: T5Model(model, rngs=nnx.Rngs(0))))
-  shardings = layout.state_shardings(state)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                          shardings)
-  policy = checkpoints.restore_params(checkpoint, abstract).to_pure_dict()
+  policy = checkpoints.restore_params(checkpoint, layout.abstract_state(state)).to_pure_dict()
   mine, copied = params.to_pure_dict(), [0]
 
   def merge(dst, src):
