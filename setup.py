@@ -36,5 +36,5 @@ setup(
         # compile for TPU topologies on any machine.
         "tpu": ["jax[tpu]>=0.7"],
     },
-    entry_points={"console_scripts": ["rest-jax=rest_jax.main:console_main"]},
+    entry_points={"console_scripts": ["rest-jax=rest_jax.cli.main:console_main"]},
 )

@@ -1,6 +1,6 @@
 """Our greedy decoder-only sampler against ``transformers``' ``generate`` on the same weights.
 
-Needs torch, transformers and ``rest_jax.convert.hf.save_hf``; skipped (with the reason) when
+Needs torch, transformers and ``rest_jax.checkpoints.convert.hf.save_hf``; skipped (with the reason) when
 any is missing. Both sides decode ``max_new_tokens`` tokens for every row (EOS suppressed).
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 from benchmarks.ceilings import timed
 from benchmarks.workloads import NEVER_EOS, _model, random_tokens
 from rest_jax.models.base import ModelConfig
-from rest_jax.sampling import Sampler
-from rest_jax.sharding import make_layout
+from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel.layout import make_layout
 
 
 def unavailable() -> str | None:
@@ -28,9 +28,9 @@ def unavailable() -> str | None:
   except ImportError as e:
     return f"torch/transformers not installed ({e})"
   try:
-    from rest_jax.convert.hf import save_hf  # pylint: disable=import-outside-toplevel,unused-import
+    from rest_jax.checkpoints.convert.hf import save_hf  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
-    return f"rest_jax.convert.hf.save_hf not available ({e})"
+    return f"rest_jax.checkpoints.convert.hf.save_hf not available ({e})"
   return None
 
 
@@ -40,7 +40,7 @@ def compare(config: ModelConfig, *, batches: list[int], input_len: int, max_new_
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import LlamaForCausalLM  # pylint: disable=import-outside-toplevel
 
-  from rest_jax.convert.hf import save_hf  # pylint: disable=import-outside-toplevel
+  from rest_jax.checkpoints.convert.hf import save_hf  # pylint: disable=import-outside-toplevel
 
   if config.kind != "decoder":
     raise ValueError("the transformers comparison uses the decoder-only (Llama) family")

@@ -12,12 +12,12 @@ from flax import nnx
 from benchmarks import costs
 from benchmarks.ceilings import timed
 from rest_jax.config import TrainConfig
-from rest_jax.improve import Trainer, make_optimizer
-from rest_jax.losses import get_loss
+from rest_jax.improve.trainer import Trainer, make_optimizer
+from rest_jax.improve.losses import get_loss
 from rest_jax.models import build_model, count_params, get_preset
 from rest_jax.models.base import ModelConfig
-from rest_jax.sampling import Sampler
-from rest_jax.sharding import make_layout
+from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel.layout import make_layout
 
 NEVER_EOS = -1  # An eos id no token equals: every row decodes exactly max_decode_len tokens.
 

@@ -4,7 +4,7 @@
   python launch/local.py --gin_file F [--gin_file F2 ...] --workdir W [--gin.X=V ...] [--dry-run]
   python launch/local.py -h   # this launcher's own options
 
-See rest_jax/launchers.py and the README section "Launchers".
+See rest_jax/cli/launchers.py and the README section "Launchers".
 """
 
 import os
@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rest_jax import launchers  # pylint: disable=g-import-not-at-top
+from rest_jax.cli import launchers  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":
   sys.exit(launchers.main("local"))

@@ -13,7 +13,7 @@ run() {
   local name=$1
   shift
   /usr/bin/time -f "loss_$name wall %e s, peak RSS %M KB" \
-    env PYTHONPATH="$PWD" python -m rest_jax.main run --workdir "$root/loss_$name" --gin_file "$gin" "$@" \
+    env PYTHONPATH="$PWD" python -m rest_jax.cli.main run --workdir "$root/loss_$name" --gin_file "$gin" "$@" \
     --no_progress > "$root/loss_$name.log" 2>&1
   tail -n 1 "$root/loss_$name.log"
 }

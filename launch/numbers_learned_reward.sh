@@ -16,7 +16,7 @@ arrays=$root/reward_models/numbers_pairs.npz
 mkdir -p "$root/reward_models"
 if [ "${FIT_ONLY:-0}" != 1 ]; then
   if [ ! -e "$root/numbers_de_en/phases/g002_i02.json" ]; then
-    python -m rest_jax.main run --workdir "$root/numbers_de_en" \
+    python -m rest_jax.cli.main run --workdir "$root/numbers_de_en" \
       --gin_file gin/experiments/numbers_de_en_cpu.gin --no_progress
   fi
   pairs=$root/reward_models/numbers_pairs.jsonl
@@ -26,13 +26,13 @@ if [ "${FIT_ONLY:-0}" != 1 ]; then
       --phases bc,g1_i2,g2_i2 --temps 0.7,1.1 --num_prompts 8000 --num_samples 2
     touch "$pairs.done"
   fi
-  [ -e "$arrays" ] || python -m rest_jax.main train-reward --data "$root/numbers_de_en" "$pairs" \
+  [ -e "$arrays" ] || python -m rest_jax.cli.main train-reward --data "$root/numbers_de_en" "$pairs" \
     --output_dir "$rm_dir" --model small --export_arrays "$arrays"
 fi
 [ -e "$rm_dir/reward_model.json" ] || python launch/fit_reward_arrays.py "$arrays" "$rm_dir" \
   --preset small --num_steps 12000 --batch_size 256 --learning_rate 1e-3 --warmup_steps 500 \
   --weight_decay 0.01 --eval_every 2000 --steps_per_call 100
 [ "${FIT_ONLY:-0}" = 1 ] && exit 0
-python -m rest_jax.main run --workdir "$root/numbers_learned" \
+python -m rest_jax.cli.main run --workdir "$root/numbers_learned" \
   --gin_file gin/experiments/numbers_learned_reward_cpu.gin --no_progress \
   --gin.config.RunConfig.reward="'learned:$rm_dir'"

@@ -41,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
   import seqio  # pylint: disable=g-import-not-at-top
   from num2words import num2words  # pylint: disable=g-import-not-at-top
 
-  from rest_jax import bestofn, data, rewards, tasks  # pylint: disable=g-import-not-at-top
+  from rest_jax import rewards, tasks  # pylint: disable=g-import-not-at-top
+
+  from rest_jax.cli import bestofn  # pylint: disable=g-import-not-at-top
+
+  from rest_jax.tasks import data  # pylint: disable=g-import-not-at-top
   from rest_jax.evaluation import detokenize  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards.learned import encode  # pylint: disable=g-import-not-at-top
-  from rest_jax.sampling import Sampler  # pylint: disable=g-import-not-at-top
-  from rest_jax.sharding import make_layout  # pylint: disable=g-import-not-at-top
+  from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
+  from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top
 
   c = bestofn.load_run_config(a.workdir)
   task = tasks.get_task(c.task)

@@ -18,7 +18,7 @@ failed=()
 run() {
   local name=$1 rc=0
   /usr/bin/time -f "sched_$name wall %e s, peak RSS %M KB" \
-    env PYTHONPATH="$PWD" python -m rest_jax.main run --workdir "$root/sched_$name" \
+    env PYTHONPATH="$PWD" python -m rest_jax.cli.main run --workdir "$root/sched_$name" \
     --gin_file "$gin" --gin.config.ImproveConfig.schedule="'$name'" \
     --no_progress > "$root/sched_$name.log" 2>&1 || rc=$?
   tail -n 1 "$root/sched_$name.log"
@@ -38,7 +38,7 @@ for schedule in quantile linear per_source_percentile per_source_interpolation; 
   run "$schedule"
 done
 if [ "${#done_dirs[@]}" -gt 0 ]; then
-  PYTHONPATH="$PWD" python -m rest_jax.main compare "${done_dirs[@]}" \
+  PYTHONPATH="$PWD" python -m rest_jax.cli.main compare "${done_dirs[@]}" \
     --out "$root/schedule_comparison.png" | tee "$root/schedule_comparison.txt"
 fi
 if [ "${#failed[@]}" -gt 0 ]; then

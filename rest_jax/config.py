@@ -22,7 +22,7 @@ class MeshConfig:
 
   ``data`` / ``fsdp`` / ``tensor`` are the ICI sizes (within a slice); ``dcn_*`` the DCN sizes
   (across slices, or hosts without slices); a mesh axis is their product. With every DCN size
-  1 the ICI sizes span all devices. ``rules`` names a rule set of ``rest_jax.meshes``: "2d"
+  1 the ICI sizes span all devices. ``rules`` names a rule set of ``rest_jax.parallel.meshes``: "2d"
   (fsdp + tensor, the default), "fsdp" (ZeRO-3), "tensor" (Megatron) or "data" (pure data
   parallel); each has its sampling variant.
   """
@@ -186,7 +186,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleParams:
-  """Parameters of the threshold schedules (rest_jax.schedules); each reads only its own."""
+  """Parameters of the threshold schedules (rest_jax.improve.schedules); each reads only its own."""
 
   quantiles: tuple[float, ...] = (0.5, 0.75, 0.9)  # "quantile": of the Grow sample rewards.
   percentiles: tuple[float, ...] = (50.0, 75.0, 90.0)  # "per_source_percentile", 0..100.
@@ -208,7 +208,7 @@ class ImproveConfig:
   lr_decay: float = 0.5  # Improve step k (counted over the whole run) uses lr * lr_decay**k.
   restart_from_base: bool = False  # ReST-EM: every Grow step fine-tunes the BC policy again.
   max_per_prompt: int = 0  # Keep at most this many samples per prompt; 0 = no cap.
-  # Threshold schedule (rest_jax.schedules): "fixed" (the `thresholds` list), "quantile",
+  # Threshold schedule (rest_jax.improve.schedules): "fixed" (the `thresholds` list), "quantile",
   # "linear", "per_source_percentile" or "per_source_interpolation".
   schedule: str = "fixed"
   schedule_params: ScheduleParams = ScheduleParams()
@@ -225,7 +225,7 @@ class ImproveConfig:
     _require(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}.")
     _require(self.max_per_prompt >= 0, "max_per_prompt must be >= 0.")
     _require(self.mix_previous_grows >= 0, "mix_previous_grows must be >= 0.")
-    from rest_jax import schedules  # pylint: disable=g-import-not-at-top
+    from rest_jax.improve import schedules  # pylint: disable=g-import-not-at-top
     schedules.from_config(self)  # Unknown schedule names and bad parameters fail here.
 
 
@@ -295,7 +295,7 @@ class RunConfig:
   eval: EvalConfig = EvalConfig()
   value: ValueConfig = ValueConfig()  # Used only by losses that need values (bvmpo, oac).
   # Start from a checkpoint instead of a random init: "hf:/path", "t5x:/path" or "orbax:/path"
-  # (see rest_jax.convert); ``model`` must describe the same architecture.
+  # (see rest_jax.checkpoints.convert); ``model`` must describe the same architecture.
   init_checkpoint: str = ""
   # False skips BC (for an already-supervised start): the start is evaluated and used as BC's.
   run_bc: bool = True

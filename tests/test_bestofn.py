@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax import bestofn, main, tasks
+from rest_jax import tasks
+
+from rest_jax.cli import bestofn
+
+from rest_jax.cli import main
 from rest_jax import config as C
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
-from rest_jax.sampling import Sampler
-from rest_jax.sharding import make_layout
+from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel.layout import make_layout
 
 
 def test_hand_values():

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax import checkpoints as ckpt
+from rest_jax.checkpoints import phases as ckpt
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.improve import Trainer, make_optimizer
-from rest_jax.losses import bc_loss
-from rest_jax.sharding import make_layout
+from rest_jax.improve.trainer import Trainer, make_optimizer
+from rest_jax.improve.losses import bc_loss
+from rest_jax.parallel.layout import make_layout
 
 
 class Block(nnx.Module):
@@ -193,7 +193,7 @@ def test_crashed_write_leaves_older_checkpoint_readable(tmp_path):
 def test_relative_phase_directory_works(tmp_path, monkeypatch):
   """orbax needs absolute paths; a relative workdir (as in the README command) must work."""
   import jax.numpy as jnp
-  from rest_jax.checkpoints import PhaseCheckpoints
+  from rest_jax.checkpoints.phases import PhaseCheckpoints
   monkeypatch.chdir(tmp_path)
   ckpt = PhaseCheckpoints("rel/phase")
   params = {"w": jnp.arange(4.0)}

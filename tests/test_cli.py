@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from rest_jax import main as cli
+from rest_jax.cli import main as cli
 from rest_jax import rewards
 from rest_jax.config import RunConfig
 
@@ -76,7 +76,7 @@ def test_missing_gin_file(tmp_path, capsys):
 
 def test_workdir_from_another_config_is_refused(tmp_path, capsys):
   work = str(tmp_path / "w")
-  from rest_jax import loop
+  from rest_jax.pipeline import loop
   config, text = cli.parse_run_config([SMOKE], [])
   loop.check_workdir(work, config, text)
   before = _snapshot(work)

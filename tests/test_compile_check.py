@@ -4,7 +4,11 @@ import importlib.util
 
 import pytest
 
-from rest_jax import compile_check, main, topology
+from rest_jax.parallel import compile_check
+
+from rest_jax.cli import main
+
+from rest_jax.parallel import topology
 from rest_jax.config import GrowConfig, ImproveConfig, RunConfig, SamplingConfig, TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.models import get_preset

@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax import convert, decoding
-from rest_jax.convert import (hf_config, load_checkpoint, load_hf, load_t5x, save_hf, save_orbax,
+from rest_jax.checkpoints import convert
+
+from rest_jax.grow import decoding
+from rest_jax.checkpoints.convert import (hf_config, load_checkpoint, load_hf, load_t5x, save_hf, save_orbax,
                               save_t5x)
-from rest_jax.convert.params import host_arrays
+from rest_jax.checkpoints.convert.params import host_arrays
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig, abstract_model
-from rest_jax.sharding import make_layout
+from rest_jax.parallel.layout import make_layout
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 HF_LAYOUTS = ("t5_v1_1", "mt5_byt5", "t5_tied_scaled", "llama_gqa", "llama3_rope",

@@ -8,10 +8,10 @@ import os
 import numpy as np
 from flax import nnx
 
-from rest_jax import main as cli
-from rest_jax.checkpoints import PhaseCheckpoints
-from rest_jax.convert import load_checkpoint, save_orbax
-from rest_jax.convert.params import host_arrays
+from rest_jax.cli import main as cli
+from rest_jax.checkpoints.phases import PhaseCheckpoints
+from rest_jax.checkpoints.convert import load_checkpoint, save_orbax
+from rest_jax.checkpoints.convert.params import host_arrays
 from rest_jax.models import build_model, get_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from rest_jax.models import build_model, get_preset
-from rest_jax.sampling import Sampler
-from rest_jax.sharding import make_layout
+from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel.layout import make_layout
 
 
 def test_cache_lengths_double_up_to_the_max():

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from rest_jax import config as C
-from rest_jax import main
+from rest_jax.cli import main
 from tokenizer_fixtures import build_hf_tokenizer, build_spm
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(main.REPO_GIN_DIR, "experiments", "*.gin")))

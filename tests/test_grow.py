@@ -2,11 +2,11 @@
 
 import numpy as np
 
-from rest_jax import growdata
+from rest_jax.grow import dataset as growdata
 from rest_jax.config import GrowConfig, SamplingConfig
-from rest_jax.grow import run_grow
+from rest_jax.grow.step import run_grow
 from rest_jax.rewards import ExactMatch, score
-from rest_jax.sampling import SampleOutput
+from rest_jax.grow.sampler import SampleOutput
 from rest_jax.tasks import BYTE_VOCAB
 
 

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rest_jax import data, growdata, growstats, inspection, tasks
+from rest_jax import tasks
+
+from rest_jax.tasks import data
+
+from rest_jax.grow import dataset as growdata
+
+from rest_jax.grow import stats as growstats
+
+from rest_jax.cli import inspection
 from rest_jax.errors import RestJaxError
-from rest_jax.growdata import GrowRecord, GrowWriter
+from rest_jax.grow.dataset import GrowRecord, GrowWriter
 
 FEATURES = tasks.ENCDEC_FEATURES
 NUM_SAMPLES = 3

@@ -12,13 +12,13 @@ import optax
 import pytest
 from flax import nnx
 
-from rest_jax.checkpoints import PhaseCheckpoints
+from rest_jax.checkpoints.phases import PhaseCheckpoints
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.improve import Trainer, TrainState, make_optimizer, make_schedule, train_phase
-from rest_jax.losses import bc_loss, reward_weighted_bc_loss
+from rest_jax.improve.trainer import Trainer, TrainState, make_optimizer, make_schedule, train_phase
+from rest_jax.improve.losses import bc_loss, reward_weighted_bc_loss
 from rest_jax.models import build_model, get_preset
-from rest_jax.sharding import make_layout
+from rest_jax.parallel.layout import make_layout
 
 VOCAB = 12
 

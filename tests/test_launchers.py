@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rest_jax import launchers
+from rest_jax.cli import launchers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--gin_file", "gin/pods/wmt_base_v5e_4x4.gin", "--gin_file", "tasks/my task.gin",

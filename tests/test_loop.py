@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from rest_jax import config as C
-from rest_jax import growdata, improve, loop
+from rest_jax.grow import dataset as growdata
+from rest_jax.improve import trainer as improve
+from rest_jax.pipeline import loop
 from rest_jax.models import get_preset
 
 

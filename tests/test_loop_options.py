@@ -10,9 +10,13 @@ import os
 import pytest
 
 from rest_jax import config as C
-from rest_jax import data, growdata, loop, schedules, tasks
-from rest_jax.growdata import GrowRecord
-from rest_jax.reporting import Reporter
+from rest_jax import tasks
+from rest_jax.tasks import data
+from rest_jax.grow import dataset as growdata
+from rest_jax.pipeline import loop
+from rest_jax.improve import schedules
+from rest_jax.grow.dataset import GrowRecord
+from rest_jax.pipeline.reporting import Reporter
 
 
 def _records(grow_step: int) -> list[GrowRecord]:

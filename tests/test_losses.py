@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rest_jax import losses
+from rest_jax.improve import losses
 from rest_jax.errors import RestJaxError
 
 # Per-position token probabilities; logits = log(probs) so log_softmax(logits) = log(probs).

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax import memory
+from rest_jax.grow import memory
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
-from rest_jax.sampling import Sampler
-from rest_jax.sharding import make_layout
+from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel.layout import make_layout
 
 
 def _split(preset: str):

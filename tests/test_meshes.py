@@ -9,7 +9,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rest_jax import config as C
-from rest_jax import distributed, loop, main, meshes
+from rest_jax.parallel import distributed
+from rest_jax.pipeline import loop
+from rest_jax.cli import main
+from rest_jax.parallel import meshes
 from rest_jax.errors import RestJaxError
 from rest_jax.models import get_preset
 

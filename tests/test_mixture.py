@@ -8,10 +8,16 @@ import os
 import numpy as np
 import pytest
 
-from rest_jax import growdata, growstats, mixture, tasks
+from rest_jax import tasks
+
+from rest_jax.grow import dataset as growdata
+
+from rest_jax.grow import stats as growstats
+
+from rest_jax.improve import selection as mixture
 from rest_jax.errors import RestJaxError
-from rest_jax.growdata import GrowRecord, GrowWriter
-from rest_jax.schedules import Threshold
+from rest_jax.grow.dataset import GrowRecord, GrowWriter
+from rest_jax.improve.schedules import Threshold
 
 # (example_id, sample_idx) -> (reward, targets); sample_idx -1 is the original pair of D.
 G1 = {

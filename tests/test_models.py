@@ -17,7 +17,7 @@ from rest_jax.models import (PRESETS, SequenceModel, abstract_model, build_model
 from rest_jax.models.layers import (RMSNorm, apply_rope, dot_product_attention,
                                     relative_position_bucket)
 from rest_jax.models.llama import left_align
-from rest_jax.sharding import make_layout
+from rest_jax.parallel.layout import make_layout
 
 FAMILIES = ("tiny", "tiny_decoder")
 

@@ -12,7 +12,7 @@ import pytest
 from rest_jax import config as C
 from rest_jax.errors import RestJaxError
 from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
-from rest_jax.reporting import Reporter, reward_hacking_events, summary_row
+from rest_jax.pipeline.reporting import Reporter, reward_hacking_events, summary_row
 
 
 def _row(phase, g, i, reward, bleu):

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rest_jax import growdata
+from rest_jax.grow import dataset as growdata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ from rest_jax import tasks
 from rest_jax.tasks import numbers
 tasks.register(numbers.make_numbers_task("mh_numbers", num_train=32, num_eval=8, max_number=99,
                                          seed=3))
-from rest_jax import main
+from rest_jax.cli import main
 sys.exit(main.main(sys.argv[1:]))
 """
 

@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from rest_jax import growdata
+from rest_jax.grow import dataset as growdata
 from rest_jax.config import GrowConfig, RewardConfig, SamplingConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.grow import run_grow
+from rest_jax.grow.step import run_grow
 from rest_jax.rewards import ChrF, build_reward, score
 from rest_jax.rewards.remote import RemoteReward
 from rest_jax.rewards.server import make_server

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rest_jax import main as cli
+from rest_jax.cli import main as cli
 from rest_jax.config import RewardConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.models import get_preset

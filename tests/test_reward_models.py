@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from rest_jax import main as cli
+from rest_jax.cli import main as cli
 from rest_jax.config import RewardConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.rewards import build_reward, check_reward_spec, reward_label, score

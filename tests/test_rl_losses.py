@@ -13,12 +13,12 @@ import optax
 import pytest
 from flax import nnx
 
-from rest_jax import losses
+from rest_jax.improve import losses
 from rest_jax.config import BvmpoConfig, GoldConfig, OacConfig, TrainConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.improve import Trainer
-from rest_jax.sharding import make_layout
-from rest_jax.value import mc_returns
+from rest_jax.improve.trainer import Trainer
+from rest_jax.parallel.layout import make_layout
+from rest_jax.improve.value import mc_returns
 
 RNG = np.random.default_rng(0)
 B, T, V = 2, 4, 5

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax.decoding import decode, row_keys, sample_logits
+from rest_jax.grow.decoding import decode, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, ModelConfig, SequenceModel
-from rest_jax.sampling import Sampler, place_params
-from rest_jax.sharding import make_layout
+from rest_jax.grow.sampler import Sampler, place_params
+from rest_jax.parallel.layout import make_layout
 
 VOCAB = 8
 NEG = -1e9

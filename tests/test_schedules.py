@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from rest_jax import config as C
-from rest_jax import schedules
+from rest_jax.improve import schedules
 from rest_jax.errors import RestJaxError
-from rest_jax.schedules import GrowRewards, Threshold, make_schedule
-from rest_jax.thresholds import plan_thresholds
+from rest_jax.improve.schedules import GrowRewards, Threshold, make_schedule
+from rest_jax.improve.thresholds import plan_thresholds
 
 
 def _grow(seed: int = 0, sources: int = 12, n: int = 6) -> GrowRewards:

@@ -6,7 +6,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rest_jax.errors import RestJaxError
-from rest_jax.sharding import make_layout, make_mesh
+from rest_jax.parallel.layout import make_layout, make_mesh
 
 
 def test_one_device_is_a_1x1x1_mesh():

@@ -5,9 +5,15 @@ import os
 
 import pytest
 
-from rest_jax import compare, launchers, main, sweep
+from rest_jax.cli import compare
+
+from rest_jax.cli import launchers
+
+from rest_jax.cli import main
+
+from rest_jax.cli import sweep
 from rest_jax.errors import RestJaxError
-from rest_jax.reporting import summary_row
+from rest_jax.pipeline.reporting import summary_row
 
 
 def test_expand_cartesian_product_and_names():

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from num2words import num2words
 
-from rest_jax import data, tasks
+from rest_jax import tasks
+
+from rest_jax.tasks import data
 from rest_jax.errors import RestJaxError
 from rest_jax.tasks import arith, numbers
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rest_jax.errors import RestJaxError
-from rest_jax.thresholds import FixedSchedule, ThresholdSchedule, plan_thresholds
+from rest_jax.improve.thresholds import FixedSchedule, ThresholdSchedule, plan_thresholds
 
 PAPER = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)
 

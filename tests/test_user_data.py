@@ -9,7 +9,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from rest_jax import config as C
-from rest_jax import convert, data, loop, tasks, vocabularies
+from rest_jax import tasks
+from rest_jax.checkpoints import convert
+from rest_jax.tasks import data
+from rest_jax.pipeline import loop
+from rest_jax.tasks import vocabularies
 from rest_jax.errors import RestJaxError
 from tokenizer_fixtures import build_hf_tokenizer
 
@@ -156,7 +160,7 @@ def test_rest_loop_on_jsonl_task_with_hf_tokenizer(tmp_path):
   assert [(r["phase"], r["grow_step"], r["improve_step"]) for r in out["rows"]] == [
       ("bc", 0, 0), ("improve", 1, 1)]
   assert out["rows"][0]["train_examples"] == 0  # run_bc=False: the import is the start.
-  from rest_jax import growdata
+  from rest_jax.grow import dataset as growdata
   records = list(growdata.read_records(str(tmp_path / "work" / "grow" / "g001")))
   # 10 labeled + 6 unlabeled prompts x 2 samples, plus D's 10 originals.
   assert len([r for r in records if r.sample_idx >= 0]) == (10 + 6) * 2

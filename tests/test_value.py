@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax import losses, value
+from rest_jax.improve import losses
+
+from rest_jax.improve import value
 from rest_jax.config import ValueConfig
-from rest_jax.extras import build_extras
+from rest_jax.improve.extras import build_extras
 from rest_jax.models import build_model, get_preset
-from rest_jax.sharding import make_layout
+from rest_jax.parallel.layout import make_layout
 
 CONFIG = get_preset("tiny_decoder", num_decoder_layers=1)
 

@@ -8,7 +8,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from rest_jax import vocabularies
+from rest_jax.tasks import vocabularies
 from rest_jax.errors import RestJaxError
 from rest_jax.evaluation import detokenize
 from tokenizer_fixtures import build_hf_tokenizer, build_spm

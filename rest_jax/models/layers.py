@@ -1,7 +1,7 @@
 """Building blocks shared by both model families (Flax NNX; biases only for Qwen2 q/k/v).
 
 Every parameter is an ``nnx.Param`` carrying ``out_sharding`` logical axis names of its rank
-(t5x names: vocab, embed, mlp, heads, kv_heads, kv, relpos_buckets); ``rest_jax.sharding``
+(t5x names: vocab, embed, mlp, heads, kv_heads, kv, relpos_buckets); ``rest_jax.parallel.layout``
 turns them into shardings. Activations run in the config's ``dtype``, parameters are stored
 in ``param_dtype``; attention logits, softmax and normalisation statistics are float32.
 """

@@ -30,11 +30,11 @@ from flax import nnx
 from scipy import stats
 from tqdm.auto import tqdm
 
-from rest_jax import checkpoints
+from rest_jax.checkpoints import phases as checkpoints
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import ModelConfig
 from rest_jax.models.scalar_head import RewardModel
-from rest_jax.sharding import Layout, make_layout
+from rest_jax.parallel.layout import Layout, make_layout
 
 logger = logging.getLogger("rest_jax")
 

@@ -5,7 +5,7 @@ A reward-model directory (written by ``save_reward_model``, read by ``LearnedRew
   reward_model.json   {"model": ModelConfig fields, "vocabulary": {"kind": "byte"} or
                        {"kind": "sentencepiece", "path": ...}, "input_len", "target_len",
                        "metrics": {...}}
-  params/             the model's parameters (an orbax checkpoint, rest_jax.checkpoints)
+  params/             the model's parameters (an orbax checkpoint, rest_jax.checkpoints.phases)
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from rest_jax import checkpoints
+from rest_jax.checkpoints import phases as checkpoints
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, PAD_ID, ModelConfig
 from rest_jax.models.scalar_head import RewardModel
 from rest_jax.rewards.fitting import META, PARAMS, write_reward_model_dir
-from rest_jax.sharding import Layout, make_layout
+from rest_jax.parallel.layout import Layout, make_layout
 
 
 

@@ -30,7 +30,7 @@ __all__ = ["EncodedPairs", "RewardTrainConfig", "ScoredPairs", "encode_pairs", "
            "init_from_policy", "kendall_tau", "load_scored_pairs", "split_pairs",
            "train_reward_model"]
 from rest_jax.rewards.learned import encode, vocabulary_info
-from rest_jax.sharding import Layout, make_layout
+from rest_jax.parallel.layout import Layout, make_layout
 
 logger = logging.getLogger("rest_jax")
 
@@ -71,7 +71,8 @@ def load_scored_pairs(path: str | Sequence[str], *,
   rows: list[tuple[str, str, float, Any]] = []
   for path in paths:
     if os.path.isdir(path):
-      from rest_jax import growdata, inspection  # pylint: disable=g-import-not-at-top
+      from rest_jax.grow import dataset as growdata  # pylint: disable=g-import-not-at-top
+      from rest_jax.cli import inspection  # pylint: disable=g-import-not-at-top
       steps = inspection.grow_dirs(path)
       for _, directory in steps:
         for r in growdata.read_records(directory):
@@ -133,7 +134,7 @@ def init_from_policy(params: nnx.State, checkpoint: str, *, model: ModelConfig,
   Returns:
     the params with every leaf of the same path and shape replaced, and how many were.
   """
-  from rest_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from rest_jax.checkpoints import phases as checkpoints  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards import learned  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(checkpoint, learned.META)):
     restored = checkpoints.restore_params(os.path.join(checkpoint, learned.PARAMS),

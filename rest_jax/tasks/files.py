@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import seqio
 
-from rest_jax import tasks, vocabularies
+from rest_jax import tasks
+
+from rest_jax.tasks import vocabularies
 from rest_jax.config import FileTaskConfig
 from rest_jax.errors import RestJaxError
 

@@ -30,7 +30,9 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from rest_jax import tasks, vocabularies
+from rest_jax import tasks
+
+from rest_jax.tasks import vocabularies
 from rest_jax.config import TfdsTaskConfig
 from rest_jax.errors import RestJaxError
 

@@ -157,7 +157,7 @@ def _ours(path: str, inputs: np.ndarray, targets: np.ndarray):
   """Our loader's logits and greedy decodes (imported late: needs jax + rest_jax)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from rest_jax.convert import load_hf  # pylint: disable=g-import-not-at-top
+  from rest_jax.checkpoints.convert import load_hf  # pylint: disable=g-import-not-at-top
   from rest_jax.models import abstract_model  # pylint: disable=g-import-not-at-top
 
   config, params = load_hf(path)
@@ -175,7 +175,7 @@ def _ours(path: str, inputs: np.ndarray, targets: np.ndarray):
 @torch.no_grad()
 def _export_check(config, params, hf_model, kind: str, inputs, targets) -> float:
   """Our export loaded by transformers: max |logit diff| against the original HF model."""
-  from rest_jax.convert import save_hf  # pylint: disable=g-import-not-at-top
+  from rest_jax.checkpoints.convert import save_hf  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "export")

@@ -1,0 +1,145 @@
+"""Hugging Face checkpoints (``config.json`` + safetensors) in and out; no hub access.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed
+in ``model.safetensors.index.json``. Tensors are read with the ``safetensors`` numpy API, one
+at a time, and placed straight onto their shardings (``params.place_params``). See
+``hf_config`` for the supported architectures and the name mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rest_jax.checkpoints.convert import hf_config
+from rest_jax.checkpoints.convert.params import check_names, place_params
+from rest_jax.errors import RestJaxError
+from rest_jax.models import ModelConfig
+from rest_jax.parallel.layout import Layout
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _safetensors():
+  try:
+    import safetensors  # pylint: disable=g-import-not-at-top
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise RestJaxError("reading or writing Hugging Face checkpoints needs the `safetensors` "
+                       "package; install it with `pip install rest_jax[hf]` (or `pip install "
+                       "safetensors`).") from e
+  return safetensors
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+  """The ``config.json`` dict of an HF checkpoint directory."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise RestJaxError(f"no {CONFIG_FILE} in {path}; pass a Hugging Face model directory "
+                       "(config.json + model.safetensors), e.g. one saved by save_pretrained.")
+  with open(config_path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """Maps every tensor name to the safetensors file holding it."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.isfile(index):
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  single = os.path.join(path, WEIGHTS_FILE)
+  if not os.path.isfile(single):
+    raise RestJaxError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}; only safetensors weights "
+                       "are read (convert pytorch_model.bin with `save_pretrained("
+                       "safe_serialization=True)`).")
+  safetensors = _safetensors()
+  with safetensors.safe_open(single, framework="np") as f:
+    return {name: single for name in f.keys()}
+
+
+def _read_tensor(file: str, name: str) -> np.ndarray:
+  """One tensor as a host numpy array (bfloat16 through the flax API on the CPU backend)."""
+  safetensors = _safetensors()
+  with safetensors.safe_open(file, framework="np") as f:
+    try:
+      return f.get_tensor(name)
+    except TypeError:  # numpy has no bfloat16: read it as a CPU jax array instead.
+      pass
+  with jax.default_device(jax.devices("cpu")[0]):
+    with safetensors.safe_open(file, framework="flax") as f:
+      return np.asarray(f.get_tensor(name))
+
+
+def load_hf(path: str, *, layout: Layout | None = None,
+            dtype: str | None = None) -> tuple[ModelConfig, nnx.State]:
+  """Reads an HF checkpoint directory into our model.
+
+  Args:
+    path: directory with ``config.json`` and safetensors weights.
+    layout: the shardings to place the params on (default: ``make_layout()``).
+    dtype: sets ``dtype`` and ``param_dtype`` of the ModelConfig (e.g. "bfloat16"); None keeps
+      the float32 defaults.
+  Returns:
+    the ModelConfig read from ``config.json`` and the params state of ``build_model(config)``.
+  """
+  cfg = read_hf_config(path)
+  config = hf_config.config_from_hf(cfg, dtype=dtype)
+  files = _weight_files(path)
+
+  def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    source = hf_config.hf_name(config, name)
+    scale = 1.0
+    if name == "decoder.logits_dense.kernel":  # T5: a tied head reads `shared`, maybe scaled.
+      scale = hf_config.t5_head_scale(cfg)
+      if source not in files:
+        source = "shared.weight"
+    if source == "shared.weight" and source not in files:
+      source = next((n for n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+                     if n in files), source)
+    if source not in files:
+      raise RestJaxError(f"tensor {source} (for {name}) is missing from the checkpoint in {path}; "
+                         "the weights do not match its config.json.")
+    tensor = _read_tensor(files[source], source)
+    if scale != 1.0:
+      tensor = tensor * np.asarray(scale, tensor.dtype)
+    return hf_config.to_ours(name, tensor, shape)
+
+  return config, place_params(config, fetch, layout=layout)
+
+
+def save_hf(path: str, config: ModelConfig, params: nnx.State) -> None:
+  """Writes ``params`` as an HF checkpoint: ``config.json`` + ``model.safetensors``.
+
+  ``transformers`` loads it with ``AutoModelForSeq2SeqLM`` (enc-dec, as T5) or
+  ``AutoModelForCausalLM`` (decoder-only: Llama, or Qwen2 when ``attention_bias``). Tensors are
+  gathered to the host one at a time; only process 0 writes. ``path`` must not exist yet.
+  """
+  safetensors = _safetensors()
+  if os.path.exists(path):
+    raise RestJaxError(f"export path {path} already exists; choose a new path or delete it.")
+  hf = hf_config.config_to_hf(config)
+  tensors = {hf_config.hf_name(config, name): hf_config.to_hf(name, array)
+             for name, array in check_names(config, params).items()}
+  if jax.process_index() != 0:
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  os.makedirs(tmp)
+  if any(t.dtype != np.float32 for t in tensors.values()):
+    import safetensors.flax  # pylint: disable=g-import-not-at-top
+    with jax.default_device(jax.devices("cpu")[0]):
+      safetensors.flax.save_file({k: jax.numpy.asarray(v) for k, v in tensors.items()},
+                                 os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+  else:
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
+                                metadata={"format": "pt"})
+  with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  os.rename(tmp, path)

@@ -1,0 +1,96 @@
+"""Compare runs: their ``summary.json`` files as one table and one plot.
+
+  rest-jax compare W1 W2 ... [--out compare.png]    # or a sweep root (its sweep.json)
+
+A summary is ``{"rows": [summary_row, ...], "wall_time_s": float}`` (``rest_jax.pipeline.reporting``);
+the first row is BC, then one row per Improve step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Sequence
+
+from rest_jax.errors import RestJaxError
+from rest_jax.pipeline.reporting import SUMMARY_FILE, read_json
+from rest_jax.cli.sweep import SWEEP_FILE
+
+
+def resolve_workdirs(paths: Sequence[str]) -> list[str]:
+  """Workdirs to compare: each path itself, or for a sweep root, its runs (from sweep.json)."""
+  out = []
+  for path in paths:
+    if not os.path.exists(os.path.join(path, SUMMARY_FILE)) and os.path.exists(
+        os.path.join(path, SWEEP_FILE)):
+      out += [r["workdir"] for r in read_json(os.path.join(path, SWEEP_FILE))["runs"]]
+    else:
+      out.append(path)
+  return out
+
+
+def load_summaries(workdirs: Sequence[str]) -> dict[str, dict]:
+  """``{label: summary}``; the label is the workdir's base name (its sweep run name)."""
+  if not workdirs:
+    raise RestJaxError("nothing to compare; pass workdirs (or a sweep root) to `rest-jax compare`.")
+  out: dict[str, dict] = {}
+  for workdir in workdirs:
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if not os.path.exists(path):
+      raise RestJaxError(f"{path} does not exist: the run in {workdir} has not finished; finish "
+                         "it (rerun its `rest-jax run`) or leave it out.")
+    try:
+      summary = read_json(path)
+      rows = summary["rows"]
+      float(rows[0]["eval_reward"])
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
+      raise RestJaxError(f"{path} is not a rest_jax summary ({e!r}); it needs "
+                         '{"rows": [...], "wall_time_s": ...} as reporting.py writes it.') from e
+    label = os.path.basename(os.path.normpath(workdir)) or workdir
+    if label in out:
+      label = workdir
+    out[label] = summary
+  return out
+
+
+def _phase(row: Mapping) -> str:
+  return "BC" if row["phase"] == "bc" else f"g{row['grow_step']} i{row['improve_step']}"
+
+
+def format_comparison(summaries: Mapping[str, dict]) -> str:
+  """One line per run: BC, final and best held-out reward (and where), final exact match."""
+  width = max(len("run"), *(len(k) for k in summaries))
+  head = (f"{'run':{width}} {'phases':>6} {'bc':>7} {'final':>7} {'best':>7} {'best at':>8} "
+          f"{'exact':>6} {'wall s':>8}")
+  lines = [head, "-" * len(head)]
+  for label, summary in summaries.items():
+    rows = summary["rows"]
+    best = max(rows, key=lambda r: r["eval_reward"])
+    lines.append(f"{label:{width}} {len(rows):>6} {rows[0]['eval_reward']:>7.4f} "
+                 f"{rows[-1]['eval_reward']:>7.4f} {best['eval_reward']:>7.4f} "
+                 f"{_phase(best):>8} {rows[-1]['eval_exact_match']:>6.3f} "
+                 f"{summary.get('wall_time_s', 0.0):>8.1f}")
+  return "\n".join(lines)
+
+
+def plot_comparison(summaries: Mapping[str, dict], out: str) -> str:
+  """Held-out reward per phase (BC, g0 i1, ...), one line per run; writes a PNG to ``out``."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  longest = max(summaries.values(), key=lambda s: len(s["rows"]))["rows"]
+  fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(longest) + 3), 4))
+  for label, summary in summaries.items():
+    rows = summary["rows"]
+    ax.plot(range(len(rows)), [r["eval_reward"] for r in rows], "o-", label=label)
+  ax.set_xticks(range(len(longest)), [_phase(r) for r in longest])
+  ax.set_ylabel("held-out reward")
+  ax.set_title("Eval reward across BC, Grow (g) and Improve (i) steps")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out

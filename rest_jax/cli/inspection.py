@@ -1,0 +1,150 @@
+"""`rest-jax inspect`: what the Grow steps of a workdir produced, as text or JSON lines.
+
+The reward is a proxy (REST.md section 5): looking at the best- and worst-scored samples next to
+the reward histogram is the quickest way to notice a reward that is being gamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from rest_jax.grow import dataset as growdata
+
+from rest_jax.grow import stats as growstats
+from rest_jax.errors import RestJaxError
+from rest_jax.grow.dataset import GrowRecord
+
+_GROW_DIR_RE = re.compile(r"^g(\d+)$")
+_TEXT_WIDTH = 70
+
+
+def grow_dirs(workdir: str) -> list[tuple[int, str]]:
+  """(grow step, directory) of every WORKDIR/grow/gNNN directory, by step.
+
+  Raises:
+    RestJaxError: the workdir does not exist, or holds no Grow directory.
+  """
+  if not tf.io.gfile.isdir(workdir):
+    raise RestJaxError(f"workdir {workdir} does not exist; pass the directory given to "
+                       "`rest-jax run`.")
+  root = os.path.join(workdir, "grow")
+  found = []
+  if tf.io.gfile.isdir(root):
+    for name in tf.io.gfile.listdir(root):
+      match = _GROW_DIR_RE.match(name.rstrip("/"))
+      if match and tf.io.gfile.isdir(os.path.join(root, name)):
+        found.append((int(match.group(1)), os.path.join(root, name.rstrip("/"))))
+  if not found:
+    raise RestJaxError(f"no Grow data in {root}: no Grow step has run yet. Run `rest-jax run` "
+                       "with num_grow_steps >= 1 (BC runs first, then Grow).")
+  return sorted(found)
+
+
+def _clip(text: str) -> str:
+  text = json.dumps(text, ensure_ascii=False)
+  return text if len(text) <= _TEXT_WIDTH else text[:_TEXT_WIDTH - 4] + '..."'
+
+
+def _format_record(record: GrowRecord) -> str:
+  kind = "original" if record.is_original else f"sample {record.sample_idx}"
+  return (f"    reward {record.reward:.4f}  example {record.example_id} ({kind}): "
+          f"{_clip(record.inputs_pretokenized)} -> {_clip(record.targets_pretokenized)}")
+
+
+def _describe_step(step: int, directory: str, num_examples: int) -> list[str]:
+  if not growdata.is_complete(directory):
+    chunks = growdata.chunk_files(directory)
+    return [f"Grow step {step} ({directory}): NOT finalized, {len(chunks)} chunk(s) written; "
+            "rerun `rest-jax run` to finish it."]
+  stats = growdata.read_stats(directory)
+  index = growdata.load_index(directory)
+  originals = index["reward"][index["is_original"]]
+  lines = [
+      f"Grow step {step} ({directory}): {stats.count} records = {stats.num_samples} samples + "
+      f"{stats.num_originals} originals, in {len(stats.chunks)} chunk(s)",
+      f"  sample reward: mean {stats.mean:.4f}  std {stats.std:.4f}  min {stats.min:.4f}  "
+      f"max {stats.max:.4f}",
+      f"  all records: mean {stats.mean_all:.4f}"
+      + (f";  originals: mean {float(originals.mean()):.4f}" if originals.size else ""),
+      "  quantiles: " + "  ".join(f"p{float(q) * 100:g} {v:.4f}"
+                                  for q, v in stats.quantiles.items()),
+      "  histogram:",
+  ]
+  lines += ["    " + line for line in growstats.histogram_text(stats).splitlines()]
+  if num_examples > 0:
+    pool = np.flatnonzero(~index["is_original"]) if stats.num_samples else np.arange(stats.count)
+    order = pool[np.lexsort((index["sample_idx"][pool], index["example_id"][pool],
+                             -index["reward"][pool]))]
+    files = [str(f) for f in index["files"]]
+    k = min(num_examples, order.size)
+    for title, picks in (("best", order[:k]), ("worst", order[::-1][:k])):
+      lines.append(f"  {title} {'samples' if stats.num_samples else 'records'}:")
+      for i in picks:
+        record = growdata.read_record(directory, files[int(index["chunk"][i])],
+                                      int(index["position"][i]))
+        lines.append(_format_record(record))
+  return lines
+
+
+def describe(workdir: str, *, num_examples: int = 3) -> str:
+  """A text report of every Grow step of ``workdir``.
+
+  For each step: record counts, reward statistics, the reward histogram, and the
+  ``num_examples`` best and worst samples with their texts.
+
+  Raises:
+    RestJaxError: missing workdir or no Grow data.
+  """
+  lines = [f"workdir {workdir}"]
+  for step, directory in grow_dirs(workdir):
+    lines.append("")
+    lines += _describe_step(step, directory, num_examples)
+  return "\n".join(lines)
+
+
+def _record_json(record: GrowRecord, step: int) -> dict:
+  return {"grow_dir_step": step, "grow_step": record.grow_step,
+          "example_id": record.example_id, "sample_idx": record.sample_idx,
+          "is_original": bool(record.is_original), "reward": float(record.reward),
+          "inputs_pretokenized": record.inputs_pretokenized,
+          "targets_pretokenized": record.targets_pretokenized,
+          "inputs": [int(t) for t in record.inputs], "targets": [int(t) for t in record.targets],
+          "behaviour_logprobs": [float(x) for x in record.behaviour_logprobs]}
+
+
+def export_jsonl(workdir: str, path: str, *, grow_step: int | None = None) -> int:
+  """Writes every Grow record (of one step, or all) to ``path``, one JSON object per line.
+
+  Records of unfinished steps are included (their completed chunks). Keys: grow_dir_step,
+  grow_step, example_id, sample_idx, is_original, reward, inputs_pretokenized,
+  targets_pretokenized, inputs, targets, behaviour_logprobs.
+
+  Returns:
+    The number of records written.
+  Raises:
+    RestJaxError: missing workdir, no Grow data, or no Grow step ``grow_step``.
+  """
+  steps = grow_dirs(workdir)
+  if grow_step is not None:
+    chosen = [(s, d) for s, d in steps if s == grow_step]
+    if not chosen:
+      raise RestJaxError(f"{workdir} has no Grow step {grow_step}; it has steps "
+                         f"{[s for s, _ in steps]}.")
+    steps = chosen
+  if not any(growdata.chunk_files(d) for _, d in steps):
+    raise RestJaxError(f"no completed Grow chunks under {workdir}/grow; the Grow step has not "
+                       "written any records yet. Run `rest-jax run`.")
+  count = 0
+  tmp = path + ".writing"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    for step, directory in steps:
+      for record in growdata.read_records(directory):
+        f.write(json.dumps(_record_json(record, step), ensure_ascii=False) + "\n")
+        count += 1
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  return count

@@ -1,0 +1,175 @@
+"""Sweeps: gin bindings with several values -> one run per combination, each in its own workdir.
+
+  rest-jax sweep --root R --gin_file F --sweep config.SamplingConfig.num_samples=2,4,8 \\
+      --sweep "improve/config.TrainConfig.loss='bc','reward_weighted_bc'"
+
+expands to the cartesian product (first ``--sweep`` varies slowest), names each run from the
+short binding names and values (``num_samples=4,loss=bc``), and puts it in ``R/<name>``.
+Runs are launched one after another with a launcher (``rest_jax.cli.launchers``); locally, a run
+whose workdir says ``done`` is skipped and an unfinished one resumes. ``R/sweep.json`` lists the
+runs (for ``rest-jax compare R``). This module imports neither jax nor gin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import re
+from typing import Callable, Sequence
+
+from rest_jax.cli import launchers
+from rest_jax.errors import RestJaxError
+from rest_jax.cli.launchers import RunSpec
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  """One swept binding: a gin name and its values (gin literals, e.g. ``4`` or ``'bc'``)."""
+
+  binding: str
+  values: tuple[str, ...]
+
+
+def split_values(text: str) -> list[str]:
+  """Splits ``a,b,c`` on top-level commas (not inside quotes, [] () or {})."""
+  out, depth, quote, current = [], 0, "", []
+  for ch in text:
+    if quote:
+      quote = "" if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "[({":
+      depth += 1
+    elif ch in "])}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      out.append("".join(current).strip())
+      current = []
+      continue
+    current.append(ch)
+  out.append("".join(current).strip())
+  return out
+
+
+def parse_axis(spec: str) -> Axis:
+  """``"config.SamplingConfig.num_samples=2,4,8"`` -> Axis(binding, ("2", "4", "8"))."""
+  if "=" not in spec:
+    raise RestJaxError(f"--sweep {spec!r} is not NAME=V1,V2,...; e.g. "
+                       "--sweep config.SamplingConfig.num_samples=2,4,8.")
+  binding, text = (s.strip() for s in spec.split("=", 1))
+  values = split_values(text)
+  if not binding or not all(values):
+    raise RestJaxError(f"--sweep {spec!r} has an empty name or value; write NAME=V1,V2,...")
+  if len(set(values)) != len(values):
+    raise RestJaxError(f"--sweep {spec!r} repeats a value; list each value once.")
+  return Axis(binding, tuple(values))
+
+
+def short_names(bindings: Sequence[str]) -> list[str]:
+  """Readable, unique names for bindings: the parameter (``num_samples``), else scope and
+  parameter (``improve.learning_rate``), else the whole binding."""
+  if len(set(bindings)) != len(bindings):
+    raise RestJaxError(f"a binding is swept twice in {list(bindings)}; give each one --sweep.")
+
+  def levels(b: str) -> list[str]:
+    scope = b.rsplit("/", 1)[0] if "/" in b else ""
+    last = b.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+    return [last, f"{scope}.{last}" if scope else last, b]
+
+  for level in range(3):
+    names = [levels(b)[level] for b in bindings]
+    if len(set(names)) == len(names):
+      return names
+  return list(bindings)
+
+
+def _safe(text: str) -> str:
+  """A filesystem-safe rendering of a gin value: quotes dropped, other odd characters -> _."""
+  text = text.replace("'", "").replace('"', "")
+  return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_.") or "_"
+
+
+def expand(axes: Sequence[Axis]) -> list[tuple[str, tuple[str, ...]]]:
+  """The cartesian product: ``[(run name, ("binding=value", ...))]``, first axis slowest."""
+  names = short_names([a.binding for a in axes])
+  runs = []
+  for combo in itertools.product(*(a.values for a in axes)):
+    label = ",".join(f"{_safe(n)}={_safe(v)}" for n, v in zip(names, combo))
+    runs.append((label, tuple(f"{a.binding}={v}" for a, v in zip(axes, combo))))
+  if len({name for name, _ in runs}) != len(runs):
+    raise RestJaxError("two sweep runs get the same directory name (values that differ only in "
+                       "characters replaced by _); choose values that differ in letters/digits.")
+  return runs
+
+
+def plan(root: str, gin_files: Sequence[str], overrides: Sequence[str],
+         axes: Sequence[Axis]) -> list[tuple[str, RunSpec]]:
+  """``[(name, RunSpec)]``: every combination's run under ``root/<name>``; sweep values come
+  after the fixed ``overrides`` (so they win)."""
+  if not axes:
+    raise RestJaxError("no --sweep given; e.g. --sweep config.SamplingConfig.num_samples=2,4.")
+  return [(name, RunSpec(tuple(gin_files), os.path.join(root, name),
+                         tuple(overrides) + swept)) for name, swept in expand(axes)]
+
+
+def is_finished(workdir: str) -> bool:
+  """True when ``rest-jax run`` finished in ``workdir`` (state ``done`` and a summary)."""
+  state = os.path.join(workdir, "state.json")
+  if not (os.path.exists(state) and os.path.exists(os.path.join(workdir, "summary.json"))):
+    return False
+  with open(state, encoding="utf-8") as f:
+    return json.load(f).get("phase") == "done"
+
+
+def write_manifest(root: str, runs: Sequence[tuple[str, RunSpec]]) -> str:
+  """Adds the runs to ``root/sweep.json`` (earlier entries of other names are kept)."""
+  os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, SWEEP_FILE)
+  entries = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      entries = {e["name"]: e for e in json.load(f)["runs"]}
+  for name, run in runs:
+    entries[name] = {"name": name, "workdir": run.workdir, "gin_files": list(run.gin_files),
+                     "overrides": list(run.overrides)}
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"runs": list(entries.values())}, f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def per_run_options(launcher: str, opts: argparse.Namespace, index: int) -> argparse.Namespace:
+  """Cluster job names must differ per run: xpk workload / SLURM job name get ``-<index>``."""
+  values = dict(vars(opts))
+  if launcher == "xpk":
+    values["workload"] = f"{opts.workload}-{index}"
+  elif launcher == "slurm":
+    values["job_name"] = f"{opts.job_name}-{index}"
+  return argparse.Namespace(**values)
+
+
+def run_sweep(runs: Sequence[tuple[str, RunSpec]], *, launcher: str, opts: argparse.Namespace,
+              dry_run: bool, echo: Callable[[str], None] = print) -> list[str]:
+  """Launches (or with ``dry_run`` prints) every run in order; returns the names launched.
+
+  With the local launcher a finished run is skipped; an unfinished one resumes.
+  """
+  launched = []
+  for index, (name, run) in enumerate(runs):
+    if launcher == "local" and is_finished(run.workdir):
+      echo(f"# {name}: finished, skipped")
+      continue
+    run_opts = per_run_options(launcher, opts, index)
+    echo(f"# {name}")
+    if dry_run:
+      echo(launchers.describe(launcher, run, run_opts))
+    else:
+      launchers.execute(launcher, run, run_opts)
+    launched.append(name)
+  return launched

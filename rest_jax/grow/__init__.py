@@ -1,0 +1,1 @@
+"""Grow: decoding loop, sampler, memory plan, the Grow step and the Grow dataset."""

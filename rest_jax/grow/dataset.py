@@ -1,0 +1,422 @@
+"""The on-disk Grow dataset D_g of one Grow step: chunked, immutable, marked complete.
+
+Layout of a Grow directory (e.g. WORKDIR/grow/g001/):
+
+  chunk-h{host:03d}-{idx:05d}.tfrecord   tf.train.Example records, one file per chunk
+  chunk-h{host:03d}-{idx:05d}.tmp        a chunk being written (removed if stale)
+  index.npz                              host-side index: example_id, sample_idx, reward, ...
+  stats.json                             GrowStats, including the manifest of chunk files
+  COMPLETED                              written last, by ``finalize``
+
+Each chunk is written to a temporary name, flushed, fsynced and renamed: a chunk file exists
+only when complete, and a completed chunk is never rewritten. The caller maps chunk ``k`` to a
+fixed slice of prompts, so a crashed Grow step resumes at its missing chunks. Readers filter
+(threshold, originals, at most K samples per prompt) at read time and never rewrite files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import os
+import re
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from rest_jax.grow import stats as growstats
+from rest_jax.errors import RestJaxError
+from rest_jax.grow.stats import GrowStats
+
+COMPLETED = "COMPLETED"
+STATS = "stats.json"
+INDEX = "index.npz"
+_CHUNK_RE = re.compile(r"^chunk-h(\d{3})-(\d{5})\.tfrecord$")
+_TASK_COUNTER = itertools.count()
+_READ_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)
+
+FEATURES = {
+    "example_id": tf.io.FixedLenFeature([], tf.int64),
+    "sample_idx": tf.io.FixedLenFeature([], tf.int64),
+    "inputs": tf.io.FixedLenSequenceFeature([], tf.int64, allow_missing=True),
+    "targets": tf.io.FixedLenSequenceFeature([], tf.int64, allow_missing=True),
+    "inputs_pretokenized": tf.io.FixedLenFeature([], tf.string),
+    "targets_pretokenized": tf.io.FixedLenFeature([], tf.string),
+    "reward": tf.io.FixedLenFeature([], tf.float32),
+    "behaviour_logprobs": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
+    "is_original": tf.io.FixedLenFeature([], tf.int64),
+    "grow_step": tf.io.FixedLenFeature([], tf.int64),
+}
+_INDEX_FEATURES = ("example_id", "sample_idx", "reward", "is_original", "grow_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowRecord:
+  """One (x, y) pair of D_g with its reward.
+
+  ``inputs`` / ``targets`` are unpadded token ids (a finished sample's targets end with EOS);
+  ``behaviour_logprobs`` has one log-prob per target token, from the policy that sampled it.
+  An original pair of D has ``sample_idx == -1`` and ``is_original`` True.
+  """
+
+  example_id: int
+  sample_idx: int
+  inputs: Sequence[int]
+  targets: Sequence[int]
+  inputs_pretokenized: str
+  targets_pretokenized: str
+  reward: float
+  behaviour_logprobs: Sequence[float]
+  is_original: bool
+  grow_step: int
+
+  def serialize(self) -> bytes:
+    """The record as a serialized tf.train.Example."""
+    ints = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=v))
+    floats = lambda v: tf.train.Feature(float_list=tf.train.FloatList(value=v))
+    text = lambda s: tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode("utf-8")]))
+    feature = {
+        "example_id": ints([int(self.example_id)]),
+        "sample_idx": ints([int(self.sample_idx)]),
+        "inputs": ints(np.asarray(self.inputs, dtype=np.int64).tolist()),
+        "targets": ints(np.asarray(self.targets, dtype=np.int64).tolist()),
+        "inputs_pretokenized": text(self.inputs_pretokenized),
+        "targets_pretokenized": text(self.targets_pretokenized),
+        "reward": floats([float(self.reward)]),
+        "behaviour_logprobs": floats(np.asarray(self.behaviour_logprobs, np.float32).tolist()),
+        "is_original": ints([int(bool(self.is_original))]),
+        "grow_step": ints([int(self.grow_step)]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+  @classmethod
+  def from_parsed(cls, ex: Mapping[str, np.ndarray]) -> GrowRecord:
+    """From a numpy dict parsed with ``FEATURES``."""
+    return cls(example_id=int(ex["example_id"]), sample_idx=int(ex["sample_idx"]),
+               inputs=np.asarray(ex["inputs"], np.int64),
+               targets=np.asarray(ex["targets"], np.int64),
+               inputs_pretokenized=bytes(ex["inputs_pretokenized"]).decode("utf-8"),
+               targets_pretokenized=bytes(ex["targets_pretokenized"]).decode("utf-8"),
+               reward=float(ex["reward"]),
+               behaviour_logprobs=np.asarray(ex["behaviour_logprobs"], np.float32),
+               is_original=bool(ex["is_original"]), grow_step=int(ex["grow_step"]))
+
+  def check(self) -> None:
+    """Raises ValueError on an inconsistent record (a bug in the caller)."""
+    if len(self.behaviour_logprobs) != len(self.targets):
+      raise ValueError(f"record ({self.example_id}, {self.sample_idx}): "
+                       f"{len(self.behaviour_logprobs)} behaviour log-probs for "
+                       f"{len(self.targets)} target tokens")
+    if bool(self.is_original) != (self.sample_idx == -1):
+      raise ValueError(f"record ({self.example_id}, {self.sample_idx}): is_original="
+                       f"{self.is_original} but originals (only) have sample_idx -1")
+    if not 0.0 <= float(self.reward) <= 1.0:
+      raise ValueError(f"record ({self.example_id}, {self.sample_idx}): reward {self.reward} "
+                       "is outside [0, 1] (score rewards with rest_jax.rewards.score)")
+
+
+def chunk_name(host_id: int, chunk_index: int) -> str:
+  return f"chunk-h{host_id:03d}-{chunk_index:05d}.tfrecord"
+
+
+def chunk_files(directory: str) -> list[str]:
+  """Names of every completed chunk file in ``directory`` (all hosts), sorted."""
+  if not tf.io.gfile.isdir(directory):
+    return []
+  return sorted(n for n in tf.io.gfile.listdir(directory) if _CHUNK_RE.match(n))
+
+
+class GrowWriter:
+  """Writes this host's chunks of one Grow dataset; a chunk is the unit of resume."""
+
+  def __init__(self, directory: str, *, host_id: int = 0):
+    """Creates ``directory`` and removes this host's stale .tmp files from a crashed attempt."""
+    if not 0 <= host_id <= 999:
+      raise ValueError(f"host_id {host_id} must be in [0, 999]")
+    self.directory = directory
+    self.host_id = host_id
+    tf.io.gfile.makedirs(directory)
+    for name in tf.io.gfile.listdir(directory):
+      if name.startswith(f"chunk-h{host_id:03d}-") and name.endswith(".tmp"):
+        tf.io.gfile.remove(os.path.join(directory, name))
+
+  def completed_chunks(self) -> set[int]:
+    """Indices of this host's completed chunks."""
+    found = set()
+    for name in chunk_files(self.directory):
+      host, index = _CHUNK_RE.match(name).groups()
+      if int(host) == self.host_id:
+        found.add(int(index))
+    return found
+
+  def write_chunk(self, chunk_index: int, records: Sequence[GrowRecord]) -> str:
+    """Writes chunk ``chunk_index`` atomically and returns its path.
+
+    Args:
+      chunk_index: the chunk's index (0-based, in [0, 99999]) within this host's prompts.
+      records: every record of the chunk's prompts: N samples per prompt and the originals.
+    Raises:
+      RestJaxError: the chunk is already complete (chunks are immutable), or the Grow dataset
+        was already finalized.
+    """
+    if not 0 <= chunk_index <= 99_999:
+      raise ValueError(f"chunk_index {chunk_index} must be in [0, 99999]")
+    final = os.path.join(self.directory, chunk_name(self.host_id, chunk_index))
+    if is_complete(self.directory):
+      raise RestJaxError(f"{self.directory} is already finalized (COMPLETED exists); a Grow "
+                         "dataset is immutable. Delete the directory to regenerate it.")
+    if tf.io.gfile.exists(final):
+      raise RestJaxError(f"chunk {final} is already complete and chunks are never rewritten; "
+                         "skip the indices in completed_chunks(), or delete the file to "
+                         "regenerate it.")
+    for record in records:
+      record.check()
+    tmp = final[:-len(".tfrecord")] + ".tmp"
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for record in records:
+        writer.write(record.serialize())
+      writer.flush()
+    growstats.fsync_path(tmp)
+    tf.io.gfile.rename(tmp, final, overwrite=False)
+    growstats.fsync_path(self.directory)
+    return final
+
+
+def _corrupt(directory: str, name: str, error: Exception) -> RestJaxError:
+  return RestJaxError(
+      f"Grow chunk {os.path.join(directory, name)} is corrupt, truncated or missing "
+      f"({str(error).strip().splitlines()[-1][:160]}). Delete that chunk file (and, if present, "
+      f"{COMPLETED}, {STATS} and {INDEX} in the same directory) and rerun: the Grow step "
+      "regenerates the missing chunk.")
+
+
+def _parse_index(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  return tf.io.parse_example(serialized, {k: FEATURES[k] for k in _INDEX_FEATURES})
+
+
+def _read_chunk_index(directory: str, name: str) -> dict[str, np.ndarray]:
+  """The index columns of one chunk file, `[records]` each; RestJaxError if corrupt."""
+  parts = []
+  try:
+    dataset = tf.data.TFRecordDataset(os.path.join(directory, name)).batch(4096)
+    for batch in dataset.map(_parse_index).as_numpy_iterator():
+      parts.append(batch)
+  except _READ_ERRORS as e:
+    raise _corrupt(directory, name, e) from None
+  columns = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros([0], np.int64)
+             for k in _INDEX_FEATURES}
+  columns["reward"] = columns["reward"].astype(np.float32)
+  columns["is_original"] = columns["is_original"].astype(bool)
+  return columns
+
+
+def verify_chunks(directory: str) -> dict[str, int]:
+  """Reads every completed chunk; returns file name -> record count.
+
+  Raises:
+    RestJaxError: a chunk is corrupt (names the file and the fix).
+  """
+  return {name: int(_read_chunk_index(directory, name)["reward"].size)
+          for name in chunk_files(directory)}
+
+
+def is_complete(directory: str) -> bool:
+  """Whether ``finalize`` has finished for this Grow dataset."""
+  return tf.io.gfile.exists(os.path.join(directory, COMPLETED))
+
+
+def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
+  """Verifies every completed chunk, then writes index.npz, stats.json and COMPLETED (last).
+
+  Host 0 calls this once every host has written its chunks. Calling it on a finalized dataset
+  returns the stored stats.
+
+  Raises:
+    RestJaxError: no chunks, an unfinished (.tmp) chunk, a corrupt chunk, or a record that
+      appears twice (the step was resumed with a different host count or chunk size).
+  """
+  if is_complete(directory):
+    return read_stats(directory)
+  names = chunk_files(directory)
+  if not names:
+    raise RestJaxError(f"no completed Grow chunks in {directory}; run the Grow step "
+                       "(rerun `rest-jax run`) to generate them.")
+  pending = sorted(n for n in tf.io.gfile.listdir(directory) if n.endswith(".tmp"))
+  if pending:
+    raise RestJaxError(f"{directory} holds unfinished chunk writes {pending}: a Grow worker "
+                       "crashed mid-chunk. Rerun the Grow step; it removes them and regenerates "
+                       "those chunks before finalizing.")
+  parts, manifest = [], {}
+  for file_index, name in enumerate(names):
+    part = _read_chunk_index(directory, name)
+    part["chunk"] = np.full(part["reward"].shape, file_index, np.int32)
+    part["position"] = np.arange(part["reward"].size, dtype=np.int64)
+    parts.append(part)
+    manifest[name] = {"records": int(part["reward"].size),
+                      "bytes": int(tf.io.gfile.stat(os.path.join(directory, name)).length)}
+  index = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  if index["reward"].size == 0:
+    raise RestJaxError(f"the Grow chunks in {directory} hold no records: the prompt set was "
+                       "empty. Check the task's train split.")
+  keys = np.stack([index["example_id"], index["sample_idx"]], axis=1)
+  unique, counts = np.unique(keys, axis=0, return_counts=True)
+  if (counts > 1).any():
+    eid, sidx = unique[np.argmax(counts > 1)]
+    raise RestJaxError(
+        f"record (example_id={eid}, sample_idx={sidx}) appears {counts.max()} times in "
+        f"{directory}: the Grow step was resumed with a different number of hosts or chunk "
+        "size. Delete the directory and rerun the Grow step.")
+  steps = np.unique(index.pop("grow_step"))
+  stats = growstats.compute_stats(index["reward"], index["is_original"],
+                                  grow_step=int(steps[0]) if steps.size == 1 else -1,
+                                  histogram_bins=histogram_bins, chunks=manifest)
+  buffer = io.BytesIO()
+  np.savez(buffer, files=np.asarray(names), **index)
+  growstats.atomic_write(os.path.join(directory, INDEX), buffer.getvalue())
+  growstats.atomic_write(os.path.join(directory, STATS), stats.to_json().encode("utf-8"))
+  growstats.atomic_write(os.path.join(directory, COMPLETED), b"ok\n")
+  return stats
+
+
+def _require_complete(directory: str) -> None:
+  if not is_complete(directory):
+    raise RestJaxError(f"Grow dataset {directory} is not finalized (no {COMPLETED} marker): "
+                       "the Grow step did not finish. Rerun `rest-jax run` to complete it.")
+
+
+def read_stats(directory: str) -> GrowStats:
+  """The stats of a finalized Grow dataset."""
+  _require_complete(directory)
+  return GrowStats.from_json(growstats.read_text(os.path.join(directory, STATS)))
+
+
+def load_index(directory: str) -> dict[str, np.ndarray]:
+  """Host-side index of a finalized dataset, `[count]` each: example_id, sample_idx, reward
+  (float32), is_original (bool), chunk (int32 into "files"), position (record number in it)."""
+  _require_complete(directory)
+  with tf.io.gfile.GFile(os.path.join(directory, INDEX), "rb") as f:
+    with np.load(io.BytesIO(f.read())) as data:
+      return {k: data[k] for k in data.files}
+
+
+def read_records(directory: str, *, files: Sequence[str] | None = None) -> Iterator[GrowRecord]:
+  """Every record of the given chunk files (default: all completed chunks), in file order."""
+  for name in files if files is not None else chunk_files(directory):
+    dataset = tf.data.TFRecordDataset(os.path.join(directory, name))
+    try:
+      for ex in dataset.map(lambda s: tf.io.parse_single_example(s, FEATURES)) \
+          .as_numpy_iterator():
+        yield GrowRecord.from_parsed(ex)
+    except _READ_ERRORS as e:
+      raise _corrupt(directory, name, e) from None
+
+
+def read_record(directory: str, name: str, position: int) -> GrowRecord:
+  """Record number ``position`` of chunk file ``name``."""
+  dataset = tf.data.TFRecordDataset(os.path.join(directory, name)).skip(position).take(1)
+  try:
+    for serialized in dataset.as_numpy_iterator():
+      return GrowRecord.from_parsed({k: v.numpy() for k, v in tf.io.parse_single_example(
+          serialized, FEATURES).items()})
+  except _READ_ERRORS as e:
+    raise _corrupt(directory, name, e) from None
+  raise RestJaxError(f"{os.path.join(directory, name)} has no record {position}; the file "
+                     "changed after finalize. Delete the directory and rerun the Grow step.")
+
+
+def count_selected(directory: str, *, threshold: float, max_per_prompt: int = 0,
+                   include_originals: bool = True) -> int:
+  """How many records ``grow_task`` with the same arguments yields.
+
+  Raises:
+    RestJaxError: the filter keeps nothing (names the threshold, the highest reward, the fix).
+  """
+  index = load_index(directory)
+  keep = growstats.select(index, threshold=threshold, max_per_prompt=max_per_prompt,
+                          include_originals=include_originals)
+  count = int(keep.sum())
+  if count == 0:
+    eligible = index["reward"] if include_originals else index["reward"][~index["is_original"]]
+    best = float(eligible.max()) if eligible.size else float("nan")
+    raise RestJaxError(
+        f"threshold {threshold} keeps no example of {directory}: the highest reward among "
+        f"{eligible.size} eligible records is {best:.4f}. Lower the threshold (or use a "
+        "schedule relative to the Grow stats), or check the reward function.")
+  return count
+
+
+def _check_manifest(directory: str, stats: GrowStats) -> list[str]:
+  paths = []
+  for name, info in sorted(stats.chunks.items()):
+    path = os.path.join(directory, name)
+    size = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else None
+    if size != info["bytes"]:
+      raise RestJaxError(
+          f"Grow chunk {path} is {'missing' if size is None else f'{size} bytes'} but was "
+          f"{info['bytes']} bytes when finalized. Delete that chunk file together with "
+          f"{COMPLETED}, {STATS} and {INDEX} in {directory} and rerun: the Grow step "
+          "regenerates it.")
+    paths.append(path)
+  return paths
+
+
+def grow_task(directory: str, *, threshold: float, max_per_prompt: int = 0,
+              include_originals: bool = True,
+              output_features: Mapping[str, seqio.Feature]) -> seqio.Task:
+  """A finalized Grow dataset, filtered at read time, as an (unregistered) seqio Task.
+
+  Args:
+    directory: the Grow directory.
+    threshold: keep records with reward >= threshold.
+    max_per_prompt: if > 0, keep at most this many samples per example_id (best rewards, ties
+      by lower sample_idx; originals not counted).
+    include_originals: keep the original pairs of D (they pass the same threshold filter).
+    output_features: the prompt task's "inputs" / "targets" features (for the vocabulary).
+  Returns:
+    A Task with one split, "train", whose examples have "inputs" / "targets" int32 `[len]`,
+    "reward" f32, "behaviour_logprobs" f32 `[target len]`, "is_original" int32, "example_id",
+    "sample_idx" and "grow_step" int64, and the two "_pretokenized" texts.
+  Raises:
+    RestJaxError: not finalized, a chunk changed since finalize, or nothing passes the filter.
+  """
+  count_selected(directory, threshold=threshold, max_per_prompt=max_per_prompt,
+                 include_originals=include_originals)
+  stats = read_stats(directory)
+  files = _check_manifest(directory, stats)
+  threshold32 = tf.constant(threshold, tf.float32)
+
+  def cast(ex):
+    ex = dict(ex)
+    for key in ("inputs", "targets", "is_original"):
+      ex[key] = tf.cast(ex[key], tf.int32)
+    return ex
+
+  preprocessors = [seqio.map_over_dataset(cast),
+                   lambda ds: ds.filter(lambda ex: ex["reward"] >= threshold32)]
+  if not include_originals:
+    preprocessors.append(lambda ds: ds.filter(lambda ex: ex["is_original"] == 0))
+  if max_per_prompt > 0:
+    index = load_index(directory)
+    keep = growstats.select(index, threshold=threshold, max_per_prompt=max_per_prompt,
+                            include_originals=include_originals) & ~index["is_original"]
+    keys = [f"{e}:{s}" for e, s in zip(index["example_id"][keep], index["sample_idx"][keep])]
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(keys or [""], tf.string),
+                                            tf.ones([max(len(keys), 1)], tf.int64)),
+        default_value=0)
+
+    def capped(ex):
+      key = tf.strings.join([tf.strings.as_string(ex["example_id"]),
+                             tf.strings.as_string(ex["sample_idx"])], separator=":")
+      return tf.logical_or(ex["is_original"] == 1, table.lookup(key) == 1)
+
+    preprocessors.append(lambda ds: ds.filter(capped))
+  source = seqio.TFExampleDataSource({"train": files}, FEATURES,
+                                     num_input_examples={"train": stats.count})
+  tail = re.sub(r"[^\w]", "_", os.path.basename(os.path.normpath(directory)))
+  name = f"rest_jax_grow_{tail}_{next(_TASK_COUNTER)}"
+  return seqio.Task(name, source=source, output_features=dict(output_features),
+                    preprocessors=preprocessors)

@@ -1,0 +1,1 @@
+"""Improve: trainer, losses, threshold schedules, record selection, value network, batches."""

@@ -1,0 +1,62 @@
+"""The Trainer's pre-pass: per-batch inputs a loss declares in ``Loss.needs``.
+
+``build_extras`` returns a function ``device batch -> {name: array}`` that runs frozen networks
+(the BC policy, the phase's starting policy, the value network) on the batch in one jitted call,
+sharded over the batch like the batch itself. The train step then reads them like any batch
+entry, so it stays the same for every loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from rest_jax.errors import RestJaxError
+from rest_jax.improve.losses import (NEEDS_BC_LOGPROBS, NEEDS_START_LOGPROBS, NEEDS_VALUES,
+                             token_logprobs)
+from rest_jax.parallel.layout import Layout
+from rest_jax.improve.value import ValueNet, mc_returns
+
+Extras = Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
+
+
+def build_extras(needs: frozenset[str], *, layout: Layout, policy_graphdef: nnx.GraphDef,
+                 bc_params: nnx.State | None = None, start_params: nnx.State | None = None,
+                 value_net: ValueNet | None = None, value_params: nnx.State | None = None,
+                 discount: float = 1.0) -> Extras | None:
+  """The pre-pass for ``needs`` (None when nothing is needed).
+
+  Adds "bc_logprobs" `[batch, target_len]` (``bc_params``), "start_logprobs"
+  `[batch, target_len, vocab]` (``start_params``), "values" and "returns" `[batch, target_len]`
+  (``value_net`` / ``value_params``, returns with ``discount``).
+  """
+  if not needs:
+    return None
+  frozen = {}
+  for need, key, value in ((NEEDS_BC_LOGPROBS, "bc", bc_params),
+                           (NEEDS_START_LOGPROBS, "start", start_params),
+                           (NEEDS_VALUES, "value", value_params)):
+    if need in needs:
+      if value is None or (need == NEEDS_VALUES and value_net is None):
+        raise RestJaxError(f"the loss needs {need!r} but no {key} network was given; this is a "
+                           "wiring bug in the caller of rest_jax.improve.extras.build_extras.")
+      frozen[key] = value
+
+  def compute(frozen, batch):
+    inputs, targets = batch["inputs"], batch["targets"]
+    out = {}
+    if "bc" in frozen:
+      out["bc_logprobs"] = token_logprobs(
+          nnx.merge(policy_graphdef, frozen["bc"])(inputs, targets), targets)
+    if "start" in frozen:
+      logits = nnx.merge(policy_graphdef, frozen["start"])(inputs, targets)
+      out["start_logprobs"] = jax.nn.log_softmax(logits.astype("float32"), axis=-1)
+    if "value" in frozen:
+      out["values"] = value_net.apply(frozen["value"], inputs, targets)
+      out["returns"] = mc_returns(batch["reward"], targets, discount)
+    return out
+
+  jitted = jax.jit(compute, out_shardings=layout.sharding(("batch",)))
+  return lambda batch: jitted(frozen, batch)

@@ -1,0 +1,166 @@
+"""The Improve set of one Improve step: which Grow records it trains on (the data mixture).
+
+Given the Grow directory of the current step g (and, with ``mix_previous_grows = k``, those of
+g-1..g-k) and the step's ``schedules.Threshold``, ``select_mixture`` decides on the host, from
+the Grow indexes, which records are kept, in this order:
+
+1. threshold: ``reward >= tau`` (tau global, or per source prompt by example_id); the same tau
+   is applied to the previous Grow sets' samples.
+2. originals: the pairs of D are kept only if ``include_originals`` (ReST; ReST-EM drops them),
+   and only from the current Grow set (each Grow set holds the same D: no repeats).
+3. deduplication (``deduplicate``): records with the same example_id and the same target
+   tokens keep one: an original if there is one, else the newest Grow step's, else the lowest
+   sample_idx.
+4. cap (``max_per_prompt = K > 0``): at most K samples per example_id over all mixed Grow sets,
+   the highest rewards first (ties: newer Grow step, then lower sample_idx); originals are not
+   counted. With one Grow set and no deduplication this is exactly ``growstats.select``.
+
+``improve_dataset`` reads the kept records back as one tf.data.Dataset (the Grow sets' seqio
+tasks, filtered by a key table); files are never rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from rest_jax.grow import dataset as growdata
+from rest_jax.errors import RestJaxError
+from rest_jax.improve.schedules import Threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """The kept records of each Grow directory (current first): bool `[records]` in index order."""
+
+  directories: tuple[str, ...]
+  keep: tuple[np.ndarray, ...]
+
+  @property
+  def count(self) -> int:
+    return int(sum(k.sum() for k in self.keep))
+
+
+def previous_grow_dirs(workdir: str, grow_step: int, k: int) -> list[str]:
+  """The Grow directories of steps g, g-1, .., max(1, g-k) (current first)."""
+  return [os.path.join(workdir, "grow", f"g{s:03d}")
+          for s in range(grow_step, max(0, grow_step - k - 1), -1)]
+
+
+def target_tokens(directory: str) -> list[bytes]:
+  """Each record's target token ids (as int64 bytes), in the order of the Grow index."""
+  index = growdata.load_index(directory)
+  files = [str(f) for f in index["files"]]
+  spec = {k: growdata.FEATURES[k] for k in ("example_id", "sample_idx", "targets")}
+  out, ids = [], []
+  for name in files:
+    dataset = tf.data.TFRecordDataset(os.path.join(directory, name))
+    for ex in dataset.map(lambda s: tf.io.parse_single_example(s, spec)).as_numpy_iterator():
+      out.append(np.asarray(ex["targets"], np.int64).tobytes())
+      ids.append((int(ex["example_id"]), int(ex["sample_idx"])))
+  expected = list(zip(index["example_id"].tolist(), index["sample_idx"].tolist()))
+  if ids != expected:
+    raise RestJaxError(f"the chunks of {directory} no longer match its index.npz; delete the "
+                       "directory and rerun the Grow step.")
+  return out
+
+
+def select_mixture(directories: Sequence[str], *, threshold: Threshold,
+                   include_originals: bool = True, max_per_prompt: int = 0,
+                   deduplicate: bool = False,
+                   indexes: Sequence[Mapping[str, np.ndarray]] | None = None) -> Mixture:
+  """Which records of ``directories`` (current Grow set first) the Improve step trains on.
+
+  Args:
+    directories: finalized Grow directories, the current step's first.
+    threshold: the step's threshold (global or per source).
+    include_originals: keep D's pairs (from the current Grow set).
+    max_per_prompt: if > 0, at most this many samples per example_id.
+    deduplicate: keep one record per (example_id, target tokens).
+    indexes: the directories' ``growdata.load_index`` (read when None).
+  Returns:
+    the Mixture.
+  Raises:
+    RestJaxError: nothing is kept (names the threshold, the best reward and the fix).
+  """
+  if not directories:
+    raise ValueError("select_mixture needs at least one Grow directory")
+  indexes = [growdata.load_index(d) for d in directories] if indexes is None else list(indexes)
+  cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                       ("source", "example_id", "sample_idx", "reward",
+                                        "is_original", "keep")}
+  for d, index in enumerate(indexes):
+    reward = np.asarray(index["reward"], np.float32)
+    original = np.asarray(index["is_original"], bool)
+    tau = threshold.for_records(index["example_id"]).astype(np.float32)
+    keep = reward >= tau
+    if not include_originals or d > 0:
+      keep &= ~original
+    for key, value in (("source", np.full(reward.shape, d)), ("example_id", index["example_id"]),
+                       ("sample_idx", index["sample_idx"]), ("reward", reward),
+                       ("is_original", original), ("keep", keep)):
+      cols[key].append(np.asarray(value))
+  t = {k: np.concatenate(v) for k, v in cols.items()}
+  keep = t["keep"]
+  if deduplicate and keep.any():
+    tokens = [tok for d in directories for tok in target_tokens(d)]
+    cand = np.flatnonzero(keep)
+    ids: dict[bytes, int] = {}
+    token_id = np.asarray([ids.setdefault(tokens[c], len(ids)) for c in cand], np.int64)
+    # Preferred first: original, newest Grow set (lowest source), lowest sample_idx.
+    order = np.lexsort((t["sample_idx"][cand], t["source"][cand], ~t["is_original"][cand],
+                        token_id, t["example_id"][cand]))
+    e, tok = t["example_id"][cand][order], token_id[order]
+    first = np.ones(order.size, bool)
+    first[1:] = (e[1:] != e[:-1]) | (tok[1:] != tok[:-1])
+    keep[cand[order[~first]]] = False
+  if max_per_prompt > 0:
+    cand = np.flatnonzero(keep & ~t["is_original"])
+    order = np.lexsort((t["sample_idx"][cand], t["source"][cand], -t["reward"][cand],
+                        t["example_id"][cand]))
+    cand, ids = cand[order], t["example_id"][cand][order]
+    pos = np.arange(cand.size)
+    starts = np.ones(cand.size, bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    rank = pos - np.maximum.accumulate(np.where(starts, pos, 0))
+    keep[cand[rank >= max_per_prompt]] = False
+  if not keep.any():
+    eligible = t["reward"][~t["is_original"] | include_originals]
+    best = float(eligible.max()) if eligible.size else float("nan")
+    raise RestJaxError(
+        f"threshold {threshold.describe()} keeps no example of {list(directories)}: the highest "
+        f"eligible reward is {best:.4f}. Lower the threshold or choose a schedule relative to "
+        "the Grow rewards (ImproveConfig.schedule), or check the reward function.")
+  bounds = np.cumsum([0] + [len(i["reward"]) for i in indexes])
+  return Mixture(tuple(directories), tuple(keep[a:b] for a, b in zip(bounds, bounds[1:])))
+
+
+def improve_dataset(mixture: Mixture, *,
+                    output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """The kept records of a Mixture, unshuffled, in directory order (features: ``grow_task``'s)."""
+  datasets = []
+  for directory, keep in zip(mixture.directories, mixture.keep):
+    if not keep.any():
+      continue
+    index = growdata.load_index(directory)
+    keys = [f"{e}:{s}" for e, s in zip(index["example_id"][keep], index["sample_idx"][keep])]
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
+                                            tf.ones([len(keys)], tf.int64)), default_value=0)
+
+    def kept(ex, table=table):
+      key = tf.strings.join([tf.strings.as_string(ex["example_id"]),
+                             tf.strings.as_string(ex["sample_idx"])], separator=":")
+      return table.lookup(key) == 1
+
+    task = growdata.grow_task(directory, threshold=0.0, output_features=output_features)
+    datasets.append(task.get_dataset(None, split="train", shuffle=False).filter(kept))
+  dataset = datasets[0]
+  for other in datasets[1:]:
+    dataset = dataset.concatenate(other)
+  return dataset

@@ -1,0 +1,163 @@
+"""Ahead-of-time compile check: does a run's Grow and Improve step fit a pod it has not got?
+
+``check(config, "v5e:16x16")`` compiles the real jitted steps of a run for a topology, with
+abstract (never materialised) params and batches sharded by the run's Layout, and reads each
+executable's per-device memory from ``compiled.memory_analysis()``:
+
+* Grow: ``Sampler.lowerable_generate`` (prefill + N-sample decode loop, sampling rules).
+* Improve: ``Trainer.jitted_step`` (forward, backward, AdamW update, donated TrainState).
+
+TPU topologies (``v4:2x2x2``, ``v5e:16x16``, ``v5p:4x4x4``, ``v6e:8x8``) come from libtpu's
+topology descriptions (``pip install rest_jax[tpu]``): XLA:TPU compiles for the real chips on
+any machine. GPU meshes (``h100:4x8`` = 4 nodes x 8 GPUs) cannot be compiled for without the
+CUDA plugin and a GPU; they are compiled for a CPU-device mesh of the same shape instead, and
+the memory is reported as an *estimate* (CPU XLA fuses and schedules differently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rest_jax import models
+
+from rest_jax.improve import losses
+from rest_jax.config import RunConfig
+from rest_jax.errors import RestJaxError
+from rest_jax.improve.trainer import Trainer, make_optimizer
+from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel.layout import Layout, make_layout
+from rest_jax.parallel.topology import GIB, HBM_GIB, Topology, parse_topology
+
+def topology_devices(topo: Topology) -> tuple[list[Any], str]:
+  """Devices to compile for, and how ("tpu": libtpu's real chips; "cpu-estimate")."""
+  if topo.is_tpu:
+    try:
+      from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+      # No TPU here: skip libtpu's lockfile and its worker discovery (compilation only).
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+      os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+      desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name)
+    except (RuntimeError, ValueError) as e:
+      raise RestJaxError(f"cannot describe TPU topology {topo.name!r}: {' '.join(str(e).split())[:300]}."
+                         " Install libtpu for this jax (pip install -e '.[tpu]') and check the "
+                         "topology name (e.g. v5e:4x4, v4:2x2x2).") from e
+    return list(desc.devices), "tpu"
+  cpus = jax.devices("cpu")
+  if len(cpus) < topo.devices:
+    raise RestJaxError(
+        f"GPU topology {topo.name!r} is compiled for a CPU mesh of {topo.devices} devices (an "
+        f"estimate; there is no CUDA compiler here) but jax has {len(cpus)} CPU devices. Start "
+        f"with XLA_FLAGS=--xla_force_host_platform_device_count={topo.devices} (the "
+        "`rest-jax compile-check` command sets it for you).")
+  return cpus[:topo.devices], "cpu-estimate"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """Per-device memory of one compiled step, in bytes (from ``memory_analysis()``)."""
+
+  step: str
+  arguments: int
+  temporaries: int
+  outputs: int
+  aliased: int  # Output bytes that reuse donated argument buffers.
+  code: int
+
+  @property
+  def total(self) -> int:
+    """Peak estimate: live arguments + temporaries + outputs not aliased to arguments."""
+    return self.arguments + self.temporaries + self.outputs - self.aliased
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+  topology: Topology
+  mode: str  # "tpu" or "cpu-estimate".
+  mesh_shape: dict[str, int]
+  num_params: int
+  steps: tuple[StepMemory, ...]
+
+  def fits(self, step: StepMemory) -> bool:
+    return step.total <= self.topology.hbm_bytes
+
+
+def _memory(step: str, compiled: Any) -> StepMemory:
+  m = compiled.memory_analysis()
+  if m is None:
+    raise RestJaxError(f"the {step} executable reports no memory analysis on this backend.")
+  return StepMemory(step=step, arguments=int(m.argument_size_in_bytes),
+                    temporaries=int(m.temp_size_in_bytes), outputs=int(m.output_size_in_bytes),
+                    aliased=int(m.alias_size_in_bytes),
+                    code=int(m.generated_code_size_in_bytes))
+
+
+def _abstract_batch(layout: Layout, batch: int, input_len: int,
+                    target_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch as ``data.train_batches`` gives it, abstract and batch-sharded."""
+  shapes = {"inputs": ((batch, input_len), jnp.int32), "targets": ((batch, target_len), jnp.int32),
+            "reward": ((batch,), jnp.float32),
+            "behaviour_logprobs": ((batch, target_len), jnp.float32),
+            "is_original": ((batch,), jnp.int32), "example_id": ((batch,), jnp.int32)}
+  sharding = layout.sharding(("batch",))
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+
+
+def check(config: RunConfig, topology: str | Topology) -> CheckResult:
+  """Compiles the run's Grow sampling step and Improve train step for ``topology``.
+
+  Params are abstract (``models.abstract_model``): no weights are allocated, whatever the size.
+  The Grow step uses ``config.grow.sampling`` (batch padded to the batch shards as in a run);
+  the Improve step uses ``config.improve.train`` (loss, optimizer, global batch size).
+  """
+  topo = parse_topology(topology) if isinstance(topology, str) else topology
+  devices, mode = topology_devices(topo)
+  mesh = config.mesh
+  layout = make_layout(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
+  graphdef, params = nnx.split(models.abstract_model(config.model))
+
+  sampler = Sampler.from_config(graphdef, layout, config.grow.sampling)
+  fn, args = sampler.lowerable_generate(params, batch=config.grow.sampling.batch_size,
+                                        input_len=config.input_len)
+  grow = _memory("grow_sample", fn.lower(*args).compile())
+
+  train = config.improve.train
+  if train.batch_size % layout.num_batch_shards:
+    raise RestJaxError(
+        f"Improve batch_size {train.batch_size} is not divisible by the "
+        f"{layout.num_batch_shards} batch shards (data x fsdp) of {topo.name}; set "
+        f"improve/config.TrainConfig.batch_size to a multiple of {layout.num_batch_shards}.")
+  trainer = Trainer(graphdef, layout, losses.get_loss(train.loss), make_optimizer(train))
+  state = trainer.abstract_state(params)
+  batch = _abstract_batch(layout, train.batch_size, config.input_len, config.target_len)
+  improve = _memory("improve_train", trainer.jitted_step(params).lower(state, batch).compile())
+  return CheckResult(topology=topo, mode=mode, mesh_shape=dict(layout.mesh.shape),
+                     num_params=models.count_params(nnx.merge(graphdef, params)),
+                     steps=(grow, improve))
+
+
+def _gib(n: int) -> str:
+  return f"{n / GIB:.3f}"
+
+
+def format_result(result: CheckResult) -> str:
+  """The printed report: one row per step, per-device GiB against the chip's HBM."""
+  topo = result.topology
+  mode = ("compiled by XLA:TPU for the real chips" if result.mode == "tpu" else
+          "ESTIMATE: compiled for a CPU mesh of the same shape (no CUDA compiler here)")
+  mesh = " x ".join(f"{k}={v}" for k, v in result.mesh_shape.items())
+  head = (f"{'step':14} {'args':>8} {'temps':>8} {'outputs':>8} {'aliased':>8} {'total':>8} "
+          f"{'HBM':>7} {'fits':>5}")
+  lines = [f"topology {topo.name}: {topo.devices} devices, {mode}",
+           f"mesh {mesh}; model {result.num_params:,} params; per-device GiB", head,
+           "-" * len(head)]
+  for s in result.steps:
+    lines.append(f"{s.step:14} {_gib(s.arguments):>8} {_gib(s.temporaries):>8} "
+                 f"{_gib(s.outputs):>8} {_gib(s.aliased):>8} {_gib(s.total):>8} "
+                 f"{HBM_GIB[topo.chip]:>7g} {'yes' if result.fits(s) else 'NO':>5}")
+  return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The ReST pipeline: workdir, build, phases and the plan that runs them."""
