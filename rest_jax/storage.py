@@ -1,0 +1,198 @@
+"""The one storage layer: every file rest_jax writes, and every workdir file it reads.
+
+Paths are strings: a local path, a shared (NFS) path, or a URL of an object store
+(``gs://bucket/path``). Everything goes through ``etils.epath``, the path layer orbax uses for
+checkpoints, so our files and orbax's live side by side under one workdir on any of them.
+
+Commit semantics (what a reader may rely on):
+
+* ``atomic_path`` / ``write_bytes`` / ``write_json``: a file either does not exist or holds
+  everything that was written. Locally the data goes to a temporary name in the same folder, is
+  flushed and fsynced, then renamed over the final name (and the folder fsynced). On an object
+  store an object becomes visible only when its upload completes, and there is no atomic rename,
+  so the final object is written directly.
+* ``commit_new``: like ``atomic_path`` but refuses to replace an existing file (immutable
+  chunks).
+* Markers: write data first and the marker last; readers trust only what a marker or a manifest
+  names.
+
+No other module calls ``os.replace``, ``os.rename``, ``tf.io.gfile.rename`` or opens a workdir
+file for writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from typing import Any, Iterator
+
+from etils import epath
+
+from rest_jax.errors import RestJaxError
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_local(path: str) -> bool:
+  """Whether ``path`` is on a POSIX file system (not an object-store URL)."""
+  return not _URL.match(str(path))
+
+
+def join(*parts: str) -> str:
+  """Joins path parts (``/`` for URLs, ``os.path.join`` for local paths)."""
+  if not parts:
+    raise ValueError("join needs at least one part")
+  if is_local(parts[0]):
+    return os.path.join(*parts)
+  return "/".join([str(parts[0]).rstrip("/")] + [str(p).strip("/") for p in parts[1:]])
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; URLs unchanged."""
+  return os.path.abspath(path) if is_local(path) else str(path).rstrip("/")
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def makedirs(path: str) -> None:
+  """Creates a folder and its parents (a no-op where it exists; object stores need none)."""
+  p = epath.Path(path)
+  if is_local(path) and p.exists() and not p.is_dir():
+    raise RestJaxError(f"{path} exists and is a file, not a folder; choose another path.")
+  p.mkdir(parents=True, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  """Sorted names in a folder; [] for a missing one."""
+  p = epath.Path(path)
+  if not p.is_dir():
+    return []
+  return sorted(child.name for child in p.iterdir())
+
+
+def size(path: str) -> int | None:
+  """Size in bytes, or None if the file is missing."""
+  p = epath.Path(path)
+  return int(p.stat().length) if p.exists() else None
+
+
+def remove(path: str) -> None:
+  """Removes a file (a missing one is fine)."""
+  p = epath.Path(path)
+  if p.exists():
+    p.unlink()
+
+
+def rmtree(path: str) -> None:
+  """Removes a folder and everything in it (a missing one is fine)."""
+  p = epath.Path(path)
+  if p.exists():
+    p.rmtree()
+
+
+def _fsync(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
+  """Yields a path to write ``path``'s content to; commits it when the block exits cleanly.
+
+  Use it for writers that need a file name (TFRecord writers, savers). Locally the yielded
+  path is a temporary sibling, fsynced and renamed onto ``path`` on exit (removed on an
+  exception); on an object store it is ``path`` itself.
+
+  Raises:
+    RestJaxError: ``overwrite=False`` and ``path`` already exists.
+  """
+  if not overwrite and exists(path):
+    raise RestJaxError(f"{path} already exists and is never rewritten; delete it to write it "
+                       "again.")
+  if not is_local(path):
+    yield path
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+  try:
+    yield tmp
+    _fsync(tmp)
+    if not overwrite and os.path.exists(path):
+      raise RestJaxError(f"{path} appeared while it was being written; another process writes "
+                         "the same file. Run one writer per file.")
+    os.replace(tmp, path)
+    _fsync(folder)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes, *, overwrite: bool = True) -> None:
+  """Writes ``data`` to ``path`` atomically (see ``atomic_path``)."""
+  with atomic_path(path, overwrite=overwrite) as tmp:
+    with epath.Path(tmp).open("wb") as f:
+      f.write(data)
+
+
+def write_text(path: str, text: str, *, overwrite: bool = True) -> None:
+  """Writes UTF-8 ``text`` to ``path`` atomically."""
+  write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def json_default(value: Any) -> Any:
+  """JSON for numpy scalars and arrays (``json.dumps(default=...)``)."""
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if hasattr(value, "item"):
+    return value.item()
+  raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_json(path: str, obj: Any, *, overwrite: bool = True) -> None:
+  """Writes ``obj`` as indented JSON atomically (numpy values become plain numbers/lists)."""
+  write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n", overwrite=overwrite)
+
+
+def read_bytes(path: str) -> bytes:
+  try:
+    return epath.Path(path).read_bytes()
+  except FileNotFoundError as e:
+    raise RestJaxError(f"{path} does not exist.") from e
+
+
+def read_text(path: str) -> str:
+  return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+  """Parses a JSON file.
+
+  Raises:
+    RestJaxError: missing, truncated or corrupt (names the file and the fix).
+  """
+  text = read_text(path)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RestJaxError(f"{path} is corrupt or truncated ({e.msg} at line {e.lineno}); restore "
+                       "it, or delete it and rerun to rebuild what it records.") from None
+
+
+@contextlib.contextmanager
+def open_read(path: str, mode: str = "rb") -> Iterator[Any]:
+  """A file object for reading (any path kind)."""
+  with epath.Path(path).open(mode) as f:
+    yield f
