@@ -76,9 +76,9 @@ def test_missing_gin_file(tmp_path, capsys):
 
 def test_workdir_from_another_config_is_refused(tmp_path, capsys):
   work = str(tmp_path / "w")
-  from rest_jax.pipeline import loop
+  from rest_jax.pipeline.workdir import Workdir
   config, text = cli.parse_run_config([SMOKE], [])
-  loop.check_workdir(work, config, text)
+  Workdir(work).record_config(config, text)
   before = _snapshot(work)
   code, err = _run(["run", "--workdir", work, "--gin_file", SMOKE,
                     "--gin.config.RunConfig.seed=7"], capsys)

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from rest_jax import config as C
 from rest_jax.parallel import distributed
-from rest_jax.pipeline import loop
+from rest_jax.pipeline import run as pipeline
 from rest_jax.cli import main
 from rest_jax.parallel import meshes
 from rest_jax.errors import RestJaxError
@@ -96,11 +96,11 @@ def test_batch_sizes_that_do_not_split_fail_at_start_up(tmp_path):
       input_len=40, target_len=40, bc=C.TrainConfig(batch_size=12, num_steps=2),
       grow=C.GrowConfig(sampling=C.SamplingConfig(max_decode_len=40)))
   with pytest.raises(RestJaxError, match="bc TrainConfig.batch_size = 12"):
-    loop.run(cfg, str(tmp_path / "w"), progress=False)
+    pipeline.run(cfg, str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "w" / "checkpoints").exists()  # Before BC ran.
   sampling = C.SamplingConfig(num_samples=3, batch_size=4, max_decode_len=40)
   with pytest.raises(RestJaxError, match="batch_size x num_samples = 12"):
-    loop.run(dataclasses_replace(cfg, bc=C.TrainConfig(batch_size=16, num_steps=2),
+    pipeline.run(dataclasses_replace(cfg, bc=C.TrainConfig(batch_size=16, num_steps=2),
                                  grow=C.GrowConfig(sampling=sampling)),
              str(tmp_path / "w2"), progress=False)
 

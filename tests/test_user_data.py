@@ -12,7 +12,7 @@ from rest_jax import config as C
 from rest_jax import tasks
 from rest_jax.checkpoints import convert
 from rest_jax.tasks import data
-from rest_jax.pipeline import loop
+from rest_jax.pipeline import run as pipeline
 from rest_jax.tasks import vocabularies
 from rest_jax.errors import RestJaxError
 from tokenizer_fixtures import build_hf_tokenizer
@@ -156,7 +156,7 @@ def test_rest_loop_on_jsonl_task_with_hf_tokenizer(tmp_path):
                                                   max_decode_len=8),
                         chunk_size=16, unlabeled_split="unlabeled"),
       eval=C.EvalConfig(num_examples=5, batch_size=8, max_decode_len=8))
-  out = loop.run(cfg, str(tmp_path / "work"), progress=False)
+  out = pipeline.run(cfg, str(tmp_path / "work"), progress=False)
   assert [(r["phase"], r["grow_step"], r["improve_step"]) for r in out["rows"]] == [
       ("bc", 0, 0), ("improve", 1, 1)]
   assert out["rows"][0]["train_examples"] == 0  # run_bc=False: the import is the start.

@@ -93,9 +93,9 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> None:
   distributed.initialize(settings)
   if not distributed.is_host0():  # Logs come from host 0; other hosts report only problems.
     logging.getLogger("rest_jax").setLevel(logging.WARNING)
-  from rest_jax.pipeline import loop  # pylint: disable=g-import-not-at-top
+  from rest_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
   with distributed.collective_errors():
-    loop.run(config, args.workdir, config_text=text, progress=not args.no_progress)
+    pipeline.run(config, args.workdir, config_text=text, progress=not args.no_progress)
 
 
 def _compile_check(args: argparse.Namespace, bindings: list[str]) -> None:

@@ -11,7 +11,10 @@ import pytest
 from rest_jax import config as C
 from rest_jax.grow import dataset as growdata
 from rest_jax.improve import trainer as improve
-from rest_jax.pipeline import loop
+from rest_jax.errors import RestJaxError
+from rest_jax.pipeline import build
+from rest_jax.pipeline import run as pipeline
+from rest_jax.pipeline.workdir import Workdir, phase_name
 from rest_jax.models import get_preset
 
 
@@ -37,8 +40,7 @@ def _records(workdir):
 
 
 def _final_params(workdir, cfg):
-  run = loop._build(cfg, workdir, progress=False)  # pylint: disable=protected-access
-  params = loop._restore_best(run, loop.phase_name(2, 2))  # pylint: disable=protected-access
+  params = build.build(cfg, Workdir(workdir), progress=False).restore_best(phase_name(2, 2))
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 
@@ -50,7 +52,7 @@ class Crash(Exception):
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
   cfg = tiny_run_config()
   ref_dir = str(tmp_path / "ref")
-  ref = loop.run(cfg, ref_dir, progress=False)
+  ref = pipeline.run(cfg, ref_dir, progress=False)
   assert [(r["phase"], r["grow_step"], r["improve_step"]) for r in ref["rows"]] == [
       ("bc", 0, 0), ("improve", 1, 1), ("improve", 1, 2), ("improve", 2, 1), ("improve", 2, 2)]
   summary = json.load(open(os.path.join(ref_dir, "summary.json")))
@@ -78,7 +80,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
 
   monkeypatch.setattr(improve.Trainer, "train_step", crashing_step)
   with pytest.raises(Crash):
-    loop.run(cfg, work, progress=False)
+    pipeline.run(cfg, work, progress=False)
   monkeypatch.setattr(improve.Trainer, "train_step", real_step)
   assert os.path.exists(os.path.join(work, "phases", "g001_i01.json"))
   assert not os.path.exists(os.path.join(work, "phases", "g001_i02.json"))
@@ -93,27 +95,27 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
 
   monkeypatch.setattr(growdata.GrowWriter, "write_chunk", crashing_write)
   with pytest.raises(Crash):
-    loop.run(cfg, work, progress=False)
+    pipeline.run(cfg, work, progress=False)
   monkeypatch.setattr(growdata.GrowWriter, "write_chunk", real_write)
   assert len(growdata.GrowWriter(os.path.join(work, "grow", "g002")).completed_chunks()) == 2
   assert not growdata.is_complete(os.path.join(work, "grow", "g002"))
 
-  resumed = loop.run(cfg, work, progress=False)
+  resumed = pipeline.run(cfg, work, progress=False)
   assert resumed["rows"] == ref["rows"]
   assert _records(work) == _records(ref_dir)
   for a, b in zip(_final_params(work, cfg), _final_params(ref_dir, cfg)):
     np.testing.assert_array_equal(a, b)
   # A finished run reruns as a no-op with the same summary.
-  assert loop.run(cfg, work, progress=False)["rows"] == ref["rows"]
+  assert pipeline.run(cfg, work, progress=False)["rows"] == ref["rows"]
 
 
 def test_workdir_of_another_config_is_refused_and_untouched(tmp_path):
   cfg = tiny_run_config()
   work = str(tmp_path / "w")
-  loop.check_workdir(work, cfg, "# gin text")
+  Workdir(work).record_config(cfg, "# gin text")
   before = {f: open(os.path.join(work, f), "rb").read() for f in os.listdir(work)}
   other = dataclasses.replace(cfg, num_grow_steps=3)
-  with pytest.raises(loop.RestJaxError, match="num_grow_steps: 2 in the workdir, 3 now"):
-    loop.run(other, work, progress=False)
+  with pytest.raises(RestJaxError, match="num_grow_steps: 2 in the workdir, 3 now"):
+    pipeline.run(other, work, progress=False)
   after = {f: open(os.path.join(work, f), "rb").read() for f in os.listdir(work)}
   assert before == after

@@ -1,4 +1,4 @@
-"""The loop's ReST / ReST-EM options with the heavy parts faked (no model is trained or sampled):
+"""The pipeline's ReST / ReST-EM options with the heavy parts faked (no model is trained or sampled):
 which policy each Improve step starts from (restart_from_base), which TrainConfig it gets
 (patience), and the schedule + data mixture wiring on fabricated Grow sets."""
 
@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from rest_jax import config as C
 from rest_jax import tasks
 from rest_jax.tasks import data
-from rest_jax.grow import dataset as growdata
-from rest_jax.pipeline import loop
-from rest_jax.improve import schedules
+from rest_jax.improve import losses, schedules
 from rest_jax.grow.dataset import GrowRecord
+from rest_jax.pipeline import build, phases
+from rest_jax.pipeline import run as pipeline
 from rest_jax.pipeline.reporting import Reporter
 
 
@@ -45,11 +46,16 @@ def fake(monkeypatch):
   calls = {"train": [], "grow": []}
   task = tasks.get_task("numbers_de_en_small")
 
-  def build(config, workdir, progress):
-    return loop._Run(config, workdir, None, None, "params-init", task, None, None, None, None,
-                     Reporter(workdir), progress)  # pylint: disable=protected-access
+  def fake_build(config, workdir, progress):
+    parts = build.Parts(config=config, layout=None, graphdef=None, abstract_params=None,
+                        bc_loss=losses.make_loss(config.bc),
+                        improve_loss=losses.make_loss(config.improve.train),
+                        schedule=schedules.from_config(config.improve), grow_sampler=None)
+    return build.Run(parts=parts, workdir=workdir, task=task, vocab=None, reward=None,
+                     eval_fn=None, reporter=Reporter(workdir.root), base_params="params-init",
+                     progress=progress)
 
-  def train(run, name, *, params, cfg, dataset, seed, lr_scale, extras=None):
+  def train(run, name, *, params, cfg, loss, dataset, seed, lr_scale, extras=None):
     count = 0 if dataset is None else sum(1 for _ in dataset.as_numpy_iterator())
     calls["train"].append({"name": name, "start": params, "cfg": cfg, "count": count})
     return f"params-{name}", {"eval_reward": 0.5, "eval_exact_match": 0.0,
@@ -59,12 +65,12 @@ def fake(monkeypatch):
     calls["grow"].append((grow_step, params))
     writer.write_chunk(0, _records(grow_step))
 
-  monkeypatch.setattr(loop, "_build", build)
-  monkeypatch.setattr(loop, "_train", train)
-  monkeypatch.setattr(loop, "_restore_best", lambda run, name: f"params-{name}")
-  monkeypatch.setattr(loop, "_grow_prompts", lambda run: [])
-  monkeypatch.setattr(loop, "run_grow", grow)
-  monkeypatch.setattr(loop, "place_params", lambda params, layout, sampling: params)
+  monkeypatch.setattr(build, "build", fake_build)
+  monkeypatch.setattr(build.Run, "restore_best", lambda self, name: f"params-{name}")
+  monkeypatch.setattr(phases, "_train", train)
+  monkeypatch.setattr(phases, "_grow_prompts", lambda run: [])
+  monkeypatch.setattr(phases, "run_grow", grow)
+  monkeypatch.setattr(phases, "place_params", lambda params, layout, sampling: params)
   monkeypatch.setattr(data, "task_dataset", lambda *args, **kwargs: None)
   return calls
 
@@ -73,7 +79,7 @@ def fake(monkeypatch):
 def test_improve_start_policy_and_config(tmp_path, fake, restart):
   cfg = _config(restart)
   work = str(tmp_path / "w")
-  result = loop.run(cfg, work, progress=False)
+  result = pipeline.run(cfg, work, progress=False)
   starts = {c["name"]: c["start"] for c in fake["train"]}
   assert starts == {
       "bc": "params-init", "g001_i01": "params-bc", "g001_i02": "params-g001_i01",
@@ -89,11 +95,14 @@ def test_improve_start_policy_and_config(tmp_path, fake, restart):
   assert [r["train_examples"] for r in rows[1:]] == [c["count"] for c in fake["train"][1:]]
   assert all(r["eval_independent"] == 0.25 and r["independent_metric"] == "bleu" for r in rows)
   assert rows[3]["train_examples"] > rows[1]["train_examples"] > 0  # g2 also mixes g1 in.
-  plan, _ = schedules.from_config(cfg.improve).plan(
-      schedules.GrowRewards.from_index(growdata.load_index(os.path.join(work, "grow", "g001"))),
-      num_improve_steps=2)
-  assert [r["threshold"] for r in rows[1:3]] == pytest.approx([t.value for t in plan])
-  assert plan[0].is_per_source and plan[1].value > plan[0].value
+  # per_source_interpolation, gammas (0, 0.5), computed here from the fabricated rewards: per
+  # prompt tau = mean + gamma (max - mean) over its samples; the row shows the mean over prompts.
+  samples = np.asarray([[r.reward for r in _records(1) if r.example_id == e and r.sample_idx >= 0]
+                        for e in range(6)])
+  means, maxes = samples.mean(axis=1), samples.max(axis=1)
+  expected = [float(np.mean(means + g * (maxes - means))) for g in (0.0, 0.5)]
+  assert [r["threshold"] for r in rows[1:3]] == pytest.approx(expected)
+  assert expected[1] > expected[0]
   summary = json.load(open(os.path.join(work, "summary.json")))
   assert summary["reward_hacking_suspected"] is False
   if restart:
@@ -101,6 +110,6 @@ def test_improve_start_policy_and_config(tmp_path, fake, restart):
     for name in ("g002_i01", "g002_i02"):
       os.remove(os.path.join(work, "phases", f"{name}.json"))
     fake["train"].clear()
-    loop.run(cfg, work, progress=False)
+    pipeline.run(cfg, work, progress=False)
     assert [(c["name"], c["start"]) for c in fake["train"]] == [
         ("g002_i01", "params-bc"), ("g002_i02", "params-g002_i01")]

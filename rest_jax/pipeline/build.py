@@ -1,0 +1,206 @@
+"""The run built once: every name of a RunConfig resolved to a typed object.
+
+Two levels, so that the tools use exactly what a run uses:
+
+* ``resolve(config, devices=...)`` -> ``Parts``: the Layout (``meshes.layout_from_config``, the
+  only config -> Layout path), the model definition with abstract (never allocated) params, the
+  BC and Improve ``Loss``, the threshold ``Schedule`` and the Grow ``Sampler``. Cheap and
+  data-free: ``rest-jax compile-check`` compiles from it for a topology it has not got.
+* ``build(config, workdir)`` -> ``Run``: the Parts plus the task, vocabulary, reward, eval
+  function, reporter and starting params of a real run. ``rest-jax best-of-n`` uses
+  ``build_eval`` (the same task, reward and samplers) on a finished run.
+
+``validate(config)`` checks every name before the workdir is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import jax
+import seqio
+from flax import nnx
+
+from rest_jax.checkpoints.phases import PhaseCheckpoints
+from rest_jax.config import RunConfig
+from rest_jax.errors import RestJaxError
+from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
+from rest_jax.grow.sampler import Sampler
+from rest_jax.grow.step import RewardCall
+from rest_jax.improve import losses, schedules
+from rest_jax.improve.losses import Loss
+from rest_jax.improve.schedules import Schedule
+from rest_jax.models import build_model
+from rest_jax.parallel import distributed, meshes
+from rest_jax.parallel.layout import Layout
+from rest_jax.pipeline.reporting import Reporter
+from rest_jax.pipeline.workdir import Workdir
+from rest_jax import rewards, tasks
+from rest_jax.tasks import data
+
+logger = logging.getLogger("rest_jax")
+
+EvalFn = Callable[[nnx.State], dict[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What a run, the compile check and best-of-N resolve the same way (no data, no weights)."""
+
+  config: RunConfig
+  layout: Layout
+  graphdef: nnx.GraphDef
+  abstract_params: nnx.State  # ShapeDtypeStructs in nnx.Param, placed on the training rules.
+  bc_loss: Loss
+  improve_loss: Loss
+  schedule: Schedule
+  grow_sampler: Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run's Parts plus its data, reward, evaluation, reporting and starting params."""
+
+  parts: Parts
+  workdir: Workdir
+  task: seqio.Task
+  vocab: seqio.Vocabulary
+  reward: RewardCall
+  eval_fn: EvalFn
+  reporter: Reporter
+  base_params: nnx.State
+  progress: bool
+
+  @property
+  def config(self) -> RunConfig:
+    return self.parts.config
+
+  @property
+  def layout(self) -> Layout:
+    return self.parts.layout
+
+  @property
+  def graphdef(self) -> nnx.GraphDef:
+    return self.parts.graphdef
+
+  def checkpoints(self, phase: str) -> PhaseCheckpoints:
+    return PhaseCheckpoints(self.workdir.checkpoint_dir(phase))
+
+  def restore_best(self, phase: str) -> nnx.State:
+    """The best params of a finished phase, on the training Layout."""
+    with self.checkpoints(phase) as ckpt:
+      return ckpt.restore_best_params(self.layout.abstract_state(self.parts.abstract_params))
+
+
+def reward_call(fn: rewards.RewardFn, name: str) -> RewardCall:
+  """A RewardFn as ``(sources, hypotheses, references) -> [n]`` validated rewards in [0, 1]."""
+
+  def call(sources, hypotheses, references):
+    return rewards.score(fn, name, sources, hypotheses, references)
+
+  return call
+
+
+def validate(config: RunConfig) -> None:
+  """Fails fast, before the workdir is touched, on an unknown name or an impossible setting."""
+  task = tasks.get_task(config.task)
+  for split in ("train", "validation", config.grow.unlabeled_split):
+    if split and split not in task.splits:
+      raise RestJaxError(f"task {config.task!r} has no split {split!r} (it has "
+                         f"{sorted(task.splits)}); fix the task or GrowConfig.unlabeled_split.")
+  rewards.check_reward_spec(config.reward)
+  metric = independent_metric_name(config.reward, config.eval.independent_metric)
+  if metric:
+    rewards.get_reward(metric)
+  _losses(config)
+  schedules.from_config(config.improve)
+
+
+def _losses(config: RunConfig) -> tuple[Loss, Loss]:
+  bc, improve = losses.make_loss(config.bc), losses.make_loss(config.improve.train)
+  if bc.needs:
+    raise RestJaxError(f"loss {config.bc.loss!r} needs {sorted(bc.needs)}"
+                       ", which exist only in Improve steps; train BC with 'bc' (bc/TrainConfig."
+                       "loss) and select it for Improve (improve/TrainConfig.loss).")
+  return bc, improve
+
+
+def resolve(config: RunConfig, *, devices: list[jax.Device] | None = None) -> Parts:
+  """The Layout, model, losses, schedule and Grow sampler of ``config`` on ``devices``."""
+  layout = meshes.layout_from_config(config.mesh, devices)
+  s = config.grow.sampling
+  distributed.check_batch_sizes(  # Before BC: a bad size must not surface mid-run.
+      {"bc TrainConfig.batch_size": config.bc.batch_size,
+       "ImproveConfig.train.batch_size": config.improve.train.batch_size},
+      num_batch_shards=layout.num_batch_shards)
+  distributed.check_batch_sizes({"GrowConfig.sampling.batch_size": s.batch_size},
+                                num_batch_shards=1)
+  distributed.check_batch_sizes(
+      {"GrowConfig.sampling.batch_size x num_samples": s.batch_size * s.num_samples,
+       "EvalConfig.batch_size": config.eval.batch_size},
+      num_batch_shards=layout.num_batch_shards, processes=False)
+  bc_loss, improve_loss = _losses(config)
+  abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_params = nnx.split(abstract)
+  return Parts(config=config, layout=layout, graphdef=graphdef, abstract_params=abstract_params,
+               bc_loss=bc_loss, improve_loss=improve_loss,
+               schedule=schedules.from_config(config.improve),
+               grow_sampler=Sampler.from_config(graphdef, layout, config.grow.sampling))
+
+
+def _base_params(parts: Parts, vocab: seqio.Vocabulary) -> nnx.State:
+  """The starting params: ``init_checkpoint`` (token rows reordered for HF) or a seeded init."""
+  config = parts.config
+  if not config.init_checkpoint:
+    def init():
+      return nnx.split(build_model(config.model, rngs=nnx.Rngs(config.seed)))[1]
+    return jax.jit(init, out_shardings=parts.layout.state_shardings(parts.abstract_params))()
+  from rest_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
+  logger.info("starting from checkpoint %s", config.init_checkpoint)
+  _, params = convert.load_checkpoint(config.init_checkpoint, config=config.model,
+                                      layout=parts.layout)
+  if hasattr(vocab, "model_to_hf") and convert.checkpoint_format(config.init_checkpoint) == "hf":
+    # The checkpoint's token rows are in the tokenizer's order; ours puts PAD at 0, EOS at 1.
+    params = convert.reorder_vocab(config.model, params, vocab.model_to_hf)
+  return params
+
+
+def task_and_vocab(config: RunConfig) -> tuple[seqio.Task, seqio.Vocabulary]:
+  """The prompt task and its target vocabulary (checked against the model's vocab_size)."""
+  task = tasks.get_task(config.task)
+  vocab = task.output_features["targets"].vocabulary
+  if vocab.vocab_size > config.model.vocab_size:
+    raise RestJaxError(f"task {config.task!r} has a vocabulary of {vocab.vocab_size} tokens but the "
+                       f"model has vocab_size={config.model.vocab_size}; raise the model's "
+                       "vocab_size.")
+  return task, vocab
+
+
+def eval_set(config: RunConfig, task: seqio.Task, num_examples: int = 0) -> EvalSet:
+  """The first ``num_examples`` (default ``EvalConfig.num_examples``) validation prompts."""
+  examples = data.examples(task, "validation", input_len=config.input_len,
+                           target_len=config.target_len)
+  return EvalSet.from_examples(examples[:num_examples or config.eval.num_examples],
+                               input_len=config.input_len)
+
+
+def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
+  """Everything a run needs, built once (params initialised or loaded, on the Layout)."""
+  parts = resolve(config)
+  task, vocab = task_and_vocab(config)
+  reward = reward_call(rewards.build_reward(config.reward, config.reward_config,
+                                            layout=parts.layout),
+                       rewards.reward_label(config.reward, config.reward_config))
+  base_params = _base_params(parts, vocab)
+  eval_sampler = Sampler(parts.graphdef, parts.layout, num_samples=1,
+                         max_decode_len=config.eval.max_decode_len,
+                         batch_size=config.eval.batch_size)
+  metric = independent_metric_name(config.reward, config.eval.independent_metric)
+  eval_fn = make_eval_fn(sampler=eval_sampler, eval_set=eval_set(config, task), reward=reward,
+                         vocab=vocab, batch_size=config.eval.batch_size,
+                         independent=metric and reward_call(rewards.get_reward(metric), metric))
+  reporter = Reporter(workdir.root, enabled=jax.process_index() == 0)
+  return Run(parts=parts, workdir=workdir, task=task, vocab=vocab, reward=reward,
+             eval_fn=eval_fn, reporter=reporter, base_params=base_params, progress=progress)

@@ -1,0 +1,244 @@
+"""The phases of a ReST run: BC, Grow and Improve, each a function of the built ``Run``.
+
+Each phase reads what it needs from the workdir (finished phases' best checkpoints, the Grow
+dataset) and records its end there: a Grow step by its dataset's ``COMPLETED`` marker, BC and
+Improve steps by ``phases/{name}.json`` holding their summary row. ``Policies`` is the one place
+that hands out a finished phase's params: in memory when this process trained them, restored
+from the best checkpoint otherwise, and only when a later phase needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import tensorflow as tf
+from flax import nnx
+
+from rest_jax.config import TrainConfig
+from rest_jax.evaluation import independent_metric_name
+from rest_jax.grow import dataset as growdata
+from rest_jax.grow.sampler import place_params
+from rest_jax.grow.step import run_grow
+from rest_jax.improve import batches as hostdata
+from rest_jax.improve import losses, selection, value
+from rest_jax.improve.extras import Extras, build_extras
+from rest_jax.improve.schedules import GrowRewards, Threshold
+from rest_jax.improve.trainer import Trainer, make_optimizer, train_phase
+from rest_jax.parallel import distributed
+from rest_jax.pipeline.build import Run
+from rest_jax.pipeline.reporting import summary_row
+from rest_jax.pipeline.workdir import phase_name
+from rest_jax.tasks import data
+
+logger = logging.getLogger("rest_jax")
+
+
+class Policies:
+  """Finished phases' best params by phase name: kept when trained here, else restored lazily."""
+
+  def __init__(self, run: Run):
+    self._run = run
+    self._params: dict[str, nnx.State] = {}
+
+  def put(self, phase: str, params: nnx.State) -> None:
+    self._params[phase] = params
+
+  def get(self, phase: str) -> nnx.State:
+    if phase not in self._params:
+      self._params[phase] = self._run.restore_best(phase)
+    return self._params[phase]
+
+  def forget_except(self, *keep: str) -> None:
+    """Drops params no later phase will ask for (their checkpoints stay on disk)."""
+    self._params = {k: v for k, v in self._params.items() if k in keep}
+
+
+def row(run: Run, *, phase: str, grow_step: int = 0, improve_step: int = 0,
+        threshold: float | None = None, train_examples: int, metrics: dict) -> dict:
+  """The summary row of a finished phase (the only place rows are built)."""
+  c = run.config
+  return summary_row(phase=phase, grow_step=grow_step, improve_step=improve_step,
+                     threshold=threshold, train_examples=train_examples,
+                     eval_reward=metrics["eval_reward"],
+                     eval_exact_match=metrics["eval_exact_match"],
+                     eval_independent=metrics.get("eval_independent"),
+                     independent_metric=independent_metric_name(c.reward,
+                                                                c.eval.independent_metric))
+
+
+def mark(run: Run, name: str, summary: dict) -> None:
+  """Records a finished BC / Improve phase (host 0 writes; every host waits)."""
+  if distributed.is_host0():
+    run.workdir.mark(name, summary)
+  distributed.barrier(f"marked {name}")
+
+
+def _train(run: Run, name: str, *, params: nnx.State, cfg: TrainConfig, loss: losses.Loss,
+           dataset: tf.data.Dataset, seed: int, lr_scale: float,
+           extras: Extras | None = None) -> tuple[nnx.State, dict]:
+  """Runs (or resumes) one training phase; returns its best params and metrics."""
+  trainer = Trainer(run.graphdef, run.layout, loss, make_optimizer(cfg, lr_scale=lr_scale),
+                    extras=extras)
+  c = run.config
+
+  def batches(start_step: int):
+    return hostdata.host_batches(
+        data.train_batches(dataset, batch_size=cfg.batch_size, seed=seed,
+                           start_step=start_step, input_len=c.input_len,
+                           target_len=c.target_len), trainer.batch_sharding)
+
+  def log_fn(step: int, metrics: dict) -> None:
+    run.reporter.scalars(name, step, metrics)
+    if "eval/eval_reward" in metrics:
+      logger.info("%s step %d: %s", name, step,
+                  ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
+
+  result = train_phase(trainer=trainer, params=params, cfg=cfg, batches=batches,
+                       eval_fn=run.eval_fn, checkpoints=run.checkpoints(name),
+                       lr_scale=lr_scale, progress=run.progress, log_fn=log_fn)
+  return result.best_params, result.best_metrics
+
+
+def bc(run: Run, policies: Policies) -> dict:
+  """BC on D's train split (every host streams the same global batches and keeps its rows)."""
+  c = run.config
+  logger.info("BC: training on D (%s, train split)", c.task)
+  params, metrics = _train(run, "bc", params=run.base_params, cfg=c.bc, loss=run.parts.bc_loss,
+                           dataset=data.task_dataset(run.task, "train"), seed=c.seed,
+                           lr_scale=1.0)
+  policies.put("bc", params)
+  summary = row(run, phase="bc", train_examples=run.task.num_input_examples("train"),
+                metrics=metrics)
+  mark(run, "bc", summary)
+  return summary
+
+
+def skip_bc(run: Run, policies: Policies) -> dict:
+  """``run_bc=False``: the starting checkpoint stands in for BC's result (evaluated, saved)."""
+  logger.info("BC skipped (run_bc=False): evaluating the starting checkpoint")
+  metrics = {k: float(v) for k, v in run.eval_fn(run.base_params).items()}
+  with run.checkpoints("bc") as ckpt:
+    ckpt.save_best(0, run.base_params, metrics)
+  policies.put("bc", run.base_params)
+  summary = row(run, phase="bc", train_examples=0, metrics=metrics)
+  mark(run, "bc", summary)
+  return summary
+
+
+def _grow_prompts(run: Run) -> list[dict]:
+  """This host's Grow prompts: D's, then those of the unlabeled split (if configured)."""
+  c = run.config
+  shard = dict(input_len=c.input_len, target_len=c.target_len,
+               shard_index=jax.process_index(), num_shards=jax.process_count())
+  prompts = data.examples(run.task, "train", **shard)
+  if c.grow.unlabeled_split:
+    prompts += [dict(p, labeled=False)
+                for p in data.examples(run.task, c.grow.unlabeled_split, **shard)]
+  return prompts
+
+
+def grow(run: Run, g: int, params: nnx.State) -> None:
+  """Grow step ``g``: samples and scores this host's prompts, then host 0 finalizes."""
+  c = run.config
+  grow_dir = run.workdir.grow_dir(g)
+  prompts = _grow_prompts(run)
+  logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts), c.grow.sampling.num_samples)
+  run_grow(sampler=run.parts.grow_sampler, params=place_params(params, run.layout, sampling=True),
+           prompts=prompts, reward=run.reward, vocab=run.vocab,
+           writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
+           seed=c.seed, config=c.grow, input_len=c.input_len, target_len=c.target_len,
+           progress=run.progress)
+  distributed.barrier(f"grow g{g} chunks written")
+  if jax.process_index() == 0:
+    growdata.finalize(grow_dir)
+  distributed.barrier(f"grow g{g} finalized")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowPlan:
+  """A finalized Grow step's statistics and the thresholds of its Improve steps."""
+
+  stats: dict[str, Any]
+  thresholds: list[Threshold]
+
+
+def plan_improve(run: Run, g: int) -> GrowPlan:
+  """Reads Grow step ``g``'s stats and plans its Improve steps' thresholds (logs every change)."""
+  c = run.config
+  grow_dir = run.workdir.grow_dir(g)
+  stats = dataclasses.asdict(growdata.read_stats(grow_dir))
+  plan, messages = run.parts.schedule.plan(GrowRewards.from_index(growdata.load_index(grow_dir)),
+                                           num_improve_steps=c.num_improve_steps)
+  for message in messages:
+    logger.info("grow g%d: %s", g, message)
+  logger.info("Grow g%d: %d records, mean sample reward %.4f; %s thresholds %s", g,
+              stats["count"], stats["mean"], c.improve.schedule,
+              ", ".join(t.describe() for t in plan))
+  return GrowPlan(stats=stats, thresholds=plan)
+
+
+def _value_dataset(run: Run, g: int) -> tf.data.Dataset:
+  """Every record of Grow step ``g`` (originals as in ReST / ReST-EM), in index order."""
+  c = run.config
+  return growdata.grow_task(run.workdir.grow_dir(g), output_features=run.task.output_features,
+                            threshold=0.0, include_originals=c.grow.include_originals
+                            ).get_dataset(None, split="train", shuffle=False)
+
+
+def _extras(run: Run, g: int, policies: Policies, *, start_params: nnx.State) -> Extras | None:
+  """The Improve loss's pre-pass (None for BC-like losses); trains (or restores) the behaviour
+  value network of Grow step ``g`` when the loss needs values."""
+  c = run.config
+  needs = run.parts.improve_loss.needs
+  if not needs:
+    return None
+  kw: dict[str, Any] = {}
+  if losses.NEEDS_BC_LOGPROBS in needs:
+    kw["bc_params"] = policies.get("bc")
+  if losses.NEEDS_VALUES in needs:
+    net = value.ValueNet(c.model, run.layout, seed=c.seed)
+
+    def train():
+      init = net.init(policies.get("bc") if c.value.init_from_policy else None)
+      value_batches = data.train_batches(_value_dataset(run, g), batch_size=c.value.batch_size,
+                                         seed=c.seed + g, input_len=c.input_len,
+                                         target_len=c.target_len)
+      logger.info("value g%d: %d steps of Monte-Carlo return regression", g, c.value.num_steps)
+      params, history = value.train_value(
+          net, init, cfg=c.value, batches=value_batches,
+          log_fn=lambda step, m: run.reporter.scalars(f"value_g{g:03d}", step, m))
+      logger.info("value g%d: loss %.4f -> %.4f", g, history[0], history[-1])
+      return params, history
+
+    kw.update(value_net=net, discount=c.value.discount, value_params=value.load_or_train_value(
+        net, directory=run.workdir.value_dir(g), train=train))
+  return build_extras(needs, layout=run.layout, policy_graphdef=run.graphdef,
+                      start_params=start_params, **kw)
+
+
+def improve(run: Run, policies: Policies, *, g: int, i: int, tau: Threshold,
+            start_params: nnx.State, count: int) -> dict:
+  """Improve step ``i`` of Grow step ``g`` (the ``count``-th of the run): trains from
+  ``start_params`` on the records the selection keeps at threshold ``tau``."""
+  c = run.config
+  name = phase_name(g, i)
+  mix = selection.select_mixture(
+      run.workdir.mixed_grow_dirs(g, c.improve.mix_previous_grows), threshold=tau,
+      include_originals=c.grow.include_originals, max_per_prompt=c.improve.max_per_prompt,
+      deduplicate=c.improve.deduplicate)
+  dataset = hostdata.canonical_order(
+      selection.improve_dataset(mix, output_features=run.task.output_features))
+  logger.info("Improve g%d i%d: threshold %s keeps %d examples", g, i, tau.describe(), mix.count)
+  extras = _extras(run, g, policies, start_params=start_params)
+  params, metrics = _train(run, name, params=start_params, cfg=c.improve.train,
+                           loss=run.parts.improve_loss, dataset=dataset,
+                           seed=c.seed * 1000 + count, lr_scale=c.improve.lr_decay ** count,
+                           extras=extras)
+  policies.put(name, params)
+  summary = row(run, phase="improve", grow_step=g, improve_step=i, threshold=tau.value,
+                train_examples=mix.count, metrics=metrics)
+  mark(run, name, summary)
+  return summary
