@@ -267,6 +267,56 @@ def _evaluate(eval_fn: Callable[[nnx.State], Mapping[str, float]],
   return metrics
 
 
+@dataclasses.dataclass
+class _Record:
+  """What a phase's evaluations have found so far (saved with every latest checkpoint)."""
+
+  history: list[dict[str, float]]
+  best: float
+  bad_evals: int = 0
+  stopped_early: bool = False
+
+  def meta(self) -> dict:
+    return dict(history=self.history, best_reward=self.best, bad_evals=self.bad_evals,
+                stopped_early=self.stopped_early)
+
+  def evaluated(self, *, step: int, state: TrainState, metrics: dict[str, float], patience: int,
+                checkpoints: PhaseCheckpoints) -> None:
+    """Keeps the best params, counts evaluations without improvement, saves the latest state."""
+    if metrics[BEST_METRIC] > self.best:
+      self.best, self.bad_evals = metrics[BEST_METRIC], 0
+      checkpoints.save_best(step, state.params, metrics)
+    else:
+      self.bad_evals += 1
+    self.stopped_early = patience > 0 and self.bad_evals >= patience
+    checkpoints.save_latest(step, state, self.meta())
+
+
+def _start(trainer: Trainer, params: nnx.State, *,
+           eval_fn: Callable[[nnx.State], Mapping[str, float]],
+           checkpoints: PhaseCheckpoints, abstract: TrainState, num_steps: int,
+           log: Callable[[int, dict[str, float]], None]) -> tuple[int, TrainState | None, _Record]:
+  """(step, state, record) to train from: the latest checkpoint's, or step 0 evaluated and
+  saved. ``state`` is None when the resumed phase has nothing left to do."""
+  resumed = checkpoints.latest()
+  if resumed is not None:
+    step, meta = resumed
+    checkpoints.discard_best_after(step)
+    record = _Record(meta["history"], meta["best_reward"], meta["bad_evals"],
+                     bool(meta["stopped_early"]))
+    if record.stopped_early or step >= num_steps:
+      return step, None, record
+    return step, checkpoints.restore_latest(abstract), record
+  checkpoints.discard_best_after(-1)
+  state = trainer.init(params)
+  metrics = _evaluate(eval_fn, state.params, 0)
+  record = _Record([{"step": 0, **metrics}], metrics[BEST_METRIC])
+  log(0, {f"eval/{k}": v for k, v in metrics.items()})
+  checkpoints.save_best(0, state.params, metrics)
+  checkpoints.save_latest(0, state, record.meta())
+  return 0, state, record
+
+
 def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
                 batches: Callable[[int], Iterator[Batch]],
                 eval_fn: Callable[[nnx.State], Mapping[str, float]],
@@ -298,34 +348,15 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
   schedule = make_schedule(cfg, lr_scale=lr_scale)
   peak_lr = cfg.learning_rate * lr_scale
   abstract = trainer.abstract_state(params)
-  resumed = checkpoints.latest()
-  if resumed is not None:
-    step, meta = resumed
-    checkpoints.discard_best_after(step)
-    history, best, bad_evals = meta["history"], meta["best_reward"], meta["bad_evals"]
-    stopped_early = bool(meta["stopped_early"])
-    if stopped_early or step >= cfg.num_steps:
-      return PhaseResult(checkpoints.restore_best_params(abstract.params),
-                         checkpoints.best_metrics() or {}, step, stopped_early, history)
-    state = checkpoints.restore_latest(abstract)
-  else:
-    checkpoints.discard_best_after(-1)
-    step, bad_evals, stopped_early = 0, 0, False
-    state = trainer.init(params)
-    metrics = _evaluate(eval_fn, state.params, 0)
-    history, best = [{"step": 0, **metrics}], metrics[BEST_METRIC]
-    log(0, {f"eval/{k}": v for k, v in metrics.items()})
-    checkpoints.save_best(0, state.params, metrics)
-    checkpoints.save_latest(0, state, dict(history=history, best_reward=best, bad_evals=0,
-                                           stopped_early=False))
-
+  step, state, record = _start(trainer, params, eval_fn=eval_fn, checkpoints=checkpoints,
+                               abstract=abstract, num_steps=cfg.num_steps, log=log)
   bar = tqdm(total=cfg.num_steps, initial=step, desc="train", dynamic_ncols=True,
              disable=not progress or jax.process_index() != 0)
-  stream = batches(step)
+  stream = batches(step) if state is not None else iter(())
   pending: list[tuple[int, dict]] = []  # Step metrics not fetched yet (one step of lag).
   window_losses: list[float] = []
   try:
-    while step < cfg.num_steps and not stopped_early:
+    while step < cfg.num_steps and not record.stopped_early:
       try:
         batch = next(stream)
       except StopIteration:
@@ -347,21 +378,16 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
       if not evaluate:
         continue
       metrics = _evaluate(eval_fn, state.params, step)
-      history.append({"step": step, **metrics,
-                      "train_loss": float(np.mean(window_losses))})
+      record.history.append({"step": step, **metrics,
+                             "train_loss": float(np.mean(window_losses))})
       window_losses = []
       log(step, {f"eval/{k}": v for k, v in metrics.items()})
-      if metrics[BEST_METRIC] > best:
-        best, bad_evals = metrics[BEST_METRIC], 0
-        checkpoints.save_best(step, state.params, metrics)
-      else:
-        bad_evals += 1
-      stopped_early = cfg.patience > 0 and bad_evals >= cfg.patience
-      checkpoints.save_latest(step, state, dict(history=history, best_reward=best,
-                                                bad_evals=bad_evals, stopped_early=stopped_early))
-      bar.set_postfix(loss=history[-1]["train_loss"], eval_reward=metrics[BEST_METRIC])
+      record.evaluated(step=step, state=state, metrics=metrics, patience=cfg.patience,
+                       checkpoints=checkpoints)
+      bar.set_postfix(loss=record.history[-1]["train_loss"], eval_reward=metrics[BEST_METRIC])
   finally:
     bar.close()
   del state
   return PhaseResult(checkpoints.restore_best_params(abstract.params),
-                     checkpoints.best_metrics() or {}, step, stopped_early, history)
+                     checkpoints.best_metrics() or {}, step, record.stopped_early,
+                     record.history)
