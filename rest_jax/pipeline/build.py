@@ -103,6 +103,12 @@ def reward_call(fn: rewards.RewardFn, name: str) -> RewardCall:
   return call
 
 
+def make_reward(config: RunConfig, layout: Layout) -> RewardCall:
+  """The run's reward (a name, ``learned:``, ``remote:`` or ``py:``), validated per call."""
+  return reward_call(rewards.build_reward(config.reward, config.reward_config, layout=layout),
+                     rewards.reward_label(config.reward, config.reward_config))
+
+
 def validate(config: RunConfig) -> None:
   """Fails fast, before the workdir is touched, on an unknown name or an impossible setting."""
   task = tasks.get_task(config.task)
@@ -190,9 +196,7 @@ def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
   """Everything a run needs, built once (params initialised or loaded, on the Layout)."""
   parts = resolve(config)
   task, vocab = task_and_vocab(config)
-  reward = reward_call(rewards.build_reward(config.reward, config.reward_config,
-                                            layout=parts.layout),
-                       rewards.reward_label(config.reward, config.reward_config))
+  reward = make_reward(config, parts.layout)
   base_params = _base_params(parts, vocab)
   eval_sampler = Sampler(parts.graphdef, parts.layout, num_samples=1,
                          max_decode_len=config.eval.max_decode_len,
