@@ -8,28 +8,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rest_jax.errors import RestJaxError
-from rest_jax.models.base import EOS_ID, PAD_ID
-from rest_jax.rewards import ExactMatch
+from rest_jax.rewards.metrics import ExactMatch
+from rest_jax.tasks.data import detokenize, pad_rows
 
 _EXACT_MATCH = ExactMatch()
-
-
-def pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
-  """Right-pads 1-D token arrays with PAD_ID into int32 `[len(rows), length]`."""
-  out = np.full((len(rows), length), PAD_ID, dtype=np.int32)
-  for i, row in enumerate(rows):
-    row = np.asarray(row)[:length]
-    out[i, :len(row)] = row
-  return out
-
-
-def detokenize(vocab: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
-  """Decodes `[batch, max_len]` token ids, keeping `lengths[b]` tokens and dropping EOS."""
-  texts = []
-  for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
-    ids = [int(t) for t in row[:int(n)] if t not in (EOS_ID, PAD_ID)]
-    texts.append(vocab.decode(ids))
-  return texts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,7 @@ def sample_rewards(*, sampler: Any, params: Any, inputs: np.ndarray, sources: Se
   Returns:
     float32 `[num_prompts, num_samples]`.
   """
-  from rest_jax.evaluation import detokenize  # pylint: disable=g-import-not-at-top
+  from rest_jax.tasks.data import detokenize  # pylint: disable=g-import-not-at-top
 
   n = sampler.num_samples
   params = sampler.place_params(params)

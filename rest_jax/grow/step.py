@@ -15,7 +15,7 @@ from rest_jax.parallel import distributed
 
 from rest_jax.grow import dataset as growdata
 from rest_jax.config import GrowConfig
-from rest_jax.evaluation import detokenize, pad_rows
+from rest_jax.tasks.data import detokenize, pad_rows
 from rest_jax.models.base import EOS_ID
 
 logger = logging.getLogger("rest_jax")
