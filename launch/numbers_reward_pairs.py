@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
   from rest_jax.cli import bestofn  # pylint: disable=g-import-not-at-top
 
   from rest_jax.tasks import data  # pylint: disable=g-import-not-at-top
-  from rest_jax.evaluation import detokenize  # pylint: disable=g-import-not-at-top
+  from rest_jax.tasks.data import detokenize  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards.learned import encode  # pylint: disable=g-import-not-at-top
   from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
   from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top

@@ -8,28 +8,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rest_jax.errors import RestJaxError
-from rest_jax.models.base import EOS_ID, PAD_ID
-from rest_jax.rewards import ExactMatch
+from rest_jax.grow.base import Sampler
+from rest_jax.rewards.metrics import ExactMatch
+from rest_jax.tasks.data import detokenize, pad_rows
 
 _EXACT_MATCH = ExactMatch()
 
-
-def pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
-  """Right-pads 1-D token arrays with PAD_ID into int32 `[len(rows), length]`."""
-  out = np.full((len(rows), length), PAD_ID, dtype=np.int32)
-  for i, row in enumerate(rows):
-    row = np.asarray(row)[:length]
-    out[i, :len(row)] = row
-  return out
-
-
-def detokenize(vocab: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
-  """Decodes `[batch, max_len]` token ids, keeping `lengths[b]` tokens and dropping EOS."""
-  texts = []
-  for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
-    ids = [int(t) for t in row[:int(n)] if t not in (EOS_ID, PAD_ID)]
-    texts.append(vocab.decode(ids))
-  return texts
+# ``eval_fn(params) -> {"eval_reward", "eval_exact_match"[, "eval_independent"]}``.
+EvalFn = Callable[[Any], dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +56,9 @@ def independent_metric_name(reward: str, setting: str) -> str | None:
   return name
 
 
-def make_eval_fn(*, sampler: Any, eval_set: EvalSet, reward: Callable[..., np.ndarray],
+def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., np.ndarray],
                  vocab: Any, batch_size: int,
-                 independent: Callable[..., np.ndarray] | None = None
-                 ) -> Callable[[Any], dict[str, float]]:
+                 independent: Callable[..., np.ndarray] | None = None) -> EvalFn:
   """Returns ``eval_fn(params) -> {"eval_reward", "eval_exact_match"[, "eval_independent"]}``
   on greedy decodes.
 
@@ -100,7 +85,7 @@ def make_eval_fn(*, sampler: Any, eval_set: EvalSet, reward: Callable[..., np.nd
   return eval_fn
 
 
-def decode_all(sampler: Any, params: Any, inputs: np.ndarray, vocab: Any,
+def decode_all(sampler: Sampler, params: Any, inputs: np.ndarray, vocab: Any,
                batch_size: int) -> list[str]:
   """Greedy-decodes every row of `[num_examples, input_len]` and returns the texts."""
   texts: list[str] = []

@@ -43,13 +43,15 @@ def _needs_user_paths(path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "gin", "**", "*.gin"),
                                                recursive=True)))
-def test_every_gin_file_parses(path):
+def test_every_gin_file_parses(path, tmp_path):
   if _needs_user_paths(path):
     pytest.skip("needs the user's paths: parsed with overrides in test_experiment_configs.py")
   files = [path] if "/experiments/" in path else [os.path.join(REPO, "gin/runs/base.gin"), path]
   config, text = cli.parse_run_config(files, [])
   assert isinstance(config, RunConfig)
-  assert "config.RunConfig" in text or "RunConfig" in text
+  # The operative config text (what a run records) parses back to the same RunConfig.
+  (tmp_path / "operative.gin").write_text(text)
+  assert cli.parse_run_config([str(tmp_path / "operative.gin")], [])[0] == config
 
 
 @pytest.mark.parametrize("binding, fragment", [

@@ -1,12 +1,15 @@
 """The Grow step against a fake sampler: records, rewards, originals, unlabeled prompts, resume."""
 
+import jax
 import numpy as np
 
-from rest_jax.grow import dataset as growdata
+from rest_jax.grow import base, dataset as growdata
 from rest_jax.config import GrowConfig, SamplingConfig
 from rest_jax.grow.step import run_grow
 from rest_jax.rewards import ExactMatch, score
-from rest_jax.grow.sampler import SampleOutput
+from rest_jax.grow.fake import FakeSampler
+from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel.layout import make_layout
 from rest_jax.tasks import BYTE_VOCAB
 
 
@@ -14,30 +17,10 @@ def _ids(text):
   return np.asarray(BYTE_VOCAB.encode(text) + [1], np.int32)
 
 
-class FakeSampler:
-  """Sample n of prompt "p<k>" is the text "a<k>" when n is even, else "x" (EOS-terminated)."""
-
-  def __init__(self, n):
-    self.n = n
-    self.calls = 0
-
-  def generate(self, params, inputs, example_ids, *, seed, grow_step):
-    self.calls += 1
-    rows = []
-    for b, example_id in enumerate(example_ids):
-      for n in range(self.n):
-        rows.append(_ids(f"a{example_id}" if n % 2 == 0 else "x"))
-    width = max(len(r) for r in rows)
-    tokens = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-      tokens[i, :len(r)] = r
-    lengths = np.asarray([len(r) for r in rows], np.int32)
-    logprobs = -0.5 * (tokens > 0).astype(np.float32)
-    return SampleOutput(tokens, logprobs, lengths, np.repeat(example_ids, self.n),
-                        np.tile(np.arange(self.n, dtype=np.int32), len(example_ids)), width)
-
-  def score(self, params, inputs, targets):
-    return -0.25 * (targets > 0).astype(np.float32)
+def answer_sampler(n):
+  """Sample k of example e is the text "a<e>" when k is even, else "x" (then EOS)."""
+  return FakeSampler(n, sample_fn=lambda prompt, e, k: BYTE_VOCAB.encode(
+      f"a{e}" if k % 2 == 0 else "x"))
 
 
 def _prompts(ids, labeled):
@@ -53,7 +36,7 @@ def test_grow_writes_samples_scored_and_originals_only_for_labeled(tmp_path):
   prompts = _prompts(range(3), True) + _prompts(range(10, 13), False)
   cfg = GrowConfig(sampling=SamplingConfig(num_samples=2, batch_size=4), chunk_size=4)
   writer = growdata.GrowWriter(str(tmp_path))
-  sampler = FakeSampler(2)
+  sampler = answer_sampler(2)
   assert run_grow(sampler=sampler, params=None, prompts=prompts, reward=_reward,
                   vocab=BYTE_VOCAB, writer=writer, grow_step=1, seed=0, config=cfg,
                   input_len=8, target_len=8, progress=False) == 2
@@ -76,9 +59,34 @@ def test_grow_resumes_at_the_first_missing_chunk(tmp_path):
   cfg = GrowConfig(sampling=SamplingConfig(num_samples=1, batch_size=2), chunk_size=2)
   writer = growdata.GrowWriter(str(tmp_path))
   writer.write_chunk(0, [])  # Chunk 0 already complete (its content is not re-made).
-  sampler = FakeSampler(1)
+  sampler = answer_sampler(1)
   assert run_grow(sampler=sampler, params=None, prompts=prompts, reward=_reward,
                   vocab=BYTE_VOCAB, writer=writer, grow_step=1, seed=0, config=cfg,
                   input_len=8, target_len=8, progress=False) == 2
-  assert sampler.calls == 2  # Only chunks 1 and 2 were sampled.
+  assert sampler.calls["generate"] == 2  # Only chunks 1 and 2 were sampled.
   assert writer.completed_chunks() == {0, 1, 2}
+
+
+def test_both_samplers_implement_the_protocol():
+  layout = make_layout(devices=jax.devices()[:1])
+  assert isinstance(Sampler(None, layout, num_samples=2, max_decode_len=4), base.Sampler)
+  assert isinstance(FakeSampler(), base.Sampler)
+
+
+def test_fake_sampler_keeps_the_sample_output_contract():
+  sampler = FakeSampler(2, max_decode_len=4,
+                        sample_fn=lambda prompt, e, k: list(prompt) * (k + 1) + [e + 10])
+  inputs = np.asarray([[5, 6, 1, 0], [7, 0, 0, 0]], np.int32)  # Prompts [5, 6] and [7].
+  out = sampler.generate(None, inputs, np.asarray([3, 4]), seed=0, grow_step=1)
+  np.testing.assert_array_equal(out.tokens, [[5, 6, 13, 1], [5, 6, 5, 6], [7, 14, 1, 0],
+                                             [7, 7, 14, 1]])
+  np.testing.assert_array_equal(out.lengths, [4, 4, 3, 4])  # Cut at max_decode_len.
+  np.testing.assert_array_equal(out.logprobs, np.where(out.tokens > 0, -0.5, 0.0))
+  np.testing.assert_array_equal(out.example_ids, [3, 3, 4, 4])
+  np.testing.assert_array_equal(out.sample_idx, [0, 1, 0, 1])
+  tokens, lengths = sampler.greedy(None, inputs)  # Echoes the prompt, then EOS.
+  np.testing.assert_array_equal(tokens, [[5, 6, 1, 0], [7, 1, 0, 0]])
+  np.testing.assert_array_equal(lengths, [3, 2])
+  np.testing.assert_array_equal(sampler.score(None, inputs, np.asarray([[9, 1], [9, 0]])),
+                                [[-0.25, -0.25], [-0.25, 0.0]])
+  assert sampler.calls == {"generate": 1, "greedy": 1, "score": 1}

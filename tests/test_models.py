@@ -190,9 +190,24 @@ def test_param_and_cache_logical_axes(model):
   assert jax.tree.structure(axes, is_leaf=lambda n: isinstance(n, tuple)) == treedef
   for names, leaf in zip(flat_axes, flat_cache):
     assert len(names) == leaf.ndim and names[0] == "cache_batch"
-  layout = make_layout()
-  layout.state_shardings(nnx.state(model))
-  layout.tree_shardings(cache, axes, sampling=True)
+  # On a 2x2x2 (data, fsdp, tensor) mesh: training splits weights over fsdp on their embed
+  # axis, sampling keeps them whole there; the cache's 4 rows split over data x fsdp.
+  layout, params, checked = make_layout(2, 2, 2), nnx.state(model, nnx.Param), 0
+  for sampling in (False, True):
+    shardings = layout.state_shardings(params, sampling=sampling)
+    for (path, var), (_, sharding) in zip(nnx.to_flat_state(params),
+                                          nnx.to_flat_state(shardings)):
+      names, shape = var.get_metadata()["out_sharding"], var.get_value().shape
+      split = sharding.get_value().shard_shape(shape)
+      for dim, name in enumerate(names):
+        if name == "embed" and shape[dim] % 2 == 0:
+          assert split[dim] == shape[dim] // (1 if sampling else 2), (path, sampling)
+          checked += 1
+  assert checked > 0
+  for sharding, leaf in zip(jax.tree.leaves(layout.tree_shardings(cache, axes, sampling=True)),
+                            flat_cache):
+    assert sharding.shard_shape(leaf.shape)[0] == 1  # 4 cache rows on 4 batch shards.
+    assert jax.device_put(leaf, sharding).sharding == sharding
 
 
 def test_t5x_parameter_names():

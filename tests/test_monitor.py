@@ -12,6 +12,7 @@ import pytest
 from rest_jax import config as C
 from rest_jax.errors import RestJaxError
 from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
+from rest_jax.grow.fake import FakeSampler
 from rest_jax.pipeline.reporting import Reporter, reward_hacking_events, summary_row
 
 
@@ -69,34 +70,24 @@ def test_summary_flag_warning_and_plot(tmp_path, caplog):
   assert summary["reward_hacking_suspected"] is False and summary["reward_hacking"] == []
 
 
-class _FakeSampler:
-  """Greedy "decoding" that returns fixed token rows."""
-
-  def __init__(self, outputs):
-    self.outputs = outputs
-
-  def greedy(self, params, inputs):
-    tokens = self.outputs[:len(inputs)]
-    self.outputs = self.outputs[len(inputs):]
-    return tokens, np.full(len(tokens), tokens.shape[1])
-
-
 class _Vocab:
   def decode(self, ids):
     return " ".join(f"w{i}" for i in ids)
 
 
 def test_eval_fn_reports_the_independent_metric():
-  eval_set = EvalSet(inputs=np.ones((3, 2), np.int32), sources=["a", "b", "c"],
-                     references=["w5 w6", "w7", "w9 w9"])
-  outputs = np.asarray([[5, 6], [7, 8], [9, 9]], np.int32)
+  # FakeSampler's greedy decodes echo the prompts: "w5 w6", "w7 w8", "w9 w9".
+  eval_set = EvalSet(inputs=np.asarray([[5, 6], [7, 8], [9, 9]], np.int32),
+                     sources=["a", "b", "c"], references=["w5 w6", "w7", "w9 w9"])
   reward = lambda s, h, r: np.asarray([0.5, 0.25, 0.0], np.float32)
   length = lambda s, h, r: np.asarray([len(x) / 10 for x in h], np.float32)
-  metrics = make_eval_fn(sampler=_FakeSampler(outputs), eval_set=eval_set, reward=reward,
+  sampler = FakeSampler()
+  metrics = make_eval_fn(sampler=sampler, eval_set=eval_set, reward=reward,
                          vocab=_Vocab(), batch_size=2, independent=length)(None)
+  assert sampler.calls["greedy"] == 2  # Batches of 2 and 1 prompts.
   # Hypotheses "w5 w6", "w7 w8", "w9 w9": exact matches 1st and 3rd; lengths 5, 5, 5.
   assert metrics == {"eval_reward": pytest.approx(0.25), "eval_exact_match": pytest.approx(2 / 3),
                      "eval_independent": pytest.approx(0.5)}
-  no_monitor = make_eval_fn(sampler=_FakeSampler(outputs), eval_set=eval_set, reward=reward,
+  no_monitor = make_eval_fn(sampler=FakeSampler(), eval_set=eval_set, reward=reward,
                             vocab=_Vocab(), batch_size=3)(None)
   assert set(no_monitor) == {"eval_reward", "eval_exact_match"}

@@ -18,7 +18,7 @@ from rest_jax.rewards import ChrF, build_reward, score
 from rest_jax.rewards.remote import RemoteReward
 from rest_jax.rewards.server import make_server
 from rest_jax.tasks import BYTE_VOCAB
-from tests.test_grow import FakeSampler, _prompts
+from tests.test_grow import _prompts, answer_sampler
 
 SOURCES = ["eins", "zwei", "drei", "vier", "fünf"]
 HYPS = ["one", "two", "tree", "for", ""]
@@ -140,21 +140,21 @@ def test_grow_with_a_failing_server_writes_nothing_twice(serve, tmp_path):
   kw = dict(params=None, prompts=prompts, vocab=BYTE_VOCAB, grow_step=1, seed=0, config=cfg,
             input_len=8, target_len=8, progress=False)
   writer = growdata.GrowWriter(directory)
-  run_grow(sampler=FakeSampler(2), reward=local, writer=writer, **dict(kw, prompts=prompts[:2]))
+  run_grow(sampler=answer_sampler(2), reward=local, writer=writer, **dict(kw, prompts=prompts[:2]))
   before = _file_bytes(directory)
   dead = _client(serve(FaultyServer("drop", k=-1)))
   with pytest.raises(RestJaxError, match="after 3 tries"):
-    run_grow(sampler=FakeSampler(2), reward=lambda s, h, r: score(dead, "remote", s, h, r),
+    run_grow(sampler=answer_sampler(2), reward=lambda s, h, r: score(dead, "remote", s, h, r),
              writer=writer, **kw)
   assert _file_bytes(directory) == before  # Chunk 0 untouched, nothing else written.
   flaky = _client(serve(FaultyServer("error", k=2)))
-  assert run_grow(sampler=FakeSampler(2), reward=lambda s, h, r: score(flaky, "remote", s, h, r),
+  assert run_grow(sampler=answer_sampler(2), reward=lambda s, h, r: score(flaky, "remote", s, h, r),
                   writer=writer, **kw) == 2
   assert _file_bytes(directory)[growdata.chunk_name(0, 0)] == before[growdata.chunk_name(0, 0)]
   records = list(growdata.read_records(directory))
   keys = [(r.example_id, r.sample_idx) for r in records]
   assert len(keys) == len(set(keys)) == 6 * 3  # 2 samples + 1 original per prompt, once each.
   ref_dir = str(tmp_path / "ref")
-  run_grow(sampler=FakeSampler(2), reward=local, writer=growdata.GrowWriter(ref_dir), **kw)
+  run_grow(sampler=answer_sampler(2), reward=local, writer=growdata.GrowWriter(ref_dir), **kw)
   expected = {(r.example_id, r.sample_idx): r.reward for r in growdata.read_records(ref_dir)}
   assert {k: r.reward for k, r in zip(keys, records)} == pytest.approx(expected)

@@ -112,9 +112,10 @@ def test_train_reward_cli_saves_a_model_usable_as_reward(tmp_path, capsys):
   assert meta["vocabulary"] == {"kind": "byte"} and meta["model"]["d_model"] == 32
   reward = build_reward(f"learned:{out}", RewardConfig(batch_size=16))
   values = score(reward, "learned", ["n0", "n1", "n2"], ["one", "tw", "x"], None)
-  assert values.shape == (3,) and np.all((values > 0) & (values < 1))
+  assert values.shape == (3,) and len(np.unique(values)) == 3  # Each hypothesis is read.
   again = reward(["n2", "n0"], ["x", "one"], None)
   np.testing.assert_allclose(again, values[[2, 0]], rtol=1e-5)  # Independent of the batch.
+  assert reward(["n9"], ["one"], None)[0] != pytest.approx(values[0], abs=1e-7)  # And x.
   assert isinstance(reward, LearnedReward) and reward.metrics == metrics
   assert cli.main(["train-reward", "--data", data, "--output_dir", out]) == 2
   assert "already holds a reward model" in capsys.readouterr().err

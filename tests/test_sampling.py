@@ -12,6 +12,7 @@ from flax import nnx
 
 from rest_jax.grow.decoding import decode, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
+from rest_jax.models import build_model, get_preset
 from rest_jax.models.base import EOS_ID, ModelConfig, SequenceModel
 from rest_jax.grow.sampler import Sampler, place_params
 from rest_jax.parallel.layout import make_layout
@@ -288,17 +289,10 @@ def test_score_teacher_forced_logprobs():
   np.testing.assert_allclose(sampler.score(state, inputs, targets), expected, atol=1e-5)
 
 
-try:
-  from rest_jax.models import build_model, get_preset
-except ImportError:  # The real models are not in this tree yet.
-  build_model = get_preset = None
-
-
 # The encoder-decoder samples with top-k / top-p (vocab split over "tensor" on (2, 1, 4)); the
 # decoder-only one at temperature 1, where behaviour log-probs must equal teacher forcing.
 # Mesh (8, 1, 1) (pure data parallelism, batch padding) is covered with the fake model above:
 # each real-model compile costs several CPU seconds.
-@pytest.mark.skipif(build_model is None, reason="rest_jax.models.build_model not available")
 @pytest.mark.parametrize("preset,options", [
     ("tiny", dict(temperature=0.9, top_k=100, top_p=0.95)),
     ("tiny_decoder", dict(temperature=1.0)),

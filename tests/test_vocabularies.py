@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from rest_jax.tasks import vocabularies
 from rest_jax.errors import RestJaxError
-from rest_jax.evaluation import detokenize
+from rest_jax.tasks.data import detokenize
 from tokenizer_fixtures import build_hf_tokenizer, build_spm
 
 
@@ -51,7 +51,7 @@ def test_hf_vocabulary_remaps_pad_and_eos(hf_path):
   assert ragged.to_list() == [ids, vocab.encode("a dog")]
   padded = tf.constant([ids + [1, 9], ids + [0, 0]], dtype=tf.int32)
   assert vocab.decode_tf(padded).numpy().tolist() == [text.encode()] * 2
-  # evaluation.detokenize drops EOS and padding.
+  # tasks.data.detokenize drops EOS and padding.
   tokens = np.asarray([ids + [1, 0, 0]])
   assert detokenize(vocab, tokens, np.asarray([len(ids) + 1])) == [text]
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rest_jax.errors import RestJaxError
+from rest_jax.grow import base as grow_base
 
 # The sampling stream of best-of-N (folded in where Grow folds its grow step): no Grow step
 # uses it, so best-of-N samples are independent of every Grow set.
@@ -58,13 +59,14 @@ def best_of_n(rewards: np.ndarray, ns: Sequence[int]) -> dict[int, float]:
   return out
 
 
-def sample_rewards(*, sampler: Any, params: Any, inputs: np.ndarray, sources: Sequence[str],
-                   references: Sequence[str], reward: Callable[..., np.ndarray], vocab: Any,
-                   seed: int, batch_size: int) -> np.ndarray:
+def sample_rewards(*, sampler: grow_base.Sampler, params: Any, inputs: np.ndarray,
+                   sources: Sequence[str], references: Sequence[str],
+                   reward: Callable[..., np.ndarray], vocab: Any, seed: int,
+                   batch_size: int) -> np.ndarray:
   """Rewards of ``sampler.num_samples`` samples per prompt.
 
   Args:
-    sampler: a ``Sampler`` with ``num_samples = max N``.
+    sampler: a ``grow.base.Sampler`` with ``num_samples = max N``.
     params: the policy's params state.
     inputs: int32 `[num_prompts, input_len]`; prompt b has example id b.
     sources, references: `[num_prompts]` texts for the reward.
@@ -75,7 +77,7 @@ def sample_rewards(*, sampler: Any, params: Any, inputs: np.ndarray, sources: Se
   Returns:
     float32 `[num_prompts, num_samples]`.
   """
-  from rest_jax.evaluation import detokenize  # pylint: disable=g-import-not-at-top
+  from rest_jax.tasks.data import detokenize  # pylint: disable=g-import-not-at-top
 
   n = sampler.num_samples
   params = sampler.place_params(params)

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from rest_jax.grow import memory
+from rest_jax.grow.base import SampleOutput
 from rest_jax.config import SamplingConfig
 from rest_jax.grow.decoding import DecodeOutput, decode, greedy_logits, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
@@ -30,26 +31,6 @@ from rest_jax.parallel.layout import Layout
 
 __all__ = ["DecodeOutput", "SampleOutput", "Sampler", "decode", "greedy_logits",
            "place_params", "row_keys", "sample_logits"]
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleOutput:
-  """Samples on the host; row ``b * num_samples + n`` is prompt b, sample n.
-
-  tokens: int32 `[batch * num_samples, max_decode_len]`, EOS-terminated, 0 after EOS.
-  logprobs: float32 `[batch * num_samples, max_decode_len]`, behaviour log-probs (0 after EOS).
-  lengths: int32 `[batch * num_samples]`, tokens including EOS.
-  example_ids: int64 `[batch * num_samples]`.
-  sample_idx: int32 `[batch * num_samples]`.
-  num_steps: decode steps the loop ran (it stops once every row has emitted EOS).
-  """
-
-  tokens: np.ndarray
-  logprobs: np.ndarray
-  lengths: np.ndarray
-  example_ids: np.ndarray
-  sample_idx: np.ndarray
-  num_steps: int
 
 
 def place_params(params_state: Any, layout: Layout, *, sampling: bool) -> Any:
@@ -78,6 +59,8 @@ def _check_rows(name: str, x: np.ndarray, ndim: int) -> np.ndarray:
 
 class Sampler:
   """Samples, greedy-decodes and scores a model given by ``graphdef`` and a params state.
+
+  The model-backed implementation of the ``rest_jax.grow.base.Sampler`` protocol.
 
   Args:
     graphdef: from ``nnx.split(model)``; the model implements ``SequenceModel``.

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from rest_jax.parallel import distributed
 
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow.base import SampleOutput, Sampler
 from rest_jax.config import GrowConfig
-from rest_jax.evaluation import detokenize, pad_rows
+from rest_jax.tasks.data import detokenize, pad_rows
 from rest_jax.models.base import EOS_ID
 
 logger = logging.getLogger("rest_jax")
@@ -23,7 +24,7 @@ logger = logging.getLogger("rest_jax")
 RewardCall = Callable[[Sequence[str], Sequence[str], Sequence[str] | None], np.ndarray]
 
 
-def run_grow(*, sampler: Any, params: Any, prompts: Sequence[dict], reward: RewardCall,
+def run_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: RewardCall,
              vocab: Any, writer: growdata.GrowWriter, grow_step: int, seed: int,
              config: GrowConfig, input_len: int, target_len: int,
              progress: bool = True) -> int:
@@ -33,7 +34,7 @@ def run_grow(*, sampler: Any, params: Any, prompts: Sequence[dict], reward: Rewa
   a Grow step that crashed resumes at its first missing chunk and never writes a record twice.
 
   Args:
-    sampler: a ``Sampler`` built with the Grow sampling settings.
+    sampler: a ``Sampler`` (``grow.base``) with the Grow sampling settings.
     params: the policy's parameters (an ``nnx.State``), placed for sampling.
     prompts: examples of D (this host's shard) with "inputs", "targets", their texts and
       "example_id"; an example with ``"labeled": False`` is a prompt without a demonstration:
@@ -97,8 +98,9 @@ def _global_rows(x: np.ndarray, host_rows: int, fill: np.ndarray) -> np.ndarray:
   return gathered.reshape((-1,) + gathered.shape[2:])
 
 
-def _sample_global(*, sampler, params, inputs, example_ids, grow_step, seed, host_rows, filler,
-                   input_len, num_samples):
+def _sample_global(*, sampler: Sampler, params: Any, inputs: np.ndarray,
+                   example_ids: np.ndarray, grow_step: int, seed: int, host_rows: int,
+                   filler: dict | None, input_len: int, num_samples: int) -> SampleOutput:
   """``sampler.generate`` on every host's prompts at once; returns this host's rows.
 
   With one process the prompts go to the sampler as they are. Otherwise each host's
@@ -122,7 +124,8 @@ def _sample_global(*, sampler, params, inputs, example_ids, grow_step, seed, hos
                              sample_idx=out.sample_idx[start:stop])
 
 
-def _score_global(*, sampler, params, inputs, targets, host_rows) -> np.ndarray | None:
+def _score_global(*, sampler: Sampler, params: Any, inputs: np.ndarray, targets: np.ndarray,
+                  host_rows: int) -> np.ndarray | None:
   """``sampler.score`` on every host's pairs at once; this host's `[rows, target_len]` rows.
 
   Returns None when no host has a pair (then no host calls the sampler).
@@ -141,8 +144,10 @@ def _score_global(*, sampler, params, inputs, targets, host_rows) -> np.ndarray 
   return logprobs[start:start + len(inputs)]
 
 
-def _grow_batch(*, sampler, params, prompts, reward, vocab, grow_step, seed, config, input_len,
-                target_len, host_rows, filler) -> list[growdata.GrowRecord]:
+def _grow_batch(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: RewardCall,
+                vocab: Any, grow_step: int, seed: int, config: GrowConfig, input_len: int,
+                target_len: int, host_rows: int,
+                filler: dict | None) -> list[growdata.GrowRecord]:
   """Samples N continuations for a batch of this host's prompts (and scores D's pairs) into
   records; ``prompts`` may be empty (the host still joins the collective sampler calls)."""
   inputs = pad_rows([p["inputs"] for p in prompts], input_len)

@@ -70,3 +70,23 @@ class LengthReward:
     del sources, references
     return np.asarray([min(len(h), self.target_chars) / self.target_chars for h in hypotheses],
                       dtype=np.float32)
+
+
+def score(reward_fn: RewardFn, name: str, sources: Sequence[str], hyps: Sequence[str],
+          refs: Sequence[str] | None) -> np.ndarray:
+  """Calls ``reward_fn`` and validates its output.
+
+  Args:
+    reward_fn: the reward.
+    name: its name, for error messages.
+    sources / hyps / refs: `[n]` prompts, hypotheses and references (refs may be None).
+  Returns:
+    float32 `[n]` in [0, 1].
+  Raises:
+    RestJaxError: the reward's output has the wrong shape, is not finite, or leaves [0, 1].
+  """
+  n = len(hyps)
+  if len(sources) != n or (refs is not None and len(refs) != n):
+    raise ValueError(f"score({name}): {len(sources)} sources, {n} hypotheses, "
+                     f"{None if refs is None else len(refs)} references; they must match")
+  return validate_rewards(reward_fn(sources, hyps, refs), n, name)

@@ -8,17 +8,42 @@ is wrapped in ``NormalizedReward`` when its declared range is not (0, 1).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from rest_jax.config import RewardConfig
 from rest_jax.errors import RestJaxError
+from rest_jax.rewards.answers import Gsm8kAnswer, MathAnswer
 from rest_jax.rewards.base import RewardFn
+from rest_jax.rewards.metrics import Bleu, ChrF, ExactMatch
 from rest_jax.rewards.pycall import PREFIX as PY_PREFIX, load_callable
 from rest_jax.rewards.remote import PREFIX as REMOTE_PREFIX, RemoteReward
 
 LEARNED_PREFIX = "learned:"
+
+REWARDS: dict[str, Callable[[], RewardFn]] = {
+    "chrf": ChrF,
+    "bleu": Bleu,
+    "exact_match": ExactMatch,
+    "gsm8k_answer": Gsm8kAnswer,  # Final answers after "####" agree (ReST-EM, GSM8K).
+    "math_answer": MathAnswer,  # Last \boxed{} answers agree (ReST-EM, MATH).
+}
+
+
+def get_reward(name: str) -> RewardFn:
+  """A new instance of the built-in reward called ``name`` (a key of REWARDS).
+
+  Raises:
+    RestJaxError: unknown name; the message lists the known ones.
+  """
+  if name not in REWARDS:
+    raise RestJaxError(f"reward {name!r} is unknown; known rewards: {', '.join(sorted(REWARDS))}, "
+                       "or 'learned:DIR' (a reward model from rest-jax train-reward), "
+                       "'remote:URL' (a reward server) or 'py:module:function' (any callable "
+                       "(sources, hypotheses, references) -> float array [n], see "
+                       "rest_jax.rewards.base.RewardFn).")
+  return REWARDS[name]()
 
 
 class NormalizedReward:
@@ -45,7 +70,6 @@ def reward_label(spec: str, config: RewardConfig) -> str:
 
 def check_reward_spec(spec: str) -> None:
   """Fails fast on a spec that cannot be built (without loading models or calling servers)."""
-  from rest_jax.rewards import REWARDS, get_reward  # pylint: disable=g-import-not-at-top
   if spec.startswith(LEARNED_PREFIX):
     directory = spec[len(LEARNED_PREFIX):]
     from rest_jax.rewards.learned import read_meta  # pylint: disable=g-import-not-at-top
@@ -66,7 +90,6 @@ def build_reward(spec: str, config: RewardConfig = RewardConfig(), *,
     RestJaxError: unknown name, missing reward-model directory, bad URL or import path, or a
       token_env that is not set.
   """
-  from rest_jax.rewards import get_reward  # pylint: disable=g-import-not-at-top
   if spec.startswith(LEARNED_PREFIX):
     from rest_jax.rewards.learned import LearnedReward  # pylint: disable=g-import-not-at-top
     fn = LearnedReward(os.path.expanduser(spec[len(LEARNED_PREFIX):]),

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import seqio
 
-from rest_jax import tasks
+from rest_jax.tasks import base
 from rest_jax.errors import RestJaxError
 
 
@@ -39,7 +39,7 @@ def problem(index: int, max_operand: int) -> tuple[str, str]:
   return f"{a}-{b}=", str(a - b)
 
 
-def _pairs(indices: np.ndarray, max_operand: int) -> tasks.SplitData:
+def _pairs(indices: np.ndarray, max_operand: int) -> base.SplitData:
   texts = [problem(int(i), max_operand) for i in indices]
   return [p for p, _ in texts], [t for _, t in texts], np.asarray(indices, dtype=np.int64)
 
@@ -74,13 +74,13 @@ def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: in
   if num_unlabeled:
     start = num_train + num_eval
     splits["unlabeled"] = drawn[start:start + num_unlabeled]
-  return tasks.in_memory_task(
+  return base.in_memory_task(
       name, build_splits=lambda: {k: _pairs(v, max_operand) for k, v in splits.items()},
-      sizes={k: len(v) for k, v in splits.items()}, output_features=tasks.DECODER_FEATURES)
+      sizes={k: len(v) for k, v in splits.items()}, output_features=base.DECODER_FEATURES)
 
 
 # ReST-EM's setting: few worked problems (D), many problems whose answer only the reward knows.
-tasks.register(make_arith_task("arith", num_train=2000, num_eval=256, max_operand=99, seed=0,
-                               num_unlabeled=4000))
-tasks.register(make_arith_task("arith_small", num_train=256, num_eval=64, max_operand=99,
-                               seed=0))
+base.register(make_arith_task("arith", num_train=2000, num_eval=256, max_operand=99, seed=0,
+                              num_unlabeled=4000))
+base.register(make_arith_task("arith_small", num_train=256, num_eval=64, max_operand=99,
+                              seed=0))

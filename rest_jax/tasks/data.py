@@ -3,6 +3,7 @@
 * ``examples``: the examples of one split as a list of dicts (eval sets, Grow prompts).
 * ``train_batches``: a seeded, endlessly repeating iterator of fixed-shape numpy batches that
   can start at any step, so a resumed phase sees exactly the batches an uninterrupted one would.
+* ``pad_rows`` / ``detokenize``: token rows to a padded batch and generated ids back to text.
 
 Nothing here truncates silently: an example longer than the configured lengths is an error that
 names the length to raise.
@@ -11,13 +12,14 @@ names the length to raise.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from rest_jax.errors import RestJaxError
+from rest_jax.models.base import EOS_ID, PAD_ID
 
 BATCH_KEYS = ("inputs", "targets", "reward", "behaviour_logprobs", "is_original", "example_id")
 _TOO_LONG = "rest_jax: example longer than"
@@ -200,3 +202,21 @@ def train_batches(dataset: tf.data.Dataset, *, batch_size: int, seed: int, start
       yield from batches.as_numpy_iterator()
 
   return iterate()
+
+
+def pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
+  """Right-pads 1-D token arrays with PAD_ID into int32 `[len(rows), length]`."""
+  out = np.full((len(rows), length), PAD_ID, dtype=np.int32)
+  for i, row in enumerate(rows):
+    row = np.asarray(row)[:length]
+    out[i, :len(row)] = row
+  return out
+
+
+def detokenize(vocab: Any, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+  """Decodes `[batch, max_len]` token ids, keeping `lengths[b]` tokens and dropping EOS."""
+  texts = []
+  for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
+    ids = [int(t) for t in row[:int(n)] if t not in (EOS_ID, PAD_ID)]
+    texts.append(vocab.decode(ids))
+  return texts

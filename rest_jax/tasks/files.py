@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import seqio
 
-from rest_jax import tasks
+from rest_jax.tasks import base
 
 from rest_jax.tasks import vocabularies
 from rest_jax.config import FileTaskConfig
@@ -90,7 +90,7 @@ def _text(row: dict[str, Any], field: str) -> str | None:
   return value if isinstance(value, str) else json.dumps(value)
 
 
-def _split(config: FileTaskConfig, split: str, path: str) -> tasks.SplitData:
+def _split(config: FileTaskConfig, split: str, path: str) -> base.SplitData:
   sources, targets, ids = [], [], []
   for number, row in read_rows(path, fmt=config.format):
     prompt = _text(row, config.prompt_field)
@@ -122,7 +122,7 @@ def _split(config: FileTaskConfig, split: str, path: str) -> tasks.SplitData:
   return sources, targets, np.asarray(ids, dtype=np.int64)
 
 
-def read_splits(config: FileTaskConfig) -> dict[str, tasks.SplitData]:
+def read_splits(config: FileTaskConfig) -> dict[str, base.SplitData]:
   """split -> (prompts, targets, example ids int64 `[n]`) of every configured file.
 
   Raises:
@@ -152,7 +152,7 @@ def make_file_task(config: FileTaskConfig) -> seqio.Task:
   """
   vocab = vocabularies.get_vocabulary(config.vocabulary)
   splits = read_splits(config)
-  return tasks.in_memory_task(
+  return base.in_memory_task(
       config.name, build_splits=lambda: splits,
       sizes={k: len(v[0]) for k, v in splits.items()},
-      output_features=tasks.make_features(vocab, kind=config.kind))
+      output_features=base.make_features(vocab, kind=config.kind))

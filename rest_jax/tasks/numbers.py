@@ -11,7 +11,7 @@ import numpy as np
 import seqio
 from num2words import num2words
 
-from rest_jax import tasks
+from rest_jax.tasks import base
 from rest_jax.errors import RestJaxError
 
 
@@ -38,7 +38,7 @@ def sample_numbers(*, num_train: int, num_eval: int, max_number: int, seed: int,
   return labeled[:num_train], labeled[num_train:], unlabeled[:num_unlabeled]
 
 
-def _pairs(numbers: np.ndarray) -> tasks.SplitData:
+def _pairs(numbers: np.ndarray) -> base.SplitData:
   sources = [num2words(int(n), lang="de") for n in numbers]
   targets = [num2words(int(n), lang="en") for n in numbers]
   return sources, targets, np.asarray(numbers, dtype=np.int64)
@@ -66,14 +66,14 @@ def make_numbers_task(name: str, *, num_train: int, num_eval: int, max_number: i
   splits = {"train": train, "validation": evaluation}
   if num_unlabeled:
     splits["unlabeled"] = unlabeled
-  return tasks.in_memory_task(
+  return base.in_memory_task(
       name, build_splits=lambda: {k: _pairs(v) for k, v in splits.items()},
-      sizes={k: len(v) for k, v in splits.items()}, output_features=tasks.ENCDEC_FEATURES)
+      sizes={k: len(v) for k, v in splits.items()}, output_features=base.ENCDEC_FEATURES)
 
 
 # D is small (250 demonstrations) and 4000 more prompts come without one: the setting where
 # ReST's reward-filtered self-generated data has something to teach that BC on D cannot.
-tasks.register(make_numbers_task("numbers_de_en", num_train=250, num_eval=256,
-                                 max_number=99_999, seed=0, num_unlabeled=4000))
-tasks.register(make_numbers_task("numbers_de_en_small", num_train=256, num_eval=64,
-                                 max_number=999, seed=0))
+base.register(make_numbers_task("numbers_de_en", num_train=250, num_eval=256,
+                                max_number=99_999, seed=0, num_unlabeled=4000))
+base.register(make_numbers_task("numbers_de_en_small", num_train=256, num_eval=64,
+                                max_number=999, seed=0))

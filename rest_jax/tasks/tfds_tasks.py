@@ -30,7 +30,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from rest_jax import tasks
+from rest_jax.tasks import base
 
 from rest_jax.tasks import vocabularies
 from rest_jax.config import TfdsTaskConfig
@@ -157,5 +157,5 @@ def make_tfds_task(config: TfdsTaskConfig) -> seqio.Task:
   return seqio.Task(
       config.name, source=_CountingSource(dataset_fn, splits=list(source.splits),
                                           count=lambda split: _info_count(config, source, split)),
-      output_features=tasks.make_features(vocab, kind=config.kind),
+      output_features=base.make_features(vocab, kind=config.kind),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim])
