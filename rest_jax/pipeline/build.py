@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
-
 import jax
 import seqio
 from flax import nnx
@@ -26,7 +24,7 @@ from flax import nnx
 from rest_jax.checkpoints.phases import PhaseCheckpoints
 from rest_jax.config import RunConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
+from rest_jax.evaluation import EvalFn, EvalSet, independent_metric_name, make_eval_fn
 from rest_jax.grow.sampler import Sampler
 from rest_jax.grow.step import RewardCall
 from rest_jax.improve import losses, schedules
@@ -41,8 +39,6 @@ from rest_jax import rewards, tasks
 from rest_jax.tasks import data
 
 logger = logging.getLogger("rest_jax")
-
-EvalFn = Callable[[nnx.State], dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
