@@ -11,8 +11,9 @@ Commit semantics (what a reader may rely on):
   flushed and fsynced, then renamed over the final name (and the folder fsynced). On an object
   store an object becomes visible only when its upload completes, and there is no atomic rename,
   so the final object is written directly.
-* ``commit_new``: like ``atomic_path`` but refuses to replace an existing file (immutable
-  chunks).
+* ``overwrite=False``: refuses to replace an existing file (immutable Grow chunks).
+* A local temporary file is named ``.{name}.{8 hex}.tmp`` next to ``name``; one left by a
+  killed writer is recognised by ``temp_target`` (and never read as data).
 * Markers: write data first and the marker last; readers trust only what a marker or a manifest
   names.
 
@@ -34,6 +35,7 @@ from etils import epath
 from rest_jax.errors import RestJaxError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")
 
 
 def is_local(path: str) -> bool:
@@ -99,12 +101,33 @@ def rmtree(path: str) -> None:
     p.rmtree()
 
 
+def temp_target(name: str) -> str | None:
+  """The file name that the ``atomic_path`` temporary ``name`` commits to; None if ``name``
+  is not such a temporary (e.g. ``.chunk.tfrecord.0a1b2c3d.tmp`` -> ``chunk.tfrecord``)."""
+  match = _TEMP.match(name)
+  return match.group(1) if match else None
+
+
 def _fsync(path: str) -> None:
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def _commit_new(tmp: str, path: str) -> None:
+  """Renames ``tmp`` onto ``path`` unless ``path`` exists (a hard link refuses atomically)."""
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    raise RestJaxError(f"{path} appeared while it was being written; another process writes "
+                       "the same file. Run one writer per file.") from None
+  except OSError:  # A file system without hard links: check, then rename.
+    if os.path.exists(path):
+      raise RestJaxError(f"{path} appeared while it was being written; another process "
+                         "writes the same file. Run one writer per file.") from None
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -130,10 +153,10 @@ def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
   try:
     yield tmp
     _fsync(tmp)
-    if not overwrite and os.path.exists(path):
-      raise RestJaxError(f"{path} appeared while it was being written; another process writes "
-                         "the same file. Run one writer per file.")
-    os.replace(tmp, path)
+    if overwrite:
+      os.replace(tmp, path)
+    else:
+      _commit_new(tmp, path)
     _fsync(folder)
   finally:
     if os.path.exists(tmp):
