@@ -17,6 +17,7 @@ from rest_jax.pipeline import loop
 from rest_jax.improve import schedules
 from rest_jax.grow.dataset import GrowRecord
 from rest_jax.pipeline.reporting import Reporter
+from rest_jax.pipeline.workdir import Workdir
 
 
 def _records(grow_step: int) -> list[GrowRecord]:
@@ -47,7 +48,7 @@ def fake(monkeypatch):
 
   def build(config, workdir, progress):
     return loop._Run(config, workdir, None, None, "params-init", task, None, None, None, None,
-                     Reporter(workdir), progress)  # pylint: disable=protected-access
+                     Reporter(Workdir(workdir)), progress)  # pylint: disable=protected-access
 
   def train(run, name, *, params, cfg, dataset, seed, lr_scale, extras=None):
     count = 0 if dataset is None else sum(1 for _ in dataset.as_numpy_iterator())

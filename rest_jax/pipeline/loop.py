@@ -24,6 +24,7 @@ import jax
 from flax import nnx
 
 from rest_jax import rewards
+from rest_jax import storage
 
 from rest_jax.tasks import data
 
@@ -49,7 +50,8 @@ from rest_jax.improve.extras import build_extras
 from rest_jax.grow.step import run_grow
 from rest_jax.improve.trainer import Trainer, make_optimizer, train_phase
 from rest_jax.models import build_model
-from rest_jax.pipeline.reporting import Reporter, format_table, read_json, summary_row, write_json_atomic
+from rest_jax.pipeline.reporting import Reporter, format_table, summary_row
+from rest_jax.pipeline.workdir import Workdir
 from rest_jax.grow.sampler import Sampler, place_params
 from rest_jax.parallel.layout import Layout
 
@@ -62,13 +64,13 @@ def phase_name(grow_step: int, improve_step: int) -> str:
 
 def check_workdir(workdir: str, config: RunConfig, config_text: str) -> None:
   """Refuses a workdir made by another config; records this config in a new one."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   path = os.path.join(workdir, "run_config.json")
   mine = json.loads(json.dumps(dataclasses.asdict(config)))
-  exists = os.path.exists(path)
+  exists = storage.exists(path)
   distributed.barrier("workdir checked")  # Every host looks before host 0 writes.
   if exists:
-    theirs = read_json(path)
+    theirs = storage.read_json(path)
     # A field added by a newer rest_jax is missing from older workdirs: it reads as its default.
     diffs = _diff(theirs, mine, json.loads(json.dumps(dataclasses.asdict(RunConfig()))))
     if diffs:
@@ -78,9 +80,8 @@ def check_workdir(workdir: str, config: RunConfig, config_text: str) -> None:
           "or choose a new --workdir.")
     return
   if distributed.is_host0():
-    write_json_atomic(path, mine)
-    with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(config_text)
+    storage.write_json(path, mine)
+    storage.write_text(os.path.join(workdir, "config.gin"), config_text)
   distributed.barrier("workdir recorded")
 
 
@@ -169,7 +170,7 @@ def _build(config: RunConfig, workdir: str, progress: bool) -> _Run:
   eval_fn = make_eval_fn(sampler=eval_sampler, eval_set=eval_set, reward=reward, vocab=vocab,
                          batch_size=config.eval.batch_size,
                          independent=metric and _reward_call(rewards.get_reward(metric), metric))
-  reporter = Reporter(workdir, enabled=jax.process_index() == 0)
+  reporter = Reporter(Workdir(workdir), enabled=jax.process_index() == 0)
   return _Run(config, workdir, layout, graphdef, base_params, task, vocab, reward, grow_sampler,
               eval_fn, reporter, progress)
 
@@ -251,7 +252,7 @@ def _extras(run: _Run, grow_dir: str, g: int, *, start_params: Any, bc_params: A
       return params, history
 
     kw.update(value_net=net, discount=c.value.discount, value_params=value.load_or_train_value(
-        net, directory=value.value_dir(run.workdir, g), train=train))
+        net, directory=Workdir(run.workdir).value_dir(g), train=train))
   return build_extras(needs, layout=run.layout, policy_graphdef=run.graphdef,
                       start_params=start_params, **kw)
 
@@ -294,14 +295,13 @@ def _skip_bc(run: _Run) -> dict:
 def _mark(run: _Run, name: str, row: dict) -> None:
   path = os.path.join(run.workdir, "phases", f"{name}.json")
   if distributed.is_host0():
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json_atomic(path, row)
+    storage.write_json(path, row)
   _barrier(f"marked {name}")
 
 
 def _marked(run: _Run, name: str) -> dict | None:
   path = os.path.join(run.workdir, "phases", f"{name}.json")
-  return read_json(path) if os.path.exists(path) else None
+  return storage.read_json(path) if storage.exists(path) else None
 
 
 def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: bool = True) -> dict:
@@ -311,11 +311,11 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   validate_names(config)
   check_workdir(workdir, config, config_text)
   state_path = os.path.join(workdir, "state.json")
-  previous_wall = read_json(state_path)["wall_time_s"] if os.path.exists(state_path) else 0.0
+  previous_wall = Workdir(workdir).previous_wall_time()
 
   def save_state(phase: str) -> None:
     if jax.process_index() == 0:
-      write_json_atomic(state_path, {"phase": phase,
+      storage.write_json(state_path, {"phase": phase,
                                      "wall_time_s": previous_wall + time.time() - start})
 
   run_ = _build(config, workdir, progress)
@@ -393,7 +393,7 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
         else:
           start_params = params if params is not None else _restore_best(run_, last_done)
         mix = mixture.select_mixture(
-            mixture.previous_grow_dirs(workdir, g, config.improve.mix_previous_grows),
+            Workdir(workdir).mixed_grow_dirs(g, config.improve.mix_previous_grows),
             threshold=tau, include_originals=config.grow.include_originals,
             max_per_prompt=config.improve.max_per_prompt,
             deduplicate=config.improve.deduplicate)
@@ -423,7 +423,7 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
 
   save_state("done")
   _barrier("done")
-  wall = read_json(state_path)["wall_time_s"] if os.path.exists(state_path) else 0.0
+  wall = Workdir(workdir).previous_wall_time()
   run_.reporter.write_summary(rows, wall)
   run_.reporter.write_plots(rows, grow_stats, taus_by_step)
   run_.reporter.close()
