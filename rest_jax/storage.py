@@ -163,11 +163,56 @@ def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def open_write(path: str, mode: str = "w", *, overwrite: bool = True) -> Iterator[Any]:
+  """A file object (``mode`` "w" or "wb") whose content is committed to ``path`` atomically
+  when the block exits cleanly (see ``atomic_path``); for writes streamed in pieces."""
+  if mode not in ("w", "wb"):
+    raise ValueError(f"open_write mode must be 'w' or 'wb', got {mode!r}")
+  with atomic_path(path, overwrite=overwrite) as tmp:
+    with epath.Path(tmp).open(mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+      yield f
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+  """Yields a folder to fill; it appears at ``path`` (which must not exist) only when the block
+  exits cleanly.
+
+  Locally the folder is a temporary sibling (``.{name}.{8 hex}.tmp``), renamed onto ``path`` on
+  exit and removed on an exception; on an object store it is ``path`` itself (readers trust a
+  file written last, e.g. a config or a marker).
+
+  Raises:
+    RestJaxError: ``path`` already exists.
+  """
+  if exists(path):
+    raise RestJaxError(f"{path} already exists; choose a new path or delete it.")
+  if not is_local(path):
+    makedirs(path)
+    yield path
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}."
+                     f"{uuid.uuid4().hex[:8]}.tmp")
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      raise RestJaxError(f"{path} appeared while it was being written; another process writes "
+                         "the same folder. Run one writer per folder.")
+    os.rename(tmp, path)
+    _fsync(parent)
+  finally:
+    if os.path.exists(tmp):
+      rmtree(tmp)
+
+
 def write_bytes(path: str, data: bytes, *, overwrite: bool = True) -> None:
   """Writes ``data`` to ``path`` atomically (see ``atomic_path``)."""
-  with atomic_path(path, overwrite=overwrite) as tmp:
-    with epath.Path(tmp).open("wb") as f:
-      f.write(data)
+  with open_write(path, "wb", overwrite=overwrite) as f:
+    f.write(data)
 
 
 def write_text(path: str, text: str, *, overwrite: bool = True) -> None:
