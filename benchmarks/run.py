@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any, Callable
 import jax
 
 from benchmarks import ceilings, costs, hf_compare, profiles, report, workloads
+from rest_jax import storage
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -202,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
   name = "quick" if args.quick else "gpu" if args.gpu else "cpu"
 
   def save(results: dict[str, Any]) -> None:
-    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(dict(results, profile=name), f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    storage.write_json(args.out, dict(results, profile=name))
 
   results = run(profile, presets=args.presets, sections=tuple(args.sections), save=save)
   results["profile"] = name

@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
   from rest_jax.rewards.learned import encode  # pylint: disable=g-import-not-at-top
   from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
   from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top
+  from rest_jax.pipeline.workdir import Workdir  # pylint: disable=g-import-not-at-top
 
-  c = bestofn.load_run_config(a.workdir)
+  c = Workdir(a.workdir).load_run_config()
   task = tasks.get_task(c.task)
   held = {int(e["example_id"]) for e in data.examples(task, "validation", input_len=c.input_len,
                                                         target_len=c.target_len)}

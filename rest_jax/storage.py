@@ -11,8 +11,9 @@ Commit semantics (what a reader may rely on):
   flushed and fsynced, then renamed over the final name (and the folder fsynced). On an object
   store an object becomes visible only when its upload completes, and there is no atomic rename,
   so the final object is written directly.
-* ``commit_new``: like ``atomic_path`` but refuses to replace an existing file (immutable
-  chunks).
+* ``overwrite=False``: refuses to replace an existing file (immutable Grow chunks).
+* A local temporary file is named ``.{name}.{8 hex}.tmp`` next to ``name``; one left by a
+  killed writer is recognised by ``temp_target`` (and never read as data).
 * Markers: write data first and the marker last; readers trust only what a marker or a manifest
   names.
 
@@ -34,6 +35,7 @@ from etils import epath
 from rest_jax.errors import RestJaxError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")
 
 
 def is_local(path: str) -> bool:
@@ -99,12 +101,33 @@ def rmtree(path: str) -> None:
     p.rmtree()
 
 
+def temp_target(name: str) -> str | None:
+  """The file name that the ``atomic_path`` temporary ``name`` commits to; None if ``name``
+  is not such a temporary (e.g. ``.chunk.tfrecord.0a1b2c3d.tmp`` -> ``chunk.tfrecord``)."""
+  match = _TEMP.match(name)
+  return match.group(1) if match else None
+
+
 def _fsync(path: str) -> None:
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def _commit_new(tmp: str, path: str) -> None:
+  """Renames ``tmp`` onto ``path`` unless ``path`` exists (a hard link refuses atomically)."""
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    raise RestJaxError(f"{path} appeared while it was being written; another process writes "
+                       "the same file. Run one writer per file.") from None
+  except OSError:  # A file system without hard links: check, then rename.
+    if os.path.exists(path):
+      raise RestJaxError(f"{path} appeared while it was being written; another process "
+                         "writes the same file. Run one writer per file.") from None
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -130,21 +153,66 @@ def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
   try:
     yield tmp
     _fsync(tmp)
-    if not overwrite and os.path.exists(path):
-      raise RestJaxError(f"{path} appeared while it was being written; another process writes "
-                         "the same file. Run one writer per file.")
-    os.replace(tmp, path)
+    if overwrite:
+      os.replace(tmp, path)
+    else:
+      _commit_new(tmp, path)
     _fsync(folder)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def open_write(path: str, mode: str = "w", *, overwrite: bool = True) -> Iterator[Any]:
+  """A file object (``mode`` "w" or "wb") whose content is committed to ``path`` atomically
+  when the block exits cleanly (see ``atomic_path``); for writes streamed in pieces."""
+  if mode not in ("w", "wb"):
+    raise ValueError(f"open_write mode must be 'w' or 'wb', got {mode!r}")
+  with atomic_path(path, overwrite=overwrite) as tmp:
+    with epath.Path(tmp).open(mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+      yield f
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+  """Yields a folder to fill; it appears at ``path`` (which must not exist) only when the block
+  exits cleanly.
+
+  Locally the folder is a temporary sibling (``.{name}.{8 hex}.tmp``), renamed onto ``path`` on
+  exit and removed on an exception; on an object store it is ``path`` itself (readers trust a
+  file written last, e.g. a config or a marker).
+
+  Raises:
+    RestJaxError: ``path`` already exists.
+  """
+  if exists(path):
+    raise RestJaxError(f"{path} already exists; choose a new path or delete it.")
+  if not is_local(path):
+    makedirs(path)
+    yield path
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}."
+                     f"{uuid.uuid4().hex[:8]}.tmp")
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      raise RestJaxError(f"{path} appeared while it was being written; another process writes "
+                         "the same folder. Run one writer per folder.")
+    os.rename(tmp, path)
+    _fsync(parent)
+  finally:
+    if os.path.exists(tmp):
+      rmtree(tmp)
+
+
 def write_bytes(path: str, data: bytes, *, overwrite: bool = True) -> None:
   """Writes ``data`` to ``path`` atomically (see ``atomic_path``)."""
-  with atomic_path(path, overwrite=overwrite) as tmp:
-    with epath.Path(tmp).open("wb") as f:
-      f.write(data)
+  with open_write(path, "wb", overwrite=overwrite) as f:
+    f.write(data)
 
 
 def write_text(path: str, text: str, *, overwrite: bool = True) -> None:

@@ -20,6 +20,7 @@ from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
 from rest_jax.grow.sampler import Sampler
 from rest_jax.parallel.layout import make_layout
+from rest_jax.pipeline.workdir import Workdir
 
 
 def test_hand_values():
@@ -85,14 +86,14 @@ def test_workdir_helpers(tmp_path):
   os.makedirs(tmp_path / "phases")
   with open(tmp_path / "run_config.json", "w") as f:
     json.dump(values, f)
-  assert bestofn.load_run_config(str(tmp_path)) == cfg
+  assert Workdir(str(tmp_path)).load_run_config() == cfg
   for name in ("bc", "g001_i01", "g002_i01"):
     (tmp_path / "phases" / f"{name}.json").write_text("{}")
-  assert bestofn.resolve_phase(str(tmp_path), "final") == "g002_i01"
-  assert bestofn.resolve_phase(str(tmp_path), "g1_i1") == "g001_i01"
-  assert bestofn.resolve_phase(str(tmp_path), "bc") == "bc"
+  assert Workdir(str(tmp_path)).resolve_phase("final") == "g002_i01"
+  assert Workdir(str(tmp_path)).resolve_phase("g1_i1") == "g001_i01"
+  assert Workdir(str(tmp_path)).resolve_phase("bc") == "bc"
   with pytest.raises(RestJaxError, match="phase 'g3_i1' has no finished checkpoint"):
-    bestofn.resolve_phase(str(tmp_path), "g3_i1")
+    Workdir(str(tmp_path)).resolve_phase("g3_i1")
 
 
 def test_cli_errors(tmp_path, capsys):

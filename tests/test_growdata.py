@@ -48,15 +48,18 @@ def _chunk(k: int) -> list[GrowRecord]:
           for s in range(-1, NUM_SAMPLES)]
 
 
+H0_TEMP = ".chunk-h000-00001.tfrecord.0a1b2c3d.tmp"
+H1_TEMP = ".chunk-h001-00000.tfrecord.deadbeef.tmp"
+
+
 def _write_with_crash(directory: str) -> None:
   """Host 0 writes chunks 0 and 2, crashes while writing chunk 1; host 1 crashes too."""
   writer = GrowWriter(directory, host_id=0)
   writer.write_chunk(0, _chunk(0))
   writer.write_chunk(2, _chunk(2))
-  with open(os.path.join(directory, "chunk-h000-00001.tmp"), "wb") as f:
-    f.write(b"half a chunk")
-  with open(os.path.join(directory, "chunk-h001-00000.tmp"), "wb") as f:
-    f.write(b"half a chunk")
+  for name in (H0_TEMP, H1_TEMP):  # What storage.atomic_path leaves when the process dies.
+    with open(os.path.join(directory, name), "wb") as f:
+      f.write(b"half a chunk")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +70,8 @@ def grow_dir(tmp_path_factory) -> str:
     growdata.finalize(directory)
   resumed = GrowWriter(directory, host_id=0)  # Removes host 0's stale .tmp, not host 1's.
   assert resumed.completed_chunks() == {0, 2}
-  assert sorted(os.listdir(directory)) == ["chunk-h000-00000.tfrecord",
-                                           "chunk-h000-00002.tfrecord", "chunk-h001-00000.tmp"]
+  assert sorted(os.listdir(directory)) == sorted(["chunk-h000-00000.tfrecord",
+                                                  "chunk-h000-00002.tfrecord", H1_TEMP])
   for k in sorted({0, 1, 2} - resumed.completed_chunks()):
     resumed.write_chunk(k, _chunk(k))
   host1 = GrowWriter(directory, host_id=1)

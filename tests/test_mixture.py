@@ -18,6 +18,7 @@ from rest_jax.improve import selection as mixture
 from rest_jax.errors import RestJaxError
 from rest_jax.grow.dataset import GrowRecord, GrowWriter
 from rest_jax.improve.schedules import Threshold
+from rest_jax.pipeline.workdir import Workdir
 
 # (example_id, sample_idx) -> (reward, targets); sample_idx -1 is the original pair of D.
 G1 = {
@@ -102,9 +103,10 @@ def test_deduplication_keeps_one_per_prompt_and_targets(dirs):
 
 def test_previous_grow_sets(dirs):
   work, g1, g2 = dirs
-  assert mixture.previous_grow_dirs(work, 2, 1) == [g2, g1]
-  assert mixture.previous_grow_dirs(work, 2, 5) == [g2, g1]
-  assert mixture.previous_grow_dirs(work, 1, 3) == [g1]
+  assert Workdir(work).mixed_grow_dirs(2, 1) == [g2, g1]
+  assert Workdir(work).mixed_grow_dirs(2, 5) == [g2, g1]
+  assert Workdir(work).mixed_grow_dirs(1, 3) == [g1]
+  assert Workdir(work).mixed_grow_dirs(2, 0) == [g2]
   mix = mixture.select_mixture([g2, g1], threshold=Threshold(0.75))
   # D comes from the current Grow set only; samples >= 0.75 from both.
   assert _kept(mix) == {(2, 0, -1), (2, 1, -1), (2, 2, -1), (2, 0, 0), (2, 0, 1), (2, 1, 0),

@@ -14,6 +14,7 @@ from rest_jax.errors import RestJaxError
 from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
 from rest_jax.grow.fake import FakeSampler
 from rest_jax.pipeline.reporting import Reporter, reward_hacking_events, summary_row
+from rest_jax.pipeline.workdir import Workdir
 
 
 def _row(phase, g, i, reward, bleu):
@@ -53,7 +54,7 @@ def test_events_on_fabricated_rows():
 
 
 def test_summary_flag_warning_and_plot(tmp_path, caplog):
-  reporter = Reporter(str(tmp_path))
+  reporter = Reporter(Workdir(str(tmp_path)))
   with caplog.at_level(logging.WARNING, logger="rest_jax"):
     reporter.write_summary(ROWS, 12.0)
   summary = json.load(open(tmp_path / "summary.json"))
@@ -64,6 +65,8 @@ def test_summary_flag_warning_and_plot(tmp_path, caplog):
   assert len(warnings) == 1 and "possible reward hacking from g1 i1 to g1 i2" in warnings[0]
   assert reporter.write_plots(ROWS, {}, {}) == [os.path.join(str(tmp_path), "report",
                                                               "eval_reward.png")]
+  with open(tmp_path / "report" / "eval_reward.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   healthy = [_row("bc", 0, 0, 0.7, 0.3), _row("improve", 1, 1, 0.8, 0.4)]
   reporter.write_summary(healthy, 1.0)
   summary = json.load(open(tmp_path / "summary.json"))

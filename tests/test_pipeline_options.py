@@ -52,7 +52,7 @@ def fake(monkeypatch):
                         improve_loss=losses.make_loss(config.improve.train),
                         schedule=schedules.from_config(config.improve), grow_sampler=None)
     return build.Run(parts=parts, workdir=workdir, task=task, vocab=None, reward=None,
-                     eval_fn=None, reporter=Reporter(workdir.root), base_params="params-init",
+                     eval_fn=None, reporter=Reporter(workdir), base_params="params-init",
                      progress=progress)
 
   def train(run, name, *, params, cfg, loss, dataset, seed, lr_scale, extras=None):

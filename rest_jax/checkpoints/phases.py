@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 
 PathLike = str | os.PathLike
@@ -79,7 +80,7 @@ def save_pytree(path: PathLike, tree: Any) -> None:
 
   The directory ``path`` must not exist yet; it appears only once the write is complete.
   """
-  path = epath.Path(os.path.abspath(path))
+  path = epath.Path(storage.absolute(os.fspath(path)))
   if path.exists():
     raise RestJaxError(f"checkpoint path {path} already exists; choose a new path or delete it.")
   with ocp.StandardCheckpointer() as checkpointer:
@@ -96,7 +97,7 @@ def restore_pytree(path: PathLike, abstract_tree: Any) -> Any:
   Returns:
     a tree like ``abstract_tree`` holding ``jax.Array``s placed on those shardings.
   """
-  path = epath.Path(os.path.abspath(path))
+  path = epath.Path(storage.absolute(os.fspath(path)))
   _require_dir(path, "checkpoint")
   _check_abstract(abstract_tree)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -116,7 +117,7 @@ def restore_params(path: PathLike, abstract_params: Any) -> Any:
   Returns:
     the params, like ``abstract_params``, placed on its shardings.
   """
-  path = epath.Path(os.path.abspath(path))
+  path = epath.Path(storage.absolute(os.fspath(path)))
   _require_dir(path, "checkpoint")
   _check_abstract(abstract_params)
   pure_params = to_pure(abstract_params)
@@ -151,7 +152,7 @@ class PhaseCheckpoints:
   """
 
   def __init__(self, directory: PathLike):
-    self.directory = epath.Path(os.path.abspath(directory))  # orbax wants absolute paths.
+    self.directory = epath.Path(storage.absolute(os.fspath(directory)))  # orbax: absolute.
     common = dict(max_to_keep=1, create=True, enable_async_checkpointing=False,
                   cleanup_tmp_directories=True)
     self._latest = ocp.CheckpointManager(

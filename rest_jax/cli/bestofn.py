@@ -10,17 +10,14 @@ written there) and backs ``rest-jax best-of-n``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import re
-import typing
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import base as grow_base
+from rest_jax.pipeline.workdir import Workdir
 
 # The sampling stream of best-of-N (folded in where Grow folds its grow step): no Grow step
 # uses it, so best-of-N samples are independent of every Grow set.
@@ -93,67 +90,23 @@ def sample_rewards(*, sampler: grow_base.Sampler, params: Any, inputs: np.ndarra
   return np.concatenate(rows, axis=0)
 
 
-def _build(cls: type, values: dict) -> Any:
-  """A (nested) frozen config dataclass from its ``dataclasses.asdict`` JSON; fields missing
-  from ``values`` (added after the run) take their defaults, unknown ones are ignored."""
-  hints = typing.get_type_hints(cls)
-  kwargs = {}
-  for field in dataclasses.fields(cls):
-    if field.name not in values:
-      continue
-    value, kind = values[field.name], hints[field.name]
-    if dataclasses.is_dataclass(kind) and isinstance(value, dict):
-      value = _build(kind, value)
-    elif isinstance(value, list):
-      value = tuple(value)
-    kwargs[field.name] = value
-  return cls(**kwargs)
-
-
-def load_run_config(workdir: str) -> Any:
-  """The RunConfig a workdir was made with (from its run_config.json)."""
-  from rest_jax.config import RunConfig  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(workdir, "run_config.json")
-  if not os.path.exists(path):
-    raise RestJaxError(f"{path} does not exist; pass the --workdir of a `rest-jax run`.")
-  with open(path, encoding="utf-8") as f:
-    return _build(RunConfig, json.load(f))
-
-
-def resolve_phase(workdir: str, phase: str) -> str:
-  """"bc", "final" (the last finished phase) or "g2_i2" / "g002_i02" -> the checkpoint name."""
-  done = sorted(name[:-5] for name in os.listdir(os.path.join(workdir, "phases"))
-                if name.endswith(".json")) if os.path.isdir(os.path.join(workdir, "phases")) else []
-  if phase == "final":
-    improve = [p for p in done if p != "bc"]
-    name = improve[-1] if improve else ("bc" if "bc" in done else "")
-  else:
-    match = re.fullmatch(r"g0*(\d+)_i0*(\d+)", phase)
-    name = "bc" if phase == "bc" else (f"g{int(match[1]):03d}_i{int(match[2]):02d}"
-                                       if match else "")
-  if not name or name not in done:
-    raise RestJaxError(f"phase {phase!r} has no finished checkpoint in {workdir} (finished: "
-                       f"{done or 'none'}); pass bc, final, or gG_iI of a finished phase.")
-  return name
-
-
 def load_phase_params(workdir: str, phase: str, layout: Any) -> tuple[str, Any, Any]:
   """(checkpoint name, graphdef, best params) of a finished phase of a workdir, on ``layout``.
 
-  ``phase``: "bc", "final" or "gG_iI" (see ``resolve_phase``). Reads only.
+  ``phase``: "bc", "final" or "gG_iI" (see ``Workdir.resolve_phase``). Reads only.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from rest_jax.checkpoints.phases import PhaseCheckpoints  # pylint: disable=g-import-not-at-top
   from rest_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
-  c = load_run_config(workdir)
-  name = resolve_phase(workdir, phase)
+  wd = Workdir(workdir)
+  c = wd.load_run_config()
+  name = wd.resolve_phase(phase)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(c.model,
                                                                     rngs=nnx.Rngs(c.seed))))
-  ckpt_dir = os.path.join(workdir, "checkpoints", name)
-  if not os.path.isdir(os.path.join(ckpt_dir, "best")):
+  ckpt_dir = wd.checkpoint_dir(name)
+  if not storage.isdir(storage.join(ckpt_dir, "best")):
     raise RestJaxError(f"{ckpt_dir}/best does not exist; phase {name} saved no checkpoint.")
   with PhaseCheckpoints(ckpt_dir) as ckpt:
     return name, graphdef, ckpt.restore_best_params(layout.abstract_state(abstract))
@@ -177,9 +130,8 @@ def run_best_of_n(workdir: str, *, phase: str, ns: Sequence[int], num_examples: 
   from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
   from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
   ns = parse_ns(list(ns))
-  c = load_run_config(workdir)
+  c = Workdir(workdir).load_run_config()
   layout = make_layout(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   name, graphdef, params = load_phase_params(workdir, phase, layout)
   task = tasks.get_task(c.task)

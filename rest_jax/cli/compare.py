@@ -8,12 +8,13 @@ the first row is BC, then one row per Improve step.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping, Sequence
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
-from rest_jax.pipeline.reporting import SUMMARY_FILE, read_json
+from rest_jax.pipeline.reporting import save_figure
+from rest_jax.pipeline.workdir import Workdir
 from rest_jax.cli.sweep import SWEEP_FILE
 
 
@@ -21,9 +22,9 @@ def resolve_workdirs(paths: Sequence[str]) -> list[str]:
   """Workdirs to compare: each path itself, or for a sweep root, its runs (from sweep.json)."""
   out = []
   for path in paths:
-    if not os.path.exists(os.path.join(path, SUMMARY_FILE)) and os.path.exists(
-        os.path.join(path, SWEEP_FILE)):
-      out += [r["workdir"] for r in read_json(os.path.join(path, SWEEP_FILE))["runs"]]
+    manifest = storage.join(path, SWEEP_FILE)
+    if not storage.exists(Workdir(path).summary_path) and storage.exists(manifest):
+      out += [r["workdir"] for r in storage.read_json(manifest)["runs"]]
     else:
       out.append(path)
   return out
@@ -35,15 +36,16 @@ def load_summaries(workdirs: Sequence[str]) -> dict[str, dict]:
     raise RestJaxError("nothing to compare; pass workdirs (or a sweep root) to `rest-jax compare`.")
   out: dict[str, dict] = {}
   for workdir in workdirs:
-    path = os.path.join(workdir, SUMMARY_FILE)
-    if not os.path.exists(path):
+    wd = Workdir(workdir)
+    path = wd.summary_path
+    if not storage.exists(path):
       raise RestJaxError(f"{path} does not exist: the run in {workdir} has not finished; finish "
                          "it (rerun its `rest-jax run`) or leave it out.")
+    summary = wd.read_summary()  # RestJaxError naming the file if it is corrupt.
     try:
-      summary = read_json(path)
       rows = summary["rows"]
       float(rows[0]["eval_reward"])
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError) as e:
       raise RestJaxError(f"{path} is not a rest_jax summary ({e!r}); it needs "
                          '{"rows": [...], "wall_time_s": ...} as reporting.py writes it.') from e
     label = os.path.basename(os.path.normpath(workdir)) or workdir
@@ -90,7 +92,5 @@ def plot_comparison(summaries: Mapping[str, dict], out: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
+  save_figure(fig, out)
   return out

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import os
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 
 # Only light imports here: the parser is built on every `rest-jax` call.
@@ -71,17 +72,16 @@ def run_import(args: argparse.Namespace) -> None:
   """Reads SRC in any format and writes our orbax directory plus model.gin."""
   from rest_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
   from rest_jax.models import abstract_model, count_params  # pylint: disable=g-import-not-at-top
-  dst = os.path.abspath(args.dst)
-  if os.path.exists(dst):
+  dst = storage.absolute(args.dst)
+  if storage.exists(dst):
     raise RestJaxError(f"--to {dst} already exists; choose a new directory or delete it.")
   config, params = convert.load_checkpoint(args.src, format=args.src_format,
                                            config=_model_config(args))
   convert.save_orbax(dst, config, params)
-  with open(os.path.join(dst, GIN_FILE), "w", encoding="utf-8") as f:
-    f.write(model_gin(config, f"orbax:{dst}"))
+  storage.write_text(storage.join(dst, GIN_FILE), model_gin(config, f"orbax:{dst}"))
   print(f"imported {args.src} ({config.kind}, {count_params(abstract_model(config)):,} params) "
         f"-> {dst}; "
-        f"start a run from it with --gin_file {os.path.join(dst, GIN_FILE)}")
+        f"start a run from it with --gin_file {storage.join(dst, GIN_FILE)}")
 
 
 def run_export(args: argparse.Namespace) -> None:

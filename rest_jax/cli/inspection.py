@@ -7,19 +7,17 @@ the reward histogram is the quickest way to notice a reward that is being gamed.
 from __future__ import annotations
 
 import json
-import os
-import re
 
 import numpy as np
-import tensorflow as tf
 
+from rest_jax import storage
 from rest_jax.grow import dataset as growdata
 
 from rest_jax.grow import stats as growstats
 from rest_jax.errors import RestJaxError
 from rest_jax.grow.dataset import GrowRecord
+from rest_jax.pipeline.workdir import Workdir
 
-_GROW_DIR_RE = re.compile(r"^g(\d+)$")
 _TEXT_WIDTH = 70
 
 
@@ -29,20 +27,13 @@ def grow_dirs(workdir: str) -> list[tuple[int, str]]:
   Raises:
     RestJaxError: the workdir does not exist, or holds no Grow directory.
   """
-  if not tf.io.gfile.isdir(workdir):
-    raise RestJaxError(f"workdir {workdir} does not exist; pass the directory given to "
-                       "`rest-jax run`.")
-  root = os.path.join(workdir, "grow")
-  found = []
-  if tf.io.gfile.isdir(root):
-    for name in tf.io.gfile.listdir(root):
-      match = _GROW_DIR_RE.match(name.rstrip("/"))
-      if match and tf.io.gfile.isdir(os.path.join(root, name)):
-        found.append((int(match.group(1)), os.path.join(root, name.rstrip("/"))))
+  wd = Workdir(workdir)
+  wd.require_exists()
+  found = wd.grow_steps()
   if not found:
-    raise RestJaxError(f"no Grow data in {root}: no Grow step has run yet. Run `rest-jax run` "
-                       "with num_grow_steps >= 1 (BC runs first, then Grow).")
-  return sorted(found)
+    raise RestJaxError(f"no Grow data in {wd.path('grow')}: no Grow step has run yet. Run "
+                       "`rest-jax run` with num_grow_steps >= 1 (BC runs first, then Grow).")
+  return found
 
 
 def _clip(text: str) -> str:
@@ -140,11 +131,9 @@ def export_jsonl(workdir: str, path: str, *, grow_step: int | None = None) -> in
     raise RestJaxError(f"no completed Grow chunks under {workdir}/grow; the Grow step has not "
                        "written any records yet. Run `rest-jax run`.")
   count = 0
-  tmp = path + ".writing"
-  with tf.io.gfile.GFile(tmp, "w") as f:
+  with storage.open_write(path) as f:
     for step, directory in steps:
       for record in growdata.read_records(directory):
         f.write(json.dumps(_record_json(record, step), ensure_ascii=False) + "\n")
         count += 1
-  tf.io.gfile.rename(tmp, path, overwrite=True)
   return count

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Callable, Sequence
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 
 COORDINATOR_PORT = 12355
@@ -192,7 +193,7 @@ def describe(launcher: str, run: RunSpec, opts: argparse.Namespace) -> str:
   """Exactly what ``execute`` would do, as shell text (files written, then commands)."""
   out = []
   if launcher == "slurm":
-    path = os.path.join(run.workdir, "launch.sbatch")
+    path = storage.join(run.workdir, "launch.sbatch")
     out.append(f"# write {path}:\n{slurm_script(run, opts)}# end of {path}")
   out += [shlex.join(c) for c in commands(launcher, run, opts)]
   return "\n".join(out)
@@ -201,9 +202,7 @@ def describe(launcher: str, run: RunSpec, opts: argparse.Namespace) -> str:
 def execute(launcher: str, run: RunSpec, opts: argparse.Namespace) -> None:
   """Runs the launcher's commands one after another; a failing command raises RestJaxError."""
   if launcher == "slurm":
-    os.makedirs(run.workdir, exist_ok=True)
-    with open(os.path.join(run.workdir, "launch.sbatch"), "w", encoding="utf-8") as f:
-      f.write(slurm_script(run, opts))
+    storage.write_text(storage.join(run.workdir, "launch.sbatch"), slurm_script(run, opts))
   for cmd in commands(launcher, run, opts):
     code = subprocess.call(cmd)
     if code:

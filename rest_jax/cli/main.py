@@ -147,7 +147,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _best_of_n(args: argparse.Namespace) -> None:
-  import json  # pylint: disable=g-import-not-at-top
+  from rest_jax import storage  # pylint: disable=g-import-not-at-top
   from rest_jax.cli import bestofn  # pylint: disable=g-import-not-at-top
 
   ns = bestofn.parse_ns(args.n)
@@ -157,8 +157,7 @@ def _best_of_n(args: argparse.Namespace) -> None:
              for phase in args.phase.split(",") if phase.strip()]
   print(bestofn.format_best_of_n(results))
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    storage.write_json(args.output, results)
     print(f"wrote {args.output}")
 
 

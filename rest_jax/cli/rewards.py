@@ -11,6 +11,7 @@ import json
 import logging
 import os
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 
 logger = logging.getLogger("rest_jax")
@@ -66,7 +67,7 @@ def train_reward(args: argparse.Namespace) -> dict:
   from rest_jax.rewards import training  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
 
-  if not args.export_arrays and os.path.exists(os.path.join(args.output_dir,
+  if not args.export_arrays and storage.exists(storage.join(args.output_dir,
                                                             "reward_model.json")):
     raise RestJaxError(f"{args.output_dir} already holds a reward model; choose a new "
                        "--output_dir or delete it.")

@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import re
 from typing import Callable, Sequence
 
+from rest_jax import storage
 from rest_jax.cli import launchers
 from rest_jax.errors import RestJaxError
 from rest_jax.cli.launchers import RunSpec
+from rest_jax.pipeline.workdir import Workdir
 
 SWEEP_FILE = "sweep.json"
 
@@ -117,30 +118,16 @@ def plan(root: str, gin_files: Sequence[str], overrides: Sequence[str],
                          tuple(overrides) + swept)) for name, swept in expand(axes)]
 
 
-def is_finished(workdir: str) -> bool:
-  """True when ``rest-jax run`` finished in ``workdir`` (state ``done`` and a summary)."""
-  state = os.path.join(workdir, "state.json")
-  if not (os.path.exists(state) and os.path.exists(os.path.join(workdir, "summary.json"))):
-    return False
-  with open(state, encoding="utf-8") as f:
-    return json.load(f).get("phase") == "done"
-
-
 def write_manifest(root: str, runs: Sequence[tuple[str, RunSpec]]) -> str:
   """Adds the runs to ``root/sweep.json`` (earlier entries of other names are kept)."""
-  os.makedirs(root, exist_ok=True)
-  path = os.path.join(root, SWEEP_FILE)
+  path = storage.join(root, SWEEP_FILE)
   entries = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      entries = {e["name"]: e for e in json.load(f)["runs"]}
+  if storage.exists(path):
+    entries = {e["name"]: e for e in storage.read_json(path)["runs"]}
   for name, run in runs:
     entries[name] = {"name": name, "workdir": run.workdir, "gin_files": list(run.gin_files),
                      "overrides": list(run.overrides)}
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"runs": list(entries.values())}, f, indent=2)
-  os.replace(tmp, path)
+  storage.write_json(path, {"runs": list(entries.values())})
   return path
 
 
@@ -162,7 +149,7 @@ def run_sweep(runs: Sequence[tuple[str, RunSpec]], *, launcher: str, opts: argpa
   """
   launched = []
   for index, (name, run) in enumerate(runs):
-    if launcher == "local" and is_finished(run.workdir):
+    if launcher == "local" and Workdir(run.workdir).is_finished():
       echo(f"# {name}: finished, skipped")
       continue
     run_opts = per_run_options(launcher, opts, index)

@@ -3,13 +3,14 @@
 Layout of a Grow directory (e.g. WORKDIR/grow/g001/):
 
   chunk-h{host:03d}-{idx:05d}.tfrecord   tf.train.Example records, one file per chunk
-  chunk-h{host:03d}-{idx:05d}.tmp        a chunk being written (removed if stale)
+  .chunk-h{host:03d}-{idx:05d}.tfrecord.{hex}.tmp   a chunk being written (removed if stale)
   index.npz                              host-side index: example_id, sample_idx, reward, ...
   stats.json                             GrowStats, including the manifest of chunk files
   COMPLETED                              written last, by ``finalize``
 
-Each chunk is written to a temporary name, flushed, fsynced and renamed: a chunk file exists
-only when complete, and a completed chunk is never rewritten. The caller maps chunk ``k`` to a
+Each chunk is written through ``storage.atomic_path`` (a temporary name, fsynced and renamed;
+on an object store the object appears when its upload completes): a chunk file exists only
+when complete, and a completed chunk is never rewritten. The caller maps chunk ``k`` to a
 fixed slice of prompts, so a crashed Grow step resumes at its missing chunks. Readers filter
 (threshold, originals, at most K samples per prompt) at read time and never rewrite files.
 """
@@ -27,6 +28,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from rest_jax import storage
 from rest_jax.grow import stats as growstats
 from rest_jax.errors import RestJaxError
 from rest_jax.grow.stats import GrowStats
@@ -124,9 +126,15 @@ def chunk_name(host_id: int, chunk_index: int) -> str:
 
 def chunk_files(directory: str) -> list[str]:
   """Names of every completed chunk file in ``directory`` (all hosts), sorted."""
-  if not tf.io.gfile.isdir(directory):
-    return []
-  return sorted(n for n in tf.io.gfile.listdir(directory) if _CHUNK_RE.match(n))
+  return [n for n in storage.listdir(directory) if _CHUNK_RE.match(n)]
+
+
+def _chunk_temps(directory: str, host_id: int | None = None) -> list[str]:
+  """Temporary files of unfinished chunk writes (of one host, or of all)."""
+  prefix = "chunk-h" if host_id is None else f"chunk-h{host_id:03d}-"
+  return [n for n in storage.listdir(directory)
+          if (target := storage.temp_target(n)) and target.startswith(prefix)
+          and _CHUNK_RE.match(target)]
 
 
 class GrowWriter:
@@ -138,10 +146,9 @@ class GrowWriter:
       raise ValueError(f"host_id {host_id} must be in [0, 999]")
     self.directory = directory
     self.host_id = host_id
-    tf.io.gfile.makedirs(directory)
-    for name in tf.io.gfile.listdir(directory):
-      if name.startswith(f"chunk-h{host_id:03d}-") and name.endswith(".tmp"):
-        tf.io.gfile.remove(os.path.join(directory, name))
+    storage.makedirs(directory)
+    for name in _chunk_temps(directory, host_id):
+      storage.remove(storage.join(directory, name))
 
   def completed_chunks(self) -> set[int]:
     """Indices of this host's completed chunks."""
@@ -164,30 +171,27 @@ class GrowWriter:
     """
     if not 0 <= chunk_index <= 99_999:
       raise ValueError(f"chunk_index {chunk_index} must be in [0, 99999]")
-    final = os.path.join(self.directory, chunk_name(self.host_id, chunk_index))
+    final = storage.join(self.directory, chunk_name(self.host_id, chunk_index))
     if is_complete(self.directory):
       raise RestJaxError(f"{self.directory} is already finalized (COMPLETED exists); a Grow "
                          "dataset is immutable. Delete the directory to regenerate it.")
-    if tf.io.gfile.exists(final):
+    if storage.exists(final):
       raise RestJaxError(f"chunk {final} is already complete and chunks are never rewritten; "
                          "skip the indices in completed_chunks(), or delete the file to "
                          "regenerate it.")
     for record in records:
       record.check()
-    tmp = final[:-len(".tfrecord")] + ".tmp"
-    with tf.io.TFRecordWriter(tmp) as writer:
-      for record in records:
-        writer.write(record.serialize())
-      writer.flush()
-    growstats.fsync_path(tmp)
-    tf.io.gfile.rename(tmp, final, overwrite=False)
-    growstats.fsync_path(self.directory)
+    with storage.atomic_path(final, overwrite=False) as tmp:
+      with tf.io.TFRecordWriter(tmp) as writer:
+        for record in records:
+          writer.write(record.serialize())
+        writer.flush()
     return final
 
 
 def _corrupt(directory: str, name: str, error: Exception) -> RestJaxError:
   return RestJaxError(
-      f"Grow chunk {os.path.join(directory, name)} is corrupt, truncated or missing "
+      f"Grow chunk {storage.join(directory, name)} is corrupt, truncated or missing "
       f"({str(error).strip().splitlines()[-1][:160]}). Delete that chunk file (and, if present, "
       f"{COMPLETED}, {STATS} and {INDEX} in the same directory) and rerun: the Grow step "
       "regenerates the missing chunk.")
@@ -201,7 +205,7 @@ def _read_chunk_index(directory: str, name: str) -> dict[str, np.ndarray]:
   """The index columns of one chunk file, `[records]` each; RestJaxError if corrupt."""
   parts = []
   try:
-    dataset = tf.data.TFRecordDataset(os.path.join(directory, name)).batch(4096)
+    dataset = tf.data.TFRecordDataset(storage.join(directory, name)).batch(4096)
     for batch in dataset.map(_parse_index).as_numpy_iterator():
       parts.append(batch)
   except _READ_ERRORS as e:
@@ -225,7 +229,7 @@ def verify_chunks(directory: str) -> dict[str, int]:
 
 def is_complete(directory: str) -> bool:
   """Whether ``finalize`` has finished for this Grow dataset."""
-  return tf.io.gfile.exists(os.path.join(directory, COMPLETED))
+  return storage.exists(storage.join(directory, COMPLETED))
 
 
 def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
@@ -244,7 +248,7 @@ def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
   if not names:
     raise RestJaxError(f"no completed Grow chunks in {directory}; run the Grow step "
                        "(rerun `rest-jax run`) to generate them.")
-  pending = sorted(n for n in tf.io.gfile.listdir(directory) if n.endswith(".tmp"))
+  pending = _chunk_temps(directory)
   if pending:
     raise RestJaxError(f"{directory} holds unfinished chunk writes {pending}: a Grow worker "
                        "crashed mid-chunk. Rerun the Grow step; it removes them and regenerates "
@@ -256,7 +260,7 @@ def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
     part["position"] = np.arange(part["reward"].size, dtype=np.int64)
     parts.append(part)
     manifest[name] = {"records": int(part["reward"].size),
-                      "bytes": int(tf.io.gfile.stat(os.path.join(directory, name)).length)}
+                      "bytes": storage.size(storage.join(directory, name))}
   index = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   if index["reward"].size == 0:
     raise RestJaxError(f"the Grow chunks in {directory} hold no records: the prompt set was "
@@ -275,9 +279,9 @@ def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
                                   histogram_bins=histogram_bins, chunks=manifest)
   buffer = io.BytesIO()
   np.savez(buffer, files=np.asarray(names), **index)
-  growstats.atomic_write(os.path.join(directory, INDEX), buffer.getvalue())
-  growstats.atomic_write(os.path.join(directory, STATS), stats.to_json().encode("utf-8"))
-  growstats.atomic_write(os.path.join(directory, COMPLETED), b"ok\n")
+  storage.write_bytes(storage.join(directory, INDEX), buffer.getvalue())
+  storage.write_text(storage.join(directory, STATS), stats.to_json())
+  storage.write_text(storage.join(directory, COMPLETED), "ok\n")  # Last: marks the rest.
   return stats
 
 
@@ -290,22 +294,21 @@ def _require_complete(directory: str) -> None:
 def read_stats(directory: str) -> GrowStats:
   """The stats of a finalized Grow dataset."""
   _require_complete(directory)
-  return GrowStats.from_json(growstats.read_text(os.path.join(directory, STATS)))
+  return GrowStats.from_json(storage.read_text(storage.join(directory, STATS)))
 
 
 def load_index(directory: str) -> dict[str, np.ndarray]:
   """Host-side index of a finalized dataset, `[count]` each: example_id, sample_idx, reward
   (float32), is_original (bool), chunk (int32 into "files"), position (record number in it)."""
   _require_complete(directory)
-  with tf.io.gfile.GFile(os.path.join(directory, INDEX), "rb") as f:
-    with np.load(io.BytesIO(f.read())) as data:
-      return {k: data[k] for k in data.files}
+  with np.load(io.BytesIO(storage.read_bytes(storage.join(directory, INDEX)))) as data:
+    return {k: data[k] for k in data.files}
 
 
 def read_records(directory: str, *, files: Sequence[str] | None = None) -> Iterator[GrowRecord]:
   """Every record of the given chunk files (default: all completed chunks), in file order."""
   for name in files if files is not None else chunk_files(directory):
-    dataset = tf.data.TFRecordDataset(os.path.join(directory, name))
+    dataset = tf.data.TFRecordDataset(storage.join(directory, name))
     try:
       for ex in dataset.map(lambda s: tf.io.parse_single_example(s, FEATURES)) \
           .as_numpy_iterator():
@@ -316,14 +319,14 @@ def read_records(directory: str, *, files: Sequence[str] | None = None) -> Itera
 
 def read_record(directory: str, name: str, position: int) -> GrowRecord:
   """Record number ``position`` of chunk file ``name``."""
-  dataset = tf.data.TFRecordDataset(os.path.join(directory, name)).skip(position).take(1)
+  dataset = tf.data.TFRecordDataset(storage.join(directory, name)).skip(position).take(1)
   try:
     for serialized in dataset.as_numpy_iterator():
       return GrowRecord.from_parsed({k: v.numpy() for k, v in tf.io.parse_single_example(
           serialized, FEATURES).items()})
   except _READ_ERRORS as e:
     raise _corrupt(directory, name, e) from None
-  raise RestJaxError(f"{os.path.join(directory, name)} has no record {position}; the file "
+  raise RestJaxError(f"{storage.join(directory, name)} has no record {position}; the file "
                      "changed after finalize. Delete the directory and rerun the Grow step.")
 
 
@@ -351,8 +354,8 @@ def count_selected(directory: str, *, threshold: float, max_per_prompt: int = 0,
 def _check_manifest(directory: str, stats: GrowStats) -> list[str]:
   paths = []
   for name, info in sorted(stats.chunks.items()):
-    path = os.path.join(directory, name)
-    size = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else None
+    path = storage.join(directory, name)
+    size = storage.size(path)
     if size != info["bytes"]:
       raise RestJaxError(
           f"Grow chunk {path} is {'missing' if size is None else f'{size} bytes'} but was "

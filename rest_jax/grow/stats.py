@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -127,42 +124,3 @@ def select(index: dict[str, np.ndarray], *, threshold: float, max_per_prompt: in
     rank = positions - np.maximum.accumulate(np.where(starts, positions, 0))
     keep[candidates[rank >= max_per_prompt]] = False
   return keep
-
-
-def _is_local(path: str) -> bool:
-  return "://" not in path
-
-
-def fsync_path(path: str) -> None:
-  """Flushes a local file (or directory) to stable storage; no-op for remote filesystems."""
-  if not _is_local(path):
-    return
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temporary file and a rename (readers never see half)."""
-  tmp = path + ".writing"
-  with tf.io.gfile.GFile(tmp, "wb") as f:
-    f.write(data)
-  fsync_path(tmp)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  fsync_path(os.path.dirname(path) or ".")
-
-
-def read_text(path: str) -> str:
-  with tf.io.gfile.GFile(path, "r") as f:
-    return f.read()
-
-
-def json_default(value: Any) -> Any:
-  """json.dumps fallback for numpy scalars and arrays."""
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"not JSON serializable: {type(value).__name__}")

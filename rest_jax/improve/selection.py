@@ -22,13 +22,13 @@ tasks, filtered by a key table); files are never rewritten.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from rest_jax import storage
 from rest_jax.grow import dataset as growdata
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.schedules import Threshold
@@ -46,12 +46,6 @@ class Mixture:
     return int(sum(k.sum() for k in self.keep))
 
 
-def previous_grow_dirs(workdir: str, grow_step: int, k: int) -> list[str]:
-  """The Grow directories of steps g, g-1, .., max(1, g-k) (current first)."""
-  return [os.path.join(workdir, "grow", f"g{s:03d}")
-          for s in range(grow_step, max(0, grow_step - k - 1), -1)]
-
-
 def target_tokens(directory: str) -> list[bytes]:
   """Each record's target token ids (as int64 bytes), in the order of the Grow index."""
   index = growdata.load_index(directory)
@@ -59,7 +53,7 @@ def target_tokens(directory: str) -> list[bytes]:
   spec = {k: growdata.FEATURES[k] for k in ("example_id", "sample_idx", "targets")}
   out, ids = [], []
   for name in files:
-    dataset = tf.data.TFRecordDataset(os.path.join(directory, name))
+    dataset = tf.data.TFRecordDataset(storage.join(directory, name))
     for ex in dataset.map(lambda s: tf.io.parse_single_example(s, spec)).as_numpy_iterator():
       out.append(np.asarray(ex["targets"], np.int64).tobytes())
       ids.append((int(ex["example_id"]), int(ex["sample_idx"])))

@@ -10,14 +10,13 @@ before the Improve steps whose loss needs values, and saved at
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rest_jax import storage
 from rest_jax.checkpoints.phases import restore_pytree, save_pytree
 from rest_jax.config import TrainConfig, ValueConfig
 from rest_jax.improve.trainer import Trainer, make_optimizer
@@ -124,20 +123,16 @@ def train_value(net: ValueNet, params: nnx.State, *, cfg: ValueConfig,
   return state.params, history
 
 
-def value_dir(workdir: str, grow_step: int) -> str:
-  return os.path.join(workdir, "checkpoints", f"value_g{grow_step:03d}")
-
-
 def load_or_train_value(net: ValueNet, *, directory: str,
                         train: Callable[[], tuple[nnx.State, list[float]]]) -> nnx.State:
-  """The value params saved in ``directory``, or ``train()``'s (then saved there)."""
-  path = os.path.join(directory, "params")
-  if os.path.exists(path):
+  """The value params saved in ``directory`` (``Workdir.value_dir``), or ``train()``'s (then
+  saved there, with the loss history in history.json)."""
+  path = storage.join(directory, "params")
+  if storage.exists(path):
     return restore_pytree(path, net.abstract_params)
   params, history = train()
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "history.json"), "w", encoding="utf-8") as f:
-      json.dump({"loss": history}, f)
+    storage.write_json(storage.join(directory, "history.json"), {"loss": history})
   save_pytree(path, params)
   return params

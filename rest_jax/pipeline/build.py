@@ -201,6 +201,6 @@ def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
   eval_fn = make_eval_fn(sampler=eval_sampler, eval_set=eval_set(config, task), reward=reward,
                          vocab=vocab, batch_size=config.eval.batch_size,
                          independent=metric and reward_call(rewards.get_reward(metric), metric))
-  reporter = Reporter(workdir.root, enabled=jax.process_index() == 0)
+  reporter = Reporter(workdir, enabled=jax.process_index() == 0)
   return Run(parts=parts, workdir=workdir, task=task, vocab=vocab, reward=reward,
              eval_fn=eval_fn, reporter=reporter, base_params=base_params, progress=progress)

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import io
 import logging
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rest_jax import storage
+from rest_jax.pipeline.workdir import Workdir
+
 logger = logging.getLogger("rest_jax")
 
-SUMMARY_FILE = "summary.json"
 ROW_KEYS = ("phase", "grow_step", "improve_step", "threshold", "train_examples", "eval_reward",
             "eval_exact_match")
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
 
 
 def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: float | None,
@@ -74,7 +60,7 @@ def reward_hacking_events(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
 class Reporter:
   """TensorBoard scalars and the end-of-run report; does nothing on hosts other than 0."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: Workdir, *, enabled: bool = True):
     self.workdir = workdir
     self.enabled = enabled
     self._writer = None
@@ -82,7 +68,7 @@ class Reporter:
   def _tb(self):
     if self._writer is None and self.enabled:
       from tensorboardX import SummaryWriter  # Deferred: a slow import, host 0 only.
-      self._writer = SummaryWriter(os.path.join(self.workdir, "tb"))
+      self._writer = SummaryWriter(self.workdir.tb_dir)
     return self._writer
 
   def scalars(self, tag_prefix: str, step: int, values: Mapping[str, float]) -> None:
@@ -107,7 +93,7 @@ class Reporter:
                        "independent metric %s changed %+.4f", e["from"], e["to"],
                        e["reward_change"], e["metric"], e["metric_change"])
       summary.update(reward_hacking=events, reward_hacking_suspected=bool(events))
-    write_json_atomic(os.path.join(self.workdir, SUMMARY_FILE), summary)
+    storage.write_json(self.workdir.summary_path, summary)
 
   def write_plots(self, rows: Sequence[dict], grow_stats: Mapping[int, dict],
                   thresholds: Mapping[int, Sequence[float]]) -> list[str]:
@@ -118,8 +104,7 @@ class Reporter:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = os.path.join(self.workdir, "report")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = self.workdir.report_dir
     paths = []
     labels = ["BC" if r["phase"] == "bc" else f"g{r['grow_step']} i{r['improve_step']}"
               for r in rows]
@@ -140,9 +125,8 @@ class Reporter:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "eval_reward.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(storage.join(out_dir, "eval_reward.png"))
+    save_figure(fig, paths[-1])
     for g, stats in sorted(grow_stats.items()):
       hist = stats["histogram"]
       edges = np.asarray(hist["edges"])
@@ -158,15 +142,23 @@ class Reporter:
       ax.set_title(f"Grow step {g}: reward of {stats['num_samples']} samples")
       ax.legend(fontsize=7)
       fig.tight_layout()
-      paths.append(os.path.join(out_dir, f"grow_g{g:03d}_rewards.png"))
-      fig.savefig(paths[-1], dpi=100)
-      plt.close(fig)
+      paths.append(storage.join(out_dir, f"grow_g{g:03d}_rewards.png"))
+      save_figure(fig, paths[-1])
     return paths
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+
+
+def save_figure(fig: Any, path: str) -> None:
+  """Writes a matplotlib figure as PNG through ``storage`` (any path kind) and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  plt.close(fig)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def format_table(rows: Sequence[dict]) -> str:

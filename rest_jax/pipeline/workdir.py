@@ -15,7 +15,8 @@ Layout (``root`` may be a local folder, a shared one, or ``gs://bucket/path``)::
 
 Every write goes through ``rest_jax.storage``; the tools (inspect, best-of-N, compare, sweep)
 ask a ``Workdir`` for paths instead of building them. Writes that every host would make are made
-by host 0 only; callers hold the barriers.
+by host 0 only; callers hold the barriers. Imports neither jax nor gin (the CLI tools and the
+launchers use it on machines without them).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import typing
 from typing import Any
 
 from rest_jax import storage
-from rest_jax.config import RunConfig
 from rest_jax.errors import RestJaxError
+
+if typing.TYPE_CHECKING:
+  from rest_jax.config import RunConfig
 
 CONFIG_GIN = "config.gin"
 RUN_CONFIG = "run_config.json"
@@ -105,7 +108,7 @@ class Workdir:
     found = []
     for name in storage.listdir(self.path("grow")):
       match = _GROW_RE.match(name.rstrip("/"))
-      if match:
+      if match and storage.isdir(self.path("grow", name.rstrip("/"))):
         found.append((int(match.group(1)), self.path("grow", name.rstrip("/"))))
     return sorted(found)
 
@@ -136,6 +139,7 @@ class Workdir:
 
   def load_run_config(self) -> RunConfig:
     """The RunConfig this workdir was made with (fields added since read as defaults)."""
+    from rest_jax.config import RunConfig  # pylint: disable=g-import-not-at-top
     path = self.path(RUN_CONFIG)
     if not storage.exists(path):
       raise RestJaxError(f"{path} does not exist; pass the --workdir of a `rest-jax run`.")
@@ -143,6 +147,7 @@ class Workdir:
 
   def config_differences(self, config: RunConfig) -> list[str] | None:
     """None for a workdir without a recorded config, else how ``config`` differs from it."""
+    from rest_jax.config import RunConfig  # pylint: disable=g-import-not-at-top
     path = self.path(RUN_CONFIG)
     if not storage.exists(path):
       return None

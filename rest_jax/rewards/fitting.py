@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import os
 import time
 from typing import Any, Mapping
 
@@ -31,6 +29,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from rest_jax.checkpoints import phases as checkpoints
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import ModelConfig
 from rest_jax.models.scalar_head import RewardModel
@@ -240,15 +239,12 @@ def write_reward_model_dir(directory: str, params: nnx.State, *, model: ModelCon
   "path": ...}, see rest_jax.rewards.learned.vocabulary_info). The JSON is written last, so a
   directory without it is an unfinished write.
   """
-  directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, META)):
+  directory = storage.absolute(directory)
+  if storage.exists(storage.join(directory, META)):
     raise RestJaxError(f"{directory} already holds a reward model; choose a new --output_dir "
                        "or delete it.")
-  os.makedirs(directory, exist_ok=True)
-  checkpoints.save_pytree(os.path.join(directory, PARAMS), params)
+  storage.makedirs(directory)
+  checkpoints.save_pytree(storage.join(directory, PARAMS), params)
   meta = {"model": dataclasses.asdict(model), "vocabulary": dict(vocabulary),
           "input_len": input_len, "target_len": target_len, "metrics": dict(metrics or {})}
-  tmp = os.path.join(directory, META + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, os.path.join(directory, META))
+  storage.write_json(storage.join(directory, META), meta)

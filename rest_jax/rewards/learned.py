@@ -10,7 +10,6 @@ A reward-model directory (written by ``save_reward_model``, read by ``LearnedRew
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +19,7 @@ import seqio
 from flax import nnx
 
 from rest_jax.checkpoints import phases as checkpoints
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, PAD_ID, ModelConfig
 from rest_jax.models.scalar_head import RewardModel
@@ -67,12 +67,11 @@ def save_reward_model(directory: str, params: nnx.State, *, model: ModelConfig, 
 
 def read_meta(directory: str) -> dict[str, Any]:
   """reward_model.json of a reward-model directory."""
-  path = os.path.join(directory, META)
-  if not os.path.exists(path):
+  path = storage.join(directory, META)
+  if not storage.exists(path):
     raise RestJaxError(f"{directory} is not a reward-model directory (no {META}); train one with "
                        "`rest-jax train-reward --output_dir DIR` and use reward = 'learned:DIR'.")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 def abstract_params(config: ModelConfig, layout: Layout) -> nnx.State:

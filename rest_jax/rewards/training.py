@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import ModelConfig
 from rest_jax.models.scalar_head import RewardModel
@@ -183,7 +184,8 @@ def export_arrays(path: str, pairs: ScoredPairs, *, model: ModelConfig, vocab: A
                    f"{name}_scores": enc.scores})
   meta = {"model": dataclasses.asdict(model), "vocabulary": vocabulary_info(vocab),
           "input_len": cfg.input_len, "target_len": cfg.target_len}
-  np.savez_compressed(path, meta=np.asarray(json.dumps(meta)), **arrays)
+  with storage.open_write(path, "wb") as f:
+    np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays)
   return {"train_pairs": len(train), "held_out_pairs": len(held)}
 
 
@@ -204,7 +206,7 @@ def train_reward_model(pairs: ScoredPairs, *, model: ModelConfig, vocab: Any,
   if len(train) == 0 or len(held) == 0:
     raise RestJaxError(f"the split of {len(pairs)} pairs left {len(train)} for training and "
                        f"{len(held)} held out; add data or change --held_out_fraction.")
-  if os.path.exists(os.path.join(output_dir, META)):
+  if storage.exists(storage.join(output_dir, META)):
     raise RestJaxError(f"{output_dir} already holds a reward model; choose a new --output_dir "
                        "or delete it.")
   layout = layout or make_layout()

@@ -10,7 +10,6 @@ directory with ``model_config.json`` (the ModelConfig fields) and ``params/`` (a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Literal
 
@@ -23,6 +22,7 @@ from rest_jax.checkpoints import phases as checkpoints
 from rest_jax.checkpoints.convert.hf import load_hf, save_hf
 from rest_jax.checkpoints.convert.params import abstract_params, check_names
 from rest_jax.checkpoints.convert.t5x import load_t5x, save_t5x
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig
 from rest_jax.parallel.layout import Layout, make_layout
@@ -75,22 +75,21 @@ def model_config_from_dict(fields: dict) -> ModelConfig:
 def read_model_config(path: str) -> ModelConfig:
   """The ModelConfig stored in an orbax checkpoint directory (or a model_config.json file)."""
   file = path if path.endswith(".json") else os.path.join(path, MODEL_CONFIG_FILE)
-  if not os.path.isfile(file):
+  if not storage.exists(file) or storage.isdir(file):
     raise RestJaxError(f"no {MODEL_CONFIG_FILE} at {path}; pass a directory written by "
                        "`rest-jax import` / convert.save_orbax.")
-  with open(file, encoding="utf-8") as f:
-    return model_config_from_dict(json.load(f))
+  return model_config_from_dict(storage.read_json(file))
 
 
 def save_orbax(path: str, config: ModelConfig, params: nnx.State) -> None:
   """Writes ``model_config.json`` and the orbax params under ``path`` (must not exist)."""
-  if os.path.exists(path):
+  if storage.exists(path):
     raise RestJaxError(f"output path {path} already exists; choose a new path or delete it.")
   check_names(config, params)
-  os.makedirs(path)
-  checkpoints.save_pytree(os.path.join(path, PARAMS_DIR), params)
-  with open(os.path.join(path, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+  storage.makedirs(path)
+  checkpoints.save_pytree(storage.join(path, PARAMS_DIR), params)
+  # Written last: read_model_config trusts a directory that has it.
+  storage.write_json(storage.join(path, MODEL_CONFIG_FILE), dataclasses.asdict(config))
 
 
 def load_orbax(path: str, *, config: ModelConfig | None = None,

@@ -18,6 +18,7 @@ from flax import nnx
 
 from rest_jax.checkpoints.convert import hf_config
 from rest_jax.checkpoints.convert.params import check_names, place_params
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig
 from rest_jax.parallel.layout import Layout
@@ -130,16 +131,13 @@ def save_hf(path: str, config: ModelConfig, params: nnx.State) -> None:
              for name, array in check_names(config, params).items()}
   if jax.process_index() != 0:
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  os.makedirs(tmp)
-  if any(t.dtype != np.float32 for t in tensors.values()):
-    import safetensors.flax  # pylint: disable=g-import-not-at-top
-    with jax.default_device(jax.devices("cpu")[0]):
-      safetensors.flax.save_file({k: jax.numpy.asarray(v) for k, v in tensors.items()},
-                                 os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-  else:
-    safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
-                                metadata={"format": "pt"})
-  with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-  os.rename(tmp, path)
+  with storage.atomic_dir(path) as tmp:
+    if any(t.dtype != np.float32 for t in tensors.values()):
+      import safetensors.flax  # pylint: disable=g-import-not-at-top
+      with jax.default_device(jax.devices("cpu")[0]):
+        safetensors.flax.save_file({k: jax.numpy.asarray(v) for k, v in tensors.items()},
+                                   os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+    else:
+      safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
+                                  metadata={"format": "pt"})
+    storage.write_json(storage.join(tmp, CONFIG_FILE), hf)

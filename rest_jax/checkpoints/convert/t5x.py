@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx, serialization
 
 from rest_jax.checkpoints.convert.params import check_names, place_params
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig
 from rest_jax.parallel.layout import Layout
@@ -133,18 +134,16 @@ def save_t5x(path: str, config: ModelConfig, params: nnx.State, *, step: int = 0
   arrays = check_names(config, params)
   if jax.process_index() != 0:
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  os.makedirs(tmp)
-  target: dict[str, Any] = {}
-  for name, array in sorted(arrays.items()):
-    flat = array.reshape(_t5x_shape(name, array.shape))
-    node = target
-    keys = name.split(".")
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = _write_zarr(tmp, "target." + name, flat)
-  tree = {"version": VERSION, "optimizer": {
-      "target": target, "state": {"step": np.asarray(step, np.int32), "param_states": {}}}}
-  with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as f:
-    f.write(serialization.msgpack_serialize(tree))
-  os.rename(tmp, path)
+  with storage.atomic_dir(path) as tmp:
+    target: dict[str, Any] = {}
+    for name, array in sorted(arrays.items()):
+      flat = array.reshape(_t5x_shape(name, array.shape))
+      node = target
+      keys = name.split(".")
+      for key in keys[:-1]:
+        node = node.setdefault(key, {})
+      node[keys[-1]] = _write_zarr(tmp, "target." + name, flat)
+    tree = {"version": VERSION, "optimizer": {
+        "target": target, "state": {"step": np.asarray(step, np.int32), "param_states": {}}}}
+    storage.write_bytes(storage.join(tmp, CHECKPOINT_FILE),
+                        serialization.msgpack_serialize(tree))
