@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -126,40 +126,20 @@ def make_predict(graphdef: Any, *, batch_size: int = 256) -> Any:
   return predict
 
 
-def fit_reward_model(train: EncodedPairs, held: EncodedPairs, *, model: ModelConfig,
-                     cfg: RewardTrainConfig, layout: Layout | None = None,
-                     params: nnx.State | None = None, progress: bool = True
-                     ) -> tuple[nnx.State, dict[str, float], list[dict[str, float]]]:
-  """Fits a RewardModel on ``train`` and measures it on ``held``.
-
-  Args:
-    train / held: encoded pairs; ``held`` is only evaluated.
-    model: the encoder-decoder ModelConfig.
-    cfg: training settings; batches are drawn with replacement from a key of ``cfg.seed``.
-    layout: mesh and sharding rules (default: all devices on the data axis).
-    params: initial params (e.g. a policy trunk, or a reward model to continue); default a
-      fresh ``RewardModel(model, rngs=nnx.Rngs(cfg.seed))``.
-    progress: show a tqdm bar.
-  Returns:
-    (params, metrics, curve): metrics has train/held-out sizes, the final train loss, held-out
-    Kendall tau and mean absolute error, the parameter count and training seconds; curve has
-    {"step", "train_loss", "held_out_kendall_tau"} at every ``cfg.eval_every`` steps.
-  """
-  if len(train) == 0 or len(held) == 0:
-    raise RestJaxError(f"{len(train)} training and {len(held)} held-out pairs; both must be "
-                       "non-empty (add data or change --held_out_fraction).")
-  layout = layout or make_layout()
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(model,
-                                                                    rngs=nnx.Rngs(cfg.seed))))
-  if params is None:
-    params = nnx.state(RewardModel(model, rngs=nnx.Rngs(cfg.seed)))
-  params = jax.device_put(params, layout.state_shardings(abstract))
+def _optimizer(cfg: RewardTrainConfig) -> optax.GradientTransformation:
+  """AdamW on a warm-up + cosine schedule (constant for a one-step fit)."""
   schedule = (optax.constant_schedule(cfg.learning_rate) if cfg.num_steps == 1 else
               optax.warmup_cosine_decay_schedule(
                   0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.num_steps - 1),
                   cfg.num_steps))
-  tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-  opt_state = tx.init(params)
+  return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+
+def _scanned_steps(graphdef: nnx.GraphDef, layout: Layout, tx: optax.GradientTransformation,
+                   train: EncodedPairs, cfg: RewardTrainConfig) -> Callable:
+  """``run(params, opt_state, key, start, num) -> (params, opt_state, losses [num])``: ``num``
+  optimizer steps in one jitted ``lax.scan``, each on a batch drawn on the device from
+  ``fold_in(key, step)`` (with replacement, sharded over the batch axis)."""
   batch = cfg.batch_size
   shard = layout.num_batch_shards
   if batch % shard:
@@ -188,6 +168,40 @@ def fit_reward_model(train: EncodedPairs, held: EncodedPairs, *, model: ModelCon
     (p, o, _), losses = jax.lax.scan(one_step, (p, o, key), start + jnp.arange(num))
     return p, o, losses
 
+  return run
+
+
+def fit_reward_model(train: EncodedPairs, held: EncodedPairs, *, model: ModelConfig,
+                     cfg: RewardTrainConfig, layout: Layout | None = None,
+                     params: nnx.State | None = None, progress: bool = True
+                     ) -> tuple[nnx.State, dict[str, float], list[dict[str, float]]]:
+  """Fits a RewardModel on ``train`` and measures it on ``held``.
+
+  Args:
+    train / held: encoded pairs; ``held`` is only evaluated.
+    model: the encoder-decoder ModelConfig.
+    cfg: training settings; batches are drawn with replacement from a key of ``cfg.seed``.
+    layout: mesh and sharding rules (default: all devices on the data axis).
+    params: initial params (e.g. a policy trunk, or a reward model to continue); default a
+      fresh ``RewardModel(model, rngs=nnx.Rngs(cfg.seed))``.
+    progress: show a tqdm bar.
+  Returns:
+    (params, metrics, curve): metrics has train/held-out sizes, the final train loss, held-out
+    Kendall tau and mean absolute error, the parameter count and training seconds; curve has
+    {"step", "train_loss", "held_out_kendall_tau"} at every ``cfg.eval_every`` steps.
+  """
+  if len(train) == 0 or len(held) == 0:
+    raise RestJaxError(f"{len(train)} training and {len(held)} held-out pairs; both must be "
+                       "non-empty (add data or change --held_out_fraction).")
+  layout = layout or make_layout()
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(model,
+                                                                    rngs=nnx.Rngs(cfg.seed))))
+  if params is None:
+    params = nnx.state(RewardModel(model, rngs=nnx.Rngs(cfg.seed)))
+  params = jax.device_put(params, layout.state_shardings(abstract))
+  tx = _optimizer(cfg)
+  opt_state = tx.init(params)
+  run = _scanned_steps(graphdef, layout, tx, train, cfg)
   predict = make_predict(graphdef)
   key = jax.random.key(cfg.seed)
   curve: list[dict[str, float]] = []
