@@ -185,6 +185,7 @@ def validate_names(config: RunConfig) -> None:
   metric = independent_metric_name(config.reward, config.eval.independent_metric)
   if metric:
     rewards.get_reward(metric)
+  schedules.from_config(config.improve)  # Unknown schedule names and bad parameters.
   losses.get_loss(config.bc.loss)
   losses.get_loss(config.improve.train.loss)
   bc_needs = losses.make_loss(config.bc).needs
