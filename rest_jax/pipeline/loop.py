@@ -238,9 +238,8 @@ def _extras(run: _Run, grow_dir: str, g: int, *, start_params: Any, bc_params: A
       policy = None
       if c.value.init_from_policy:
         policy = bc_params if bc_params is not None else _restore_best(run, "bc")
-      dataset = growdata.grow_task(grow_dir, output_features=run.task.output_features,
-                                   threshold=0.0, include_originals=c.grow.include_originals
-                                   ).get_dataset(None, split="train", shuffle=False)
+      dataset = mixture.value_dataset(grow_dir, include_originals=c.grow.include_originals,
+                                      output_features=run.task.output_features)
       batches = data.train_batches(dataset, batch_size=c.value.batch_size, seed=c.seed + g,
                                    input_len=c.input_len, target_len=c.target_len)
       logger.info("value g%d: %d steps of Monte-Carlo return regression", g, c.value.num_steps)
