@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
   from rest_jax.evaluation import detokenize  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards.learned import encode  # pylint: disable=g-import-not-at-top
   from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
-  from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top
+  from rest_jax.config import MeshConfig  # pylint: disable=g-import-not-at-top
+  from rest_jax.parallel.meshes import layout_from_config  # pylint: disable=g-import-not-at-top
 
   c = bestofn.load_run_config(a.workdir)
   task = tasks.get_task(c.task)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
   sources = [num2words(n, lang="de") for n in nums]
   refs = [num2words(n, lang="en") for n in nums]
   inputs = encode(vocab, sources, c.input_len)
-  layout = make_layout()
+  layout = layout_from_config(MeshConfig())
   chrf = rewards.get_reward("chrf")
   with open(a.out, "a", encoding="utf-8") as f:
     for phase in a.phases.split(","):

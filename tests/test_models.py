@@ -17,7 +17,7 @@ from rest_jax.models import (PRESETS, SequenceModel, abstract_model, build_model
 from rest_jax.models.layers import (RMSNorm, apply_rope, dot_product_attention,
                                     relative_position_bucket)
 from rest_jax.models.llama import left_align
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 FAMILIES = ("tiny", "tiny_decoder")
 
@@ -190,7 +190,7 @@ def test_param_and_cache_logical_axes(model):
   assert jax.tree.structure(axes, is_leaf=lambda n: isinstance(n, tuple)) == treedef
   for names, leaf in zip(flat_axes, flat_cache):
     assert len(names) == leaf.ndim and names[0] == "cache_batch"
-  layout = make_layout()
+  layout = mesh_layout()
   layout.state_shardings(nnx.state(model))
   layout.tree_shardings(cache, axes, sampling=True)
 
@@ -250,7 +250,7 @@ def test_bfloat16_activations(name):
 
 
 def test_sharded_equals_unsharded(model):
-  layout = make_layout(2, 2, 2)
+  layout = mesh_layout(2, 2, 2)
   state, forward, prefill, decode = _jitted(model)
   shardings = layout.state_shardings(state)
   sharded = jax.device_put(state, shardings)

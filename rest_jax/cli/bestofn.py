@@ -173,12 +173,12 @@ def run_best_of_n(workdir: str, *, phase: str, ns: Sequence[int], num_examples: 
   from rest_jax.tasks import data  # pylint: disable=g-import-not-at-top
   from rest_jax.evaluation import EvalSet  # pylint: disable=g-import-not-at-top
   from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
-  from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top
+  from rest_jax.parallel.meshes import layout_from_config  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(workdir)
   ns = parse_ns(list(ns))
   c = load_run_config(workdir)
-  layout = make_layout(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  layout = layout_from_config(c.mesh)  # The run's own Layout: sizes, DCN and rule set.
   name, graphdef, params = load_phase_params(workdir, phase, layout)
   task = tasks.get_task(c.task)
   examples = data.examples(task, "validation", input_len=c.input_len, target_len=c.target_len)

@@ -186,8 +186,8 @@ def validate_names(config: RunConfig) -> None:
   if metric:
     rewards.get_reward(metric)
   schedules.from_config(config.improve)  # Unknown schedule names and bad parameters.
-  losses.get_loss(config.bc.loss)
-  losses.get_loss(config.improve.train.loss)
+  losses.check_loss_name(config.bc.loss)
+  losses.check_loss_name(config.improve.train.loss)
   bc_needs = losses.make_loss(config.bc).needs
   if bc_needs:
     raise RestJaxError(f"loss {config.bc.loss!r} needs {sorted(bc_needs)}"
