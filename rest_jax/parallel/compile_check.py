@@ -159,17 +159,22 @@ def _layout(mesh: MeshConfig, topo: Topology) -> tuple[Layout, str]:
   return meshes.layout_from_config(mesh, devices=devices, key=key), mode
 
 
-def _improve_steps(config: RunConfig, layout: Layout, graphdef: nnx.GraphDef,
-                   params: nnx.State) -> list[StepMemory]:
-  """The run's Improve step, abstractly: its loss, the loss's pre-pass and the train step."""
+def _check_improve_batch(config: RunConfig, layout: Layout) -> None:
+  """Fails fast on an Improve batch the run's batch shards do not divide."""
   train = config.improve.train
-  loss = losses.make_loss(train)
   if train.batch_size % layout.num_batch_shards:
     raise RestJaxError(
         f"Improve batch_size {train.batch_size} is not divisible by the "
         f"{layout.num_batch_shards} batch shards of mesh {dict(layout.mesh.shape)} (rule set "
         f"{config.mesh.rules!r}); set improve/config.TrainConfig.batch_size to a multiple of "
         f"{layout.num_batch_shards}.")
+
+
+def _improve_steps(config: RunConfig, layout: Layout, graphdef: nnx.GraphDef,
+                   params: nnx.State) -> list[StepMemory]:
+  """The run's Improve step, abstractly: its loss, the loss's pre-pass and the train step."""
+  train = config.improve.train
+  loss = losses.make_loss(train)
   batch = _abstract_batch(layout, train.batch_size, config.input_len, config.target_len)
   frozen = layout.abstract_state(params)  # BC and starting policy: training shardings.
   kw: dict[str, Any] = {}
@@ -204,7 +209,9 @@ def check(config: RunConfig, topology: str | Topology) -> CheckResult:
     RestJaxError: a topology, mesh, loss or batch size that does not fit (cause and fix).
   """
   topo = parse_topology(topology) if isinstance(topology, str) else topology
+  losses.check_loss_name(config.improve.train.loss)
   layout, mode = _layout(config.mesh, topo)
+  _check_improve_batch(config, layout)
   graphdef, params = nnx.split(models.abstract_model(config.model))
 
   sampler = Sampler.from_config(graphdef, layout, config.grow.sampling)
