@@ -41,7 +41,8 @@ class Net(nnx.Module):
 
 def _trainer(layout):
   graphdef, params = nnx.split(Net())
-  return Trainer(graphdef, layout, plain_loss(bc_loss), optimizer=make_optimizer(TrainConfig())), params
+  return Trainer(graphdef, layout, plain_loss(bc_loss),
+                 optimizer=make_optimizer(TrainConfig())), params
 
 
 def _params(seed):

@@ -147,7 +147,8 @@ def test_clear_errors_for_meshes_that_do_not_fit():
 def test_cli_compile_check_with_an_rl_loss(capsys):
   # Was: TypeError: LossFactory.__call__() takes 2 positional arguments but 3 were given.
   code = main.main(["compile-check", "--topology", "h100:1x2", "--gin_file",
-                    "gin/experiments/smoke_cpu.gin", "--gin.improve/config.TrainConfig.loss='gold'"])
+                    "gin/experiments/smoke_cpu.gin",
+                    "--gin.improve/config.TrainConfig.loss='gold'"])
   out = capsys.readouterr().out
   assert code == 0 and "improve_extras" in out and "improve_train" in out
 

@@ -86,7 +86,8 @@ PHASE_CFG = TrainConfig(learning_rate=3e-2, num_steps=6, eval_every=2, batch_siz
 @pytest.fixture(scope="module")
 def trainer():
   """One Trainer (one compiled step) shared by the train_phase tests on a (2, 2, 2) mesh."""
-  return Trainer(GRAPHDEF, mesh_layout(2, 2, 2), plain_loss(bc_loss), optimizer=make_optimizer(PHASE_CFG))
+  return Trainer(GRAPHDEF, mesh_layout(2, 2, 2), plain_loss(bc_loss),
+                 optimizer=make_optimizer(PHASE_CFG))
 
 
 def _pure(params):
@@ -361,8 +362,8 @@ def test_starting_policy_wins_when_training_does_not_help(trainer, tmp_path):
 
 def test_nan_loss_raises_and_saves_nothing(tmp_path):
   cfg = dataclasses.replace(PHASE_CFG, eval_every=4)
-  trainer = Trainer(GRAPHDEF, mesh_layout(devices=jax.devices()[:1]), plain_loss(reward_weighted_bc_loss),
-                    optimizer=make_optimizer(cfg))
+  trainer = Trainer(GRAPHDEF, mesh_layout(devices=jax.devices()[:1]),
+                    plain_loss(reward_weighted_bc_loss), optimizer=make_optimizer(cfg))
   with pytest.raises(RestJaxError, match=r"loss is nan at step 3 .*Lower the learning rate"):
     _phase(trainer, tmp_path, cfg=cfg, reward_nan_at=3)
   with PhaseCheckpoints(tmp_path) as checkpoints:

@@ -46,7 +46,8 @@ def place_params(config: ModelConfig, fetch: Fetch, *, layout: Layout | None = N
     config: the architecture.
     fetch: ``(dotted_name, shape) -> np.ndarray`` of exactly ``shape`` (any float dtype; it is
       cast to ``config.param_dtype``).
-    layout: shardings come from its training rules (default: ``layout_from_config(MeshConfig())`` over all devices).
+    layout: shardings come from its training rules (default:
+      ``layout_from_config(MeshConfig())``, over all devices).
   Returns:
     an ``nnx.State`` like ``nnx.split(build_model(config))[1]`` whose leaves are ``jax.Array``s
     placed on ``layout.sharding(logical names, shape)``.
