@@ -17,7 +17,8 @@ from benchmarks.ceilings import timed
 from benchmarks.workloads import NEVER_EOS, _model, random_tokens
 from rest_jax.models.base import ModelConfig
 from rest_jax.grow.sampler import Sampler
-from rest_jax.parallel.layout import make_layout
+from rest_jax.config import MeshConfig
+from rest_jax.parallel.meshes import layout_from_config
 
 
 def unavailable() -> str | None:
@@ -52,7 +53,7 @@ def compare(config: ModelConfig, *, batches: list[int], input_len: int, max_new_
     path = os.path.join(tmp, "model")
     save_hf(path, config, params)
     hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
-  layout = make_layout(devices=jax.local_devices()[:1])
+  layout = layout_from_config(MeshConfig(), devices=jax.local_devices()[:1])
   rows = []
   for batch in batches:
     inputs = random_tokens(batch, input_len, config.vocab_size, seed=4)

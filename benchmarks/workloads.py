@@ -11,13 +11,13 @@ from flax import nnx
 
 from benchmarks import costs
 from benchmarks.ceilings import timed
-from rest_jax.config import TrainConfig
+from rest_jax.config import MeshConfig, TrainConfig
 from rest_jax.improve.trainer import Trainer, make_optimizer
-from rest_jax.improve.losses import get_loss
+from rest_jax.improve.losses import make_loss
 from rest_jax.models import build_model, count_params, get_preset
 from rest_jax.models.base import ModelConfig
 from rest_jax.grow.sampler import Sampler
-from rest_jax.parallel.layout import make_layout
+from rest_jax.parallel.meshes import layout_from_config
 
 NEVER_EOS = -1  # An eos id no token equals: every row decodes exactly max_decode_len tokens.
 
@@ -49,7 +49,7 @@ def grow(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
   Returns times, generated tokens/s, prompts/s and the fraction of the roofline reached.
   """
   graphdef, params, num_params = _model(config)
-  layout = make_layout(devices=jax.local_devices()[:1])
+  layout = layout_from_config(MeshConfig(), devices=jax.local_devices()[:1])
   sampler = Sampler(graphdef, layout, num_samples=num_samples, max_decode_len=max_decode_len,
                     temperature=1.0, batch_size=prompts, eos_id=NEVER_EOS,
                     cache_segment=cache_segment)
@@ -82,9 +82,9 @@ def improve(config: ModelConfig, *, batch: int, input_len: int, target_len: int,
             repeats: int, peak_flops: float) -> dict[str, Any]:
   """Times ``Trainer.train_step`` (BC loss, AdamW) on a random batch; model FLOPs utilisation."""
   graphdef, params, num_params = _model(config)
-  layout = make_layout(devices=jax.local_devices()[:1])
+  layout = layout_from_config(MeshConfig(), devices=jax.local_devices()[:1])
   cfg = TrainConfig(learning_rate=1e-4, num_steps=1000)
-  trainer = Trainer(graphdef, layout, get_loss("bc"), make_optimizer(cfg))
+  trainer = Trainer(graphdef, layout, make_loss(cfg), make_optimizer(cfg))
   holder = {"state": trainer.init(params)}
   targets = random_tokens(batch, target_len, config.vocab_size, seed=2)
   targets[:, -1] = 1  # EOS.

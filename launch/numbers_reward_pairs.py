@@ -16,6 +16,7 @@ THIS.jsonl` reads them next to the workdir's own Grow records. Deterministic in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -49,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
   from rest_jax.tasks.data import detokenize  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards.learned import encode  # pylint: disable=g-import-not-at-top
   from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
-  from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top
   from rest_jax.pipeline.workdir import Workdir  # pylint: disable=g-import-not-at-top
+  from rest_jax.config import MeshConfig  # pylint: disable=g-import-not-at-top
+  from rest_jax.pipeline import build  # pylint: disable=g-import-not-at-top
 
   c = Workdir(a.workdir).load_run_config()
   task = tasks.get_task(c.task)
@@ -62,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
   sources = [num2words(n, lang="de") for n in nums]
   refs = [num2words(n, lang="en") for n in nums]
   inputs = encode(vocab, sources, c.input_len)
-  layout = make_layout()
+  # All local devices data-parallel, whatever mesh the run used.
+  parts = build.resolve(dataclasses.replace(c, mesh=MeshConfig()))
+  graphdef, layout = parts.graphdef, parts.layout
   chrf = rewards.get_reward("chrf")
   with open(a.out, "a", encoding="utf-8") as f:
     for phase in a.phases.split(","):
-      name, graphdef, params = bestofn.load_phase_params(a.workdir, phase, layout)
+      name, parts, params = bestofn.load_phase_params(a.workdir, phase, parts)
       for ti, temp in enumerate(float(t) for t in a.temps.split(",")):
         start_time, n = time.time(), 0
         sampler = Sampler(graphdef, layout, num_samples=a.num_samples,

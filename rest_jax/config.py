@@ -225,8 +225,8 @@ class ImproveConfig:
     _require(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}.")
     _require(self.max_per_prompt >= 0, "max_per_prompt must be >= 0.")
     _require(self.mix_previous_grows >= 0, "mix_previous_grows must be >= 0.")
-    from rest_jax.improve import schedules  # pylint: disable=g-import-not-at-top
-    schedules.from_config(self)  # Unknown schedule names and bad parameters fail here.
+    # The schedule name and its parameters are checked by rest_jax.improve.schedules.from_config
+    # (before the workdir is touched), not here: the config imports no library logic.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from rest_jax import config as C
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
 from rest_jax.grow.sampler import Sampler
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 from rest_jax.pipeline.workdir import Workdir
 
 
@@ -60,7 +60,7 @@ def test_real_sampler_samples_are_nested_prefixes():
   model = build_model(get_preset("tiny", num_encoder_layers=1, num_decoder_layers=1, d_model=16,
                                  mlp_dim=32, num_heads=1, num_kv_heads=1), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
-  layout = make_layout(devices=__import__("jax").devices()[:1])
+  layout = mesh_layout(devices=__import__("jax").devices()[:1])
   vocab = tasks.ENCDEC_FEATURES["targets"].vocabulary
   inputs = np.random.default_rng(0).integers(3, 100, size=(3, 5)).astype(np.int32)
   length = lambda s, h, r: np.asarray([min(len(x), 20) / 20 for x in h], np.float32)

@@ -15,8 +15,8 @@ from rest_jax.checkpoints import phases as ckpt
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.trainer import Trainer, make_optimizer
-from rest_jax.improve.losses import bc_loss
-from rest_jax.parallel.layout import make_layout
+from rest_jax.improve.losses import bc_loss, plain_loss
+from conftest import mesh_layout
 
 
 class Block(nnx.Module):
@@ -41,7 +41,8 @@ class Net(nnx.Module):
 
 def _trainer(layout):
   graphdef, params = nnx.split(Net())
-  return Trainer(graphdef, layout, bc_loss, optimizer=make_optimizer(TrainConfig())), params
+  return Trainer(graphdef, layout, plain_loss(bc_loss),
+                 optimizer=make_optimizer(TrainConfig())), params
 
 
 def _params(seed):
@@ -61,7 +62,7 @@ def _assert_on_shardings(tree, abstract):
 
 
 def test_train_state_roundtrip_onto_another_mesh(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   state = trainer.init(params)
   state = state.replace(step=jnp.int32(7))
   ckpt.save_pytree(tmp_path / "s", state)
@@ -71,7 +72,7 @@ def test_train_state_roundtrip_onto_another_mesh(tmp_path):
   assert "('params', 'layers', '0', 'w')" in keys
   assert not any("value" in k for k in keys)
 
-  other, _ = _trainer(make_layout(2, 1, 4))
+  other, _ = _trainer(mesh_layout(2, 1, 4))
   abstract = other.abstract_state(params)
   restored = ckpt.restore_pytree(tmp_path / "s", abstract)
   assert isinstance(restored.params, nnx.State)
@@ -84,7 +85,7 @@ def test_train_state_roundtrip_onto_another_mesh(tmp_path):
 
 
 def test_restore_params_only(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   ckpt.save_pytree(tmp_path / "state", trainer.init(params))
   ckpt.save_pytree(tmp_path / "params", params)
   abstract = trainer.abstract_params(params)
@@ -95,7 +96,7 @@ def test_restore_params_only(tmp_path):
 
 
 def test_user_errors(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   ckpt.save_pytree(tmp_path / "p", params)
   with pytest.raises(RestJaxError, match="already exists"):
     ckpt.save_pytree(tmp_path / "p", params)
@@ -113,7 +114,7 @@ def test_user_errors(tmp_path):
 
 
 def test_phase_latest_keeps_only_newest(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   abstract = trainer.abstract_state(params)
   with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
     for step in (0, 2, 4):
@@ -135,7 +136,7 @@ def test_phase_latest_keeps_only_newest(tmp_path):
 
 
 def test_phase_best_keeps_highest_eval_reward(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   abstract = trainer.abstract_params(params)
   best_dir = tmp_path / "phase" / "best"
   with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
@@ -156,7 +157,7 @@ def test_phase_best_keeps_highest_eval_reward(tmp_path):
 
 
 def test_crash_after_save_best_before_save_latest(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
     phase.save_best(0, _params(0), {"eval_reward": 0.5})
     phase.save_latest(0, trainer.init(params), {"best_reward": 0.5})
@@ -171,7 +172,7 @@ def test_crash_after_save_best_before_save_latest(tmp_path):
 
 
 def test_crashed_write_leaves_older_checkpoint_readable(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   state = trainer.init(params)
   with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
     phase.save_latest(4, state, {"step": 4})

@@ -26,7 +26,7 @@ from rest_jax.checkpoints.convert import (hf_config, load_checkpoint, load_hf, l
 from rest_jax.checkpoints.convert.params import host_arrays
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig, abstract_model
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 HF_LAYOUTS = ("t5_v1_1", "mt5_byt5", "t5_tied_scaled", "llama_gqa", "llama3_rope",
@@ -39,7 +39,7 @@ T5X_CONFIG = ModelConfig(kind="encdec", vocab_size=64, d_model=32, num_heads=4, 
 @pytest.fixture(scope="module")
 def layout():
   """One device: parity runs compile fastest unpartitioned (sharded loading is tested below)."""
-  return make_layout(devices=jax.devices()[:1])
+  return mesh_layout(devices=jax.devices()[:1])
 
 
 def _run(config, params, inputs, targets, *, steps, eos_id):
@@ -76,7 +76,7 @@ def test_hf_import_matches_transformers(name, layout):
 
 def test_hf_config_fields_and_sharding():
   config, params = load_hf(os.path.join(DATA, "hf", "qwen2_tied"),
-                           layout=make_layout(data=2, fsdp=2, tensor=2))
+                           layout=mesh_layout(data=2, fsdp=2, tensor=2))
   assert (config.kind, config.num_heads, config.num_kv_heads, config.head_dim) == (
       "decoder", 4, 2, 8)
   assert config.attention_bias and config.tie_embeddings and config.norm_eps == 1e-6

@@ -9,11 +9,11 @@ from flax import nnx
 
 from rest_jax.models import build_model, get_preset
 from rest_jax.grow.sampler import Sampler
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 
 def test_cache_lengths_double_up_to_the_max():
-  layout = make_layout(devices=jax.devices()[:1])
+  layout = mesh_layout(devices=jax.devices()[:1])
   lengths = lambda **kw: Sampler(None, layout, num_samples=1, **kw).cache_lengths()
   assert lengths(max_decode_len=100, cache_segment=16) == [16, 32, 64, 100]
   assert lengths(max_decode_len=64, cache_segment=16) == [16, 32, 64]
@@ -24,7 +24,7 @@ def test_cache_lengths_double_up_to_the_max():
 @pytest.mark.parametrize("preset", ["tiny", "tiny_decoder"])
 def test_segmented_cache_gives_the_same_samples(preset):
   graphdef, params = nnx.split(build_model(get_preset(preset), rngs=nnx.Rngs(0)))
-  layout = make_layout(devices=jax.devices()[:1])
+  layout = mesh_layout(devices=jax.devices()[:1])
   inputs = np.random.default_rng(0).integers(2, 260, (3, 6)).astype(np.int32)
   inputs[1, 4:] = 0  # A shorter prompt.
   outs = {}

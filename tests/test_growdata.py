@@ -1,4 +1,5 @@
-"""Grow dataset: crash-safe chunked writes, stats, read-time filtering, batches, inspection."""
+"""Grow dataset: crash-safe chunked writes, stats, the unfiltered reader (selected through
+improve.selection), batches, inspection."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from rest_jax.grow import dataset as growdata
 
 from rest_jax.grow import stats as growstats
 
+from rest_jax.improve import selection
 from rest_jax.cli import inspection
 from rest_jax.errors import RestJaxError
 from rest_jax.grow.dataset import GrowRecord, GrowWriter
+from rest_jax.improve.schedules import Threshold
 
 FEATURES = tasks.ENCDEC_FEATURES
 NUM_SAMPLES = 3
@@ -90,7 +93,7 @@ def _read_all(task) -> list[dict]:
 
 
 def test_every_record_once_after_resume(grow_dir):
-  task = growdata.grow_task(grow_dir, threshold=0.0, output_features=FEATURES)
+  task = growdata.grow_task(grow_dir, output_features=FEATURES)
   rows = _read_all(task)
   keys = [(int(r["example_id"]), int(r["sample_idx"])) for r in rows]
   expected = _expected_records()
@@ -140,6 +143,15 @@ def test_stats_against_numpy(grow_dir):
   assert growdata.finalize(grow_dir) == stats  # Idempotent.
 
 
+def _select(directory: str, threshold: float, **kw) -> selection.Mixture:
+  return selection.select_mixture([directory], threshold=Threshold(threshold), **kw)
+
+
+def _read_selected(mix: selection.Mixture) -> list[dict]:
+  dataset = selection.improve_dataset(mix, output_features=FEATURES)
+  return list(dataset.as_numpy_iterator())
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 0.75, 0.9])
 @pytest.mark.parametrize("include_originals", [True, False])
 def test_threshold_counts_against_numpy(grow_dir, threshold, include_originals):
@@ -147,12 +159,10 @@ def test_threshold_counts_against_numpy(grow_dir, threshold, include_originals):
   want = sum(np.float32(r.reward) >= np.float32(threshold)
              and (include_originals or not r.is_original) for r in expected)
   assert want > 0
-  assert growdata.count_selected(grow_dir, threshold=threshold,
-                                 include_originals=include_originals) == want
+  mix = _select(grow_dir, threshold, include_originals=include_originals)
+  assert mix.count == want
   if threshold in (0.5, 0.9):  # Reading back is slower; two thresholds suffice.
-    rows = _read_all(growdata.grow_task(grow_dir, threshold=threshold,
-                                        include_originals=include_originals,
-                                        output_features=FEATURES))
+    rows = _read_selected(mix)
     assert len(rows) == want
     assert all(r["reward"] >= threshold for r in rows)
     assert include_originals or not any(r["is_original"] for r in rows)
@@ -166,23 +176,36 @@ def test_max_per_prompt_by_hand(tmp_path):
   GrowWriter(directory).write_chunk(0, records)
   growdata.finalize(directory)
 
-  def selected(**kw):
-    rows = _read_all(growdata.grow_task(directory, output_features=FEATURES, **kw))
-    keys = sorted((int(r["example_id"]), int(r["sample_idx"])) for r in rows)
-    assert growdata.count_selected(directory, **kw) == len(keys)
+  def selected(threshold, **kw):
+    mix = _select(directory, threshold, **kw)
+    keys = sorted((int(r["example_id"]), int(r["sample_idx"])) for r in _read_selected(mix))
+    assert mix.count == len(keys)
     return keys
 
   # Best samples per prompt, ties by lower sample_idx; originals are not capped.
-  assert selected(threshold=0.3, max_per_prompt=1) == [(0, -1), (0, 0), (1, 1)]
-  assert selected(threshold=0.3, max_per_prompt=2) == [(0, -1), (0, 0), (0, 2), (1, 1), (1, 3)]
-  assert selected(threshold=0.3, max_per_prompt=2, include_originals=False) == [
+  assert selected(0.3, max_per_prompt=1) == [(0, -1), (0, 0), (1, 1)]
+  assert selected(0.3, max_per_prompt=2) == [(0, -1), (0, 0), (0, 2), (1, 1), (1, 3)]
+  assert selected(0.3, max_per_prompt=2, include_originals=False) == [
       (0, 0), (0, 2), (1, 1), (1, 3)]
-  assert selected(threshold=0.0, max_per_prompt=3) == [
+  assert selected(0.0, max_per_prompt=3) == [
       (0, -1), (0, 0), (0, 1), (0, 2), (1, -1), (1, 1), (1, 2), (1, 3)]
   with pytest.raises(RestJaxError) as info:
-    growdata.count_selected(directory, threshold=0.9, include_originals=False)
+    _select(directory, 0.9, include_originals=False)
   assert "0.9" in str(info.value) and "0.8750" in str(info.value) and "Lower the threshold" in str(
       info.value)
+
+
+def test_reader_is_unfiltered_and_value_data_comes_through_the_selection(grow_dir):
+  # The reader yields every record in chunk-file order; the value network's data is the same
+  # records and order, without the originals when they are left out.
+  order = [(r.example_id, r.sample_idx) for r in growdata.read_records(grow_dir)]
+  rows = _read_all(growdata.grow_task(grow_dir, output_features=FEATURES))
+  assert [(int(r["example_id"]), int(r["sample_idx"])) for r in rows] == order
+  for include_originals in (True, False):
+    dataset = selection.value_dataset(grow_dir, include_originals=include_originals,
+                                      output_features=FEATURES)
+    got = [(int(r["example_id"]), int(r["sample_idx"])) for r in dataset.as_numpy_iterator()]
+    assert got == [k for k in order if include_originals or k[1] != -1]
 
 
 def test_corrupt_chunks(tmp_path):
@@ -207,12 +230,12 @@ def test_corrupt_chunks(tmp_path):
   with open(path, "wb") as f:  # Truncated after finalize: caught by the manifest.
     f.write(good[:-9])
   with pytest.raises(RestJaxError, match="chunk-h000-00000.tfrecord.*bytes"):
-    growdata.grow_task(directory, threshold=0.0, output_features=FEATURES)
+    growdata.grow_task(directory, output_features=FEATURES)
   corrupt = bytearray(good)  # Same size, flipped bytes: caught while reading.
   corrupt[len(good) // 2:len(good) // 2 + 8] = b"\xff" * 8
   with open(path, "wb") as f:
     f.write(bytes(corrupt))
-  dataset = growdata.grow_task(directory, threshold=0.0, output_features=FEATURES).get_dataset(
+  dataset = growdata.grow_task(directory, output_features=FEATURES).get_dataset(
       None, split="train", shuffle=False)
   with pytest.raises(RestJaxError, match="corrupt"):
     for _ in data.train_batches(dataset, batch_size=64, seed=0, input_len=8, target_len=8):

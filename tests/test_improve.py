@@ -16,9 +16,9 @@ from rest_jax.checkpoints.phases import PhaseCheckpoints
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.trainer import Trainer, TrainState, make_optimizer, make_schedule, train_phase
-from rest_jax.improve.losses import bc_loss, reward_weighted_bc_loss
+from rest_jax.improve.losses import bc_loss, plain_loss, reward_weighted_bc_loss
 from rest_jax.models import build_model, get_preset
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 VOCAB = 12
 
@@ -86,7 +86,8 @@ PHASE_CFG = TrainConfig(learning_rate=3e-2, num_steps=6, eval_every=2, batch_siz
 @pytest.fixture(scope="module")
 def trainer():
   """One Trainer (one compiled step) shared by the train_phase tests on a (2, 2, 2) mesh."""
-  return Trainer(GRAPHDEF, make_layout(2, 2, 2), bc_loss, optimizer=make_optimizer(PHASE_CFG))
+  return Trainer(GRAPHDEF, mesh_layout(2, 2, 2), plain_loss(bc_loss),
+                 optimizer=make_optimizer(PHASE_CFG))
 
 
 def _pure(params):
@@ -168,7 +169,7 @@ def real_tiny():
       traces.append(1)
       return reward_weighted_bc_loss(logits, batch)
 
-    trainer = Trainer(graphdef, layout, loss_fn, optimizer=optimizer)
+    trainer = Trainer(graphdef, layout, plain_loss(loss_fn), optimizer=optimizer)
     state = trainer.init(params)
     losses = []
     for batch in batches:
@@ -180,14 +181,14 @@ def real_tiny():
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))  # The caller's copy lives.
     return trainer, state, losses
 
-  reference = run(make_layout(devices=jax.devices()[:1]))
+  reference = run(mesh_layout(devices=jax.devices()[:1]))
   return params, run, reference
 
 
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (2, 1, 4)])
 def test_sharded_train_step_matches_one_device(real_tiny, mesh):
   params, run, (_, ref_state, ref_losses) = real_tiny
-  trainer, state, losses = run(make_layout(*mesh))
+  trainer, state, losses = run(mesh_layout(*mesh))
   assert ref_losses[0] != ref_losses[2]
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)  # Loss and grad norm, 2 steps.
   _assert_same(state.params, ref_state.params, atol=1e-5, rtol=1e-5)
@@ -227,7 +228,7 @@ def test_trainer_rejects_non_param_state():
       self.count = nnx.BatchStat(jnp.zeros(()))
 
   graphdef, state = nnx.split(WithStats())
-  trainer = Trainer(graphdef, make_layout(devices=jax.devices()[:1]), bc_loss,
+  trainer = Trainer(graphdef, mesh_layout(devices=jax.devices()[:1]), plain_loss(bc_loss),
                     optimizer=make_optimizer(PHASE_CFG))
   with pytest.raises(RestJaxError, match=r"\['BatchStat'\] besides nnx.Param"):
     trainer.init(state)
@@ -361,8 +362,8 @@ def test_starting_policy_wins_when_training_does_not_help(trainer, tmp_path):
 
 def test_nan_loss_raises_and_saves_nothing(tmp_path):
   cfg = dataclasses.replace(PHASE_CFG, eval_every=4)
-  trainer = Trainer(GRAPHDEF, make_layout(devices=jax.devices()[:1]), reward_weighted_bc_loss,
-                    optimizer=make_optimizer(cfg))
+  trainer = Trainer(GRAPHDEF, mesh_layout(devices=jax.devices()[:1]),
+                    plain_loss(reward_weighted_bc_loss), optimizer=make_optimizer(cfg))
   with pytest.raises(RestJaxError, match=r"loss is nan at step 3 .*Lower the learning rate"):
     _phase(trainer, tmp_path, cfg=cfg, reward_nan_at=3)
   with PhaseCheckpoints(tmp_path) as checkpoints:

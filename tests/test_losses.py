@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rest_jax.improve import losses
+from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
 
 # Per-position token probabilities; logits = log(probs) so log_softmax(logits) = log(probs).
@@ -96,12 +97,19 @@ def test_bfloat16_logits_are_computed_in_float32():
 
 
 def test_registry():
-  assert losses.get_loss("bc") is losses.bc_loss
-  assert losses.get_loss("reward_weighted_bc") is losses.reward_weighted_bc_loss
+  # One kind of entry: TrainConfig -> Loss; plain losses are wrapped once, at registration.
+  bc = losses.make_loss(TrainConfig(loss="bc"))
+  assert isinstance(bc, losses.Loss) and not bc.needs and bc.init_params is None
+  assert losses.make_loss(TrainConfig(loss="bc", learning_rate=1e-3)) is bc
+  for name in ("gold", "bvmpo", "oac"):
+    assert isinstance(losses.make_loss(TrainConfig(loss=name)), losses.Loss)
+  losses.check_loss_name("reward_weighted_bc")
   with pytest.raises(RestJaxError,
                      match=r"unknown loss 'ppo'.*\['bc', 'bvmpo', 'gold', 'oac', "
                      r"'reward_weighted_bc'\]"):
-    losses.get_loss("ppo")
+    losses.check_loss_name("ppo")
+  with pytest.raises(RestJaxError, match="unknown loss 'ppo'"):
+    losses.make_loss(TrainConfig(loss="ppo"))
 
 
 def test_register_loss(monkeypatch):
@@ -112,6 +120,13 @@ def test_register_loss(monkeypatch):
     return 2 * loss, metrics
 
   losses.register_loss("double_bc", double_bc)
-  assert losses.get_loss("double_bc") is double_bc
+  loss = losses.make_loss(TrainConfig(loss="double_bc"))
+  assert isinstance(loss, losses.Loss)
+  logits = jnp.zeros([1, 2, 4])
+  batch = {"targets": jnp.asarray([[2, 1]], jnp.int32)}
+  np.testing.assert_allclose(loss.fn(logits, batch, {})[0],
+                             2 * losses.bc_loss(logits, batch)[0], rtol=1e-6)
   with pytest.raises(RestJaxError, match="already registered"):
     losses.register_loss("bc", double_bc)
+  with pytest.raises(RestJaxError, match="already registered"):
+    losses.register_loss_builder("gold", lambda cfg: loss)

@@ -11,7 +11,7 @@ from rest_jax.grow import memory
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
 from rest_jax.grow.sampler import Sampler
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 
 def _split(preset: str):
@@ -69,7 +69,7 @@ def test_plan_fails_early_with_the_numbers():
 
 def test_sampler_splits_a_batch_that_does_not_fit_into_calls_with_the_same_samples():
   graphdef, params = _split("tiny")
-  layout = make_layout(devices=jax.devices()[:1])
+  layout = mesh_layout(devices=jax.devices()[:1])
   inputs = np.random.default_rng(0).integers(2, 260, (5, 8)).astype(np.int32)
   ids = np.arange(10, 15)
   whole = Sampler(graphdef, layout, num_samples=2, max_decode_len=8, batch_size=5,

@@ -12,8 +12,6 @@ from rest_jax import tasks
 
 from rest_jax.grow import dataset as growdata
 
-from rest_jax.grow import stats as growstats
-
 from rest_jax.improve import selection as mixture
 from rest_jax.errors import RestJaxError
 from rest_jax.grow.dataset import GrowRecord, GrowWriter
@@ -67,7 +65,21 @@ def _kept(mix: mixture.Mixture) -> set:
   return out
 
 
-def test_one_grow_set_equals_growstats_select(dirs):
+def _numpy_select(index, threshold: float, cap: int, originals: bool) -> np.ndarray:
+  """One Grow set's filter, restated with a Python loop: reward >= tau (float32), originals
+  only if asked, then the ``cap`` best samples per prompt (ties: lower sample_idx)."""
+  reward = index["reward"].astype(np.float32)
+  keep = (reward >= np.float32(threshold)) & (originals | ~index["is_original"])
+  if cap > 0:
+    for e in np.unique(index["example_id"]):
+      rows = [i for i in np.flatnonzero(keep & ~index["is_original"])
+              if index["example_id"][i] == e]
+      rows.sort(key=lambda i: (-reward[i], index["sample_idx"][i]))
+      keep[rows[cap:]] = False
+  return keep
+
+
+def test_one_grow_set_against_a_loop(dirs):
   _, g1, _ = dirs
   index = growdata.load_index(g1)
   for threshold in (0.0, 0.5, 0.875):
@@ -75,8 +87,12 @@ def test_one_grow_set_equals_growstats_select(dirs):
       for originals in (True, False):
         mix = mixture.select_mixture([g1], threshold=Threshold(threshold), max_per_prompt=cap,
                                      include_originals=originals, indexes=[index])
-        np.testing.assert_array_equal(mix.keep[0], growstats.select(
-            index, threshold=threshold, max_per_prompt=cap, include_originals=originals))
+        np.testing.assert_array_equal(mix.keep[0],
+                                      _numpy_select(index, threshold, cap, originals))
+  # By hand: threshold 0.5, one sample per prompt, no originals.
+  mix = mixture.select_mixture([g1], threshold=Threshold(0.5), max_per_prompt=1,
+                               include_originals=False)
+  assert _kept(mix) == {(1, 0, 3), (1, 1, 3), (1, 2, 3)}
 
 
 def test_originals_in_and_out(dirs):

@@ -17,7 +17,7 @@ from rest_jax.models import (PRESETS, SequenceModel, abstract_model, build_model
 from rest_jax.models.layers import (RMSNorm, apply_rope, dot_product_attention,
                                     relative_position_bucket)
 from rest_jax.models.llama import left_align
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 FAMILIES = ("tiny", "tiny_decoder")
 
@@ -192,7 +192,7 @@ def test_param_and_cache_logical_axes(model):
     assert len(names) == leaf.ndim and names[0] == "cache_batch"
   # On a 2x2x2 (data, fsdp, tensor) mesh: training splits weights over fsdp on their embed
   # axis, sampling keeps them whole there; the cache's 4 rows split over data x fsdp.
-  layout, params, checked = make_layout(2, 2, 2), nnx.state(model, nnx.Param), 0
+  layout, params, checked = mesh_layout(2, 2, 2), nnx.state(model, nnx.Param), 0
   for sampling in (False, True):
     shardings = layout.state_shardings(params, sampling=sampling)
     for (path, var), (_, sharding) in zip(nnx.to_flat_state(params),
@@ -265,7 +265,7 @@ def test_bfloat16_activations(name):
 
 
 def test_sharded_equals_unsharded(model):
-  layout = make_layout(2, 2, 2)
+  layout = mesh_layout(2, 2, 2)
   state, forward, prefill, decode = _jitted(model)
   shardings = layout.state_shardings(state)
   sharded = jax.device_put(state, shardings)

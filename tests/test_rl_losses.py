@@ -17,7 +17,7 @@ from rest_jax.improve import losses
 from rest_jax.config import BvmpoConfig, GoldConfig, OacConfig, TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.trainer import Trainer
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 from rest_jax.improve.value import mc_returns
 
 RNG = np.random.default_rng(0)
@@ -225,7 +225,7 @@ def test_one_improve_step_prefers_the_high_reward_sample(name):
   cfg = TrainConfig(loss=name, learning_rate=0.05, num_steps=10, warmup_steps=0)
   batch = dict(PAIR)
   loss = losses.make_loss(cfg)
-  trainer = Trainer(GRAPHDEF, make_layout(2, 2, 2), loss, optax.sgd(cfg.learning_rate),
+  trainer = Trainer(GRAPHDEF, mesh_layout(2, 2, 2), loss, optax.sgd(cfg.learning_rate),
                     extras=jax.jit(_extras) if loss.needs else None)
   state = trainer.init(PARAMS)
   state, metrics = trainer.train_step(state, batch)
@@ -241,5 +241,5 @@ def test_one_improve_step_prefers_the_high_reward_sample(name):
 
 def test_trainer_refuses_a_loss_without_its_extras():
   with pytest.raises(RestJaxError, match="needs.*extras"):
-    Trainer(GRAPHDEF, make_layout(2, 2, 2), losses.make_loss(TrainConfig(loss="oac")),
+    Trainer(GRAPHDEF, mesh_layout(2, 2, 2), losses.make_loss(TrainConfig(loss="oac")),
             optax.sgd(0.1))

@@ -15,7 +15,7 @@ from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
 from rest_jax.models.base import EOS_ID, ModelConfig, SequenceModel
 from rest_jax.grow.sampler import Sampler, place_params
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 VOCAB = 8
 NEG = -1e9
@@ -86,7 +86,7 @@ LOG = {p: math.log(p) for p in (1 / 2, 1 / 4, 1 / 16)}
 
 
 def one_device_layout():
-  return make_layout(devices=jax.devices()[:1])
+  return mesh_layout(devices=jax.devices()[:1])
 
 
 def test_fake_model_implements_protocol():
@@ -244,7 +244,7 @@ def test_same_samples_for_batch_sizes_1_3_8_and_padding():
   pairs = [(3, 0), (5, 4), (0, 2), (6, 7), (2, 3), (4, 5), (7, 6), (1, 1)]
   inputs, ids = prompts(pairs), np.arange(100, 108)
   results = {}
-  for layout_name, layout in (("one", one_device_layout()), ("data8", make_layout(8, 1, 1))):
+  for layout_name, layout in (("one", one_device_layout()), ("data8", mesh_layout(8, 1, 1))):
     sampler = Sampler(graphdef, layout, num_samples=3, max_decode_len=9, temperature=0.9,
                       batch_size=3 if layout_name == "one" else None)
     state_placed = place_params(state, layout, sampling=True)
@@ -266,7 +266,7 @@ def test_same_samples_for_batch_sizes_1_3_8_and_padding():
 def test_loop_exits_early_and_padding_rows_do_not_keep_it_running():
   graphdef, state = fake_state()
   # Batch 3 on 8 data shards: 5 padding rows (copies of prompt 0, inactive).
-  sampler = Sampler(graphdef, make_layout(8, 1, 1), num_samples=2, max_decode_len=50)
+  sampler = Sampler(graphdef, mesh_layout(8, 1, 1), num_samples=2, max_decode_len=50)
   out = sampler.generate(state, prompts([(3, 0), (3, 4), (2, 5)]), np.arange(3), seed=0,
                          grow_step=0)
   assert out.num_steps == 3  # Tokens 0..3 (EOS at 3) need three decode steps, not 49.
@@ -279,7 +279,7 @@ def test_loop_exits_early_and_padding_rows_do_not_keep_it_running():
 
 def test_score_teacher_forced_logprobs():
   graphdef, state = fake_state()
-  sampler = Sampler(graphdef, make_layout(2, 2, 2), num_samples=1, max_decode_len=4)
+  sampler = Sampler(graphdef, mesh_layout(2, 2, 2), num_samples=1, max_decode_len=4)
   inputs = prompts([(2, 0), (3, 5)])
   targets = np.array([[3, 4, 1, 0, 0], [2, 3, 2, 1, 0]], np.int32)
   # Row 0: 0 -> 3 (1/2), 3 -> 4 (1/16), EOS at 2 (prob 1), pad (0).
@@ -316,7 +316,7 @@ def test_real_model_sharded_samples_equal_one_device(preset, options):
     mask = ref.tokens != 0
     np.testing.assert_allclose(scored[mask], ref.logprobs[mask], atol=1e-5)
   for mesh in ((2, 2, 2), (2, 1, 4)):
-    _, got = run(make_layout(*mesh))
+    _, got = run(mesh_layout(*mesh))
     np.testing.assert_array_equal(got.tokens, ref.tokens, err_msg=str(mesh))
     np.testing.assert_array_equal(got.lengths, ref.lengths, err_msg=str(mesh))
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, err_msg=str(mesh))

@@ -9,7 +9,6 @@ from rest_jax import config as C
 from rest_jax.improve import schedules
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.schedules import GrowRewards, Threshold, make_schedule
-from rest_jax.improve.thresholds import plan_thresholds
 
 
 def _grow(seed: int = 0, sources: int = 12, n: int = 6) -> GrowRewards:
@@ -32,13 +31,81 @@ def _check_rule_global(taus, mean):
   assert values[0] >= mean and all(b >= a for a, b in zip(values, values[1:]))
 
 
-def test_fixed_equals_plan_thresholds():
+PAPER = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def _mean(mean: float) -> GrowRewards:
+  """A Grow set whose mean sample reward is ``mean`` (one sample and one original)."""
+  return GrowRewards(np.asarray([0, 0]), np.asarray([mean, 1.0], np.float32),
+                     np.asarray([False, True]))
+
+
+def _fixed(thresholds, mean: float, steps: int):
+  taus, messages = schedules.Fixed(thresholds).plan(_mean(mean), num_improve_steps=steps)
+  assert all(not t.is_per_source for t in taus)
+  return [t.value for t in taus], messages
+
+
+def test_fixed_by_hand():
   grow = _grow()
+  mean = float(grow.reward[~grow.is_original].astype(np.float64).mean())
+  assert 0.6 < mean < 0.7  # So 0.0 becomes the mean and 0.7, 0.8, 0.9 stay.
   taus, messages = make_schedule("fixed", thresholds=(0.0, 0.7, 0.8, 0.9)).plan(
       grow, num_improve_steps=5)
-  expected, expected_messages = plan_thresholds((0.0, 0.7, 0.8, 0.9), mean_reward=grow.mean,
-                                                num_improve_steps=5)
-  assert [t.value for t in taus] == expected and messages == expected_messages
+  assert [t.value for t in taus] == pytest.approx([mean, 0.7, 0.8, 0.9, 0.9], abs=1e-12)
+  assert len(messages) == 2 and f"using {mean:g}" in messages[0]
+  assert "repeating the last threshold 0.9 for steps 5..5" in messages[1]
+
+
+def test_fixed_paper_list_with_mean_075():
+  taus, messages = _fixed(PAPER, 0.75, 5)
+  assert taus == [0.75, 0.8, 0.9, 0.95, 0.99]
+  assert len(messages) == 2
+  assert "threshold 0 of Improve step 1" in messages[0] and "using 0.75" in messages[0]
+  assert "threshold 0.7 " in messages[1] and "skipping" in messages[1]
+
+
+def test_fixed_short_list_repeats_last_and_long_list_is_truncated():
+  taus, messages = _fixed(PAPER, 0.75, 7)
+  assert taus == [0.75, 0.8, 0.9, 0.95, 0.99, 0.99, 0.99]
+  assert "repeating the last threshold 0.99 for steps 6..7" in messages[-1]
+  taus, messages = _fixed(PAPER, 0.75, 2)
+  assert taus == [0.75, 0.8] and not any("repeating" in m for m in messages)
+  assert _fixed(PAPER, 0.75, 0)[0] == []
+
+
+def test_fixed_first_threshold_above_mean_is_kept_and_equal_is_skipped():
+  assert _fixed((0.5, 0.7), 0.25, 2) == ([0.5, 0.7], [])
+  assert _fixed(PAPER, 0.5, 4)[0] == [0.5, 0.7, 0.8, 0.9]  # 0.5 is exact in float32.
+  taus, messages = _fixed(PAPER, 0.75, 3)
+  assert taus == [0.75, 0.8, 0.9]
+  taus, messages = _fixed(PAPER, 0.875, 3)  # Above every threshold up to 0.9.
+  assert taus == [0.875, 0.9, 0.95] and sum("skipping" in m for m in messages) == 2
+
+
+def test_fixed_against_numpy_rule():
+  thresholds = np.asarray(PAPER)
+  for mean in np.linspace(0.0, 1.0, 41):
+    grow = _mean(float(mean))
+    m = float(np.float32(mean))  # Rewards are float32.
+    taus, _ = _fixed(PAPER, float(mean), 8)
+    expected = np.concatenate([[m], thresholds[thresholds > m]]) if thresholds[0] <= m \
+        else thresholds
+    expected = np.concatenate([expected, np.full(8 - len(expected), expected[-1])])[:8]
+    np.testing.assert_allclose(taus, expected, rtol=0, atol=0)
+    assert np.all(np.diff(taus) >= 0) and taus[0] >= grow.mean
+
+
+def test_fixed_errors():
+  with pytest.raises(RestJaxError, match="mean reward is nan"):
+    schedules.Fixed(PAPER).plan(GrowRewards(np.zeros(1, np.int64), np.full(1, np.nan, np.float32),
+                                            np.zeros(1, bool)), num_improve_steps=2)
+  with pytest.raises(RestJaxError, match="empty"):
+    schedules.Fixed(())
+  with pytest.raises(RestJaxError, match="non-decreasing"):
+    make_schedule("fixed", thresholds=(0.8, 0.7))
+  with pytest.raises(RestJaxError, match="num_improve_steps"):
+    schedules.Fixed(PAPER).plan(_mean(0.5), num_improve_steps=-1)
 
 
 def test_mean_covers_samples_only():
@@ -145,10 +212,12 @@ def test_unknown_name_and_bad_parameters():
   with pytest.raises(RestJaxError, match="known schedules: fixed, quantile, linear, "
                      "per_source_percentile, per_source_interpolation"):
     make_schedule("cosine")
+  # The config constructor imports no library logic; from_config is the validator.
   with pytest.raises(RestJaxError, match="unknown"):
-    C.ImproveConfig(schedule="cosine")
+    schedules.from_config(C.ImproveConfig(schedule="cosine"))
   with pytest.raises(RestJaxError, match="strictly increasing"):
-    C.ImproveConfig(schedule="quantile", schedule_params=C.ScheduleParams(quantiles=(0.9, 0.5)))
+    schedules.from_config(C.ImproveConfig(
+        schedule="quantile", schedule_params=C.ScheduleParams(quantiles=(0.9, 0.5))))
   with pytest.raises(RestJaxError, match=r"in \[0, 100\]"):
     make_schedule("per_source_percentile", percentiles=(50, 150))
   with pytest.raises(RestJaxError, match="rising ramp"):

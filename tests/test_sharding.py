@@ -5,18 +5,18 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from conftest import mesh_layout
 from rest_jax.errors import RestJaxError
-from rest_jax.parallel.layout import make_layout, make_mesh
 
 
 def test_one_device_is_a_1x1x1_mesh():
-  layout = make_layout(devices=jax.devices()[:1])
+  layout = mesh_layout(devices=jax.devices()[:1])
   assert dict(layout.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
   assert layout.spec(("embed", "mlp")) == P(None, None)
 
 
 def test_rules_map_logical_names_and_sampling_variant_unsplits_fsdp():
-  layout = make_layout(2, 2, 2)
+  layout = mesh_layout(2, 2, 2)
   assert layout.spec(("embed", "mlp"), (8, 8)) == P("fsdp", "tensor")
   assert layout.spec(("embed", "mlp"), (8, 8), sampling=True) == P(None, "tensor")
   assert layout.spec(("batch", "length"), (8, 4)) == P(("data", "fsdp"), None)
@@ -24,7 +24,7 @@ def test_rules_map_logical_names_and_sampling_variant_unsplits_fsdp():
 
 
 def test_axis_that_does_not_divide_is_replicated():
-  layout = make_layout(2, 1, 4)
+  layout = mesh_layout(2, 1, 4)
   assert layout.spec(("embed", "kv_heads"), (8, 2)) == P(None, None)
   assert layout.spec(("embed", "kv_heads"), (8, 4)) == P(None, "tensor")
   # A mesh axis is used at most once per array.
@@ -32,13 +32,13 @@ def test_axis_that_does_not_divide_is_replicated():
 
 
 def test_minus_one_fills_the_rest_and_bad_sizes_raise():
-  assert dict(make_mesh(-1, 2, 1).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert dict(mesh_layout(-1, 2, 1).mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
   with pytest.raises(RestJaxError, match="do not divide"):
-    make_mesh(3, 1, 1)
+    mesh_layout(3, 1, 1)
   with pytest.raises(RestJaxError, match="at most one"):
-    make_mesh(-1, -1, 1)
+    mesh_layout(-1, -1, 1)
   with pytest.raises(RestJaxError, match="no rule"):
-    make_layout(8, 1, 1).spec(("not_an_axis",))
+    mesh_layout(8, 1, 1).spec(("not_an_axis",))
 
 
 def test_state_shardings_read_param_metadata():
@@ -49,6 +49,6 @@ def test_state_shardings_read_param_metadata():
       self.count = nnx.Variable(jax.numpy.zeros(()))
 
   state = nnx.state(M())
-  shardings = make_layout(2, 2, 2).state_shardings(state)
+  shardings = mesh_layout(2, 2, 2).state_shardings(state)
   assert shardings["w"].get_value().spec == P("fsdp", "tensor")
   assert shardings["count"].get_value().spec == P()

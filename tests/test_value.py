@@ -18,14 +18,14 @@ from rest_jax.improve import value
 from rest_jax.config import ValueConfig
 from rest_jax.improve.extras import build_extras
 from rest_jax.models import build_model, get_preset
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 
 CONFIG = get_preset("tiny_decoder", num_decoder_layers=1)
 
 
 @pytest.fixture(scope="module")
 def net():
-  return value.ValueNet(CONFIG, make_layout(2, 2, 2), seed=0)
+  return value.ValueNet(CONFIG, mesh_layout(2, 2, 2), seed=0)
 
 
 def _batch(step: int, size: int = 16):

@@ -13,10 +13,12 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from flax import nnx
 
 from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import base as grow_base
+from rest_jax.pipeline import build
 from rest_jax.pipeline.workdir import Workdir
 
 # The sampling stream of best-of-N (folded in where Grow folds its grow step): no Grow step
@@ -90,26 +92,20 @@ def sample_rewards(*, sampler: grow_base.Sampler, params: Any, inputs: np.ndarra
   return np.concatenate(rows, axis=0)
 
 
-def load_phase_params(workdir: str, phase: str, layout: Any) -> tuple[str, Any, Any]:
-  """(checkpoint name, graphdef, best params) of a finished phase of a workdir, on ``layout``.
+def load_phase_params(workdir: str, phase: str,
+                      parts: build.Parts | None = None) -> tuple[str, build.Parts, nnx.State]:
+  """(phase name, the run's Parts, best params) of a finished phase of a workdir. Reads only.
 
-  ``phase``: "bc", "final" or "gG_iI" (see ``Workdir.resolve_phase``). Reads only.
+  ``phase``: "bc", "final" or "gG_iI" (see ``Workdir.resolve_phase``); ``parts``: the run
+  resolved from the workdir's recorded config (``build.resolve``) unless given.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from rest_jax.checkpoints.phases import PhaseCheckpoints  # pylint: disable=g-import-not-at-top
-  from rest_jax.models import build_model  # pylint: disable=g-import-not-at-top
-
   wd = Workdir(workdir)
-  c = wd.load_run_config()
   name = wd.resolve_phase(phase)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(c.model,
-                                                                    rngs=nnx.Rngs(c.seed))))
+  parts = parts or build.resolve(wd.load_run_config())
   ckpt_dir = wd.checkpoint_dir(name)
   if not storage.isdir(storage.join(ckpt_dir, "best")):
     raise RestJaxError(f"{ckpt_dir}/best does not exist; phase {name} saved no checkpoint.")
-  with PhaseCheckpoints(ckpt_dir) as ckpt:
-    return name, graphdef, ckpt.restore_best_params(layout.abstract_state(abstract))
+  return name, parts, build.restore_best(parts, wd, name)
 
 
 def run_best_of_n(workdir: str, *, phase: str, ns: Sequence[int], num_examples: int = 0,
@@ -117,41 +113,33 @@ def run_best_of_n(workdir: str, *, phase: str, ns: Sequence[int], num_examples: 
                   batch_size: int = 0) -> dict:
   """Best-of-N of a saved policy on the workdir's D_eval, scored by its training reward.
 
-  Samples with the run's Grow sampling settings (temperature overridable). Reads the workdir
-  and its checkpoints; writes nothing there.
+  The run is resolved from its recorded config through ``pipeline.build`` (the run's Layout,
+  model, task, reward and eval set); samples use the run's Grow sampling settings (temperature
+  overridable). Reads the workdir and its checkpoints; writes nothing there.
 
   Returns:
     {"phase", "n": {N: mean best reward}, "mean_sample_reward", "num_examples",
      "temperature", "reward"}.
   """
-  from rest_jax import rewards, tasks  # pylint: disable=g-import-not-at-top
-  from rest_jax.tasks import data  # pylint: disable=g-import-not-at-top
-  from rest_jax.evaluation import EvalSet  # pylint: disable=g-import-not-at-top
   from rest_jax.grow.sampler import Sampler  # pylint: disable=g-import-not-at-top
-  from rest_jax.parallel.layout import make_layout  # pylint: disable=g-import-not-at-top
 
   ns = parse_ns(list(ns))
   c = Workdir(workdir).load_run_config()
-  layout = make_layout(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  name, graphdef, params = load_phase_params(workdir, phase, layout)
-  task = tasks.get_task(c.task)
-  examples = data.examples(task, "validation", input_len=c.input_len, target_len=c.target_len)
-  examples = examples[:num_examples or c.eval.num_examples]
-  eval_set = EvalSet.from_examples(examples, input_len=c.input_len)
+  name, parts, params = load_phase_params(workdir, phase)
+  task, vocab = build.task_and_vocab(c)
+  eval_set = build.eval_set(c, task, num_examples)
   sampling = c.grow.sampling
   temp = sampling.temperature if temperature is None else float(temperature)
   batch = batch_size or c.eval.batch_size
-  sampler = Sampler(graphdef, layout, num_samples=max(ns), max_decode_len=sampling.max_decode_len,
-                    temperature=temp, top_k=sampling.top_k, top_p=sampling.top_p,
-                    batch_size=batch)
-  fn = rewards.get_reward(c.reward)
+  sampler = Sampler(parts.graphdef, parts.layout, num_samples=max(ns),
+                    max_decode_len=sampling.max_decode_len, temperature=temp,
+                    top_k=sampling.top_k, top_p=sampling.top_p, batch_size=batch)
   scores = sample_rewards(
       sampler=sampler, params=params, inputs=eval_set.inputs, sources=eval_set.sources,
-      references=eval_set.references, vocab=task.output_features["targets"].vocabulary,
-      reward=lambda s, h, r: rewards.score(fn, c.reward, s, h, r),
+      references=eval_set.references, vocab=vocab, reward=build.make_reward(c, parts.layout),
       seed=c.seed if seed is None else seed, batch_size=batch)
   return {"phase": name, "n": best_of_n(scores, ns), "mean_sample_reward": float(scores.mean()),
-          "num_examples": len(examples), "temperature": temp, "reward": c.reward}
+          "num_examples": len(eval_set.inputs), "temperature": temp, "reward": c.reward}
 
 
 def format_best_of_n(results: Sequence[dict]) -> str:

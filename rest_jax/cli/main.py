@@ -108,7 +108,7 @@ def _compile_check(args: argparse.Namespace, bindings: list[str]) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={needed}").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compiles for the topology, runs nothing.
-  from rest_jax.parallel import compile_check  # pylint: disable=g-import-not-at-top
+  from rest_jax.pipeline import compile_check  # pylint: disable=g-import-not-at-top
   config, _ = parse_run_config(args.gin_file, bindings)
   for name in args.topology:
     print(compile_check.format_result(compile_check.check(config, name)), flush=True)

@@ -11,8 +11,8 @@ Layout of a Grow directory (e.g. WORKDIR/grow/g001/):
 Each chunk is written through ``storage.atomic_path`` (a temporary name, fsynced and renamed;
 on an object store the object appears when its upload completes): a chunk file exists only
 when complete, and a completed chunk is never rewritten. The caller maps chunk ``k`` to a
-fixed slice of prompts, so a crashed Grow step resumes at its missing chunks. Readers filter
-(threshold, originals, at most K samples per prompt) at read time and never rewrite files.
+fixed slice of prompts, so a crashed Grow step resumes at its missing chunks. Readers never
+rewrite files; which records an Improve step trains on is ``rest_jax.improve.selection``'s.
 """
 
 from __future__ import annotations
@@ -330,27 +330,6 @@ def read_record(directory: str, name: str, position: int) -> GrowRecord:
                      "changed after finalize. Delete the directory and rerun the Grow step.")
 
 
-def count_selected(directory: str, *, threshold: float, max_per_prompt: int = 0,
-                   include_originals: bool = True) -> int:
-  """How many records ``grow_task`` with the same arguments yields.
-
-  Raises:
-    RestJaxError: the filter keeps nothing (names the threshold, the highest reward, the fix).
-  """
-  index = load_index(directory)
-  keep = growstats.select(index, threshold=threshold, max_per_prompt=max_per_prompt,
-                          include_originals=include_originals)
-  count = int(keep.sum())
-  if count == 0:
-    eligible = index["reward"] if include_originals else index["reward"][~index["is_original"]]
-    best = float(eligible.max()) if eligible.size else float("nan")
-    raise RestJaxError(
-        f"threshold {threshold} keeps no example of {directory}: the highest reward among "
-        f"{eligible.size} eligible records is {best:.4f}. Lower the threshold (or use a "
-        "schedule relative to the Grow stats), or check the reward function.")
-  return count
-
-
 def _check_manifest(directory: str, stats: GrowStats) -> list[str]:
   paths = []
   for name, info in sorted(stats.chunks.items()):
@@ -366,30 +345,25 @@ def _check_manifest(directory: str, stats: GrowStats) -> list[str]:
   return paths
 
 
-def grow_task(directory: str, *, threshold: float, max_per_prompt: int = 0,
-              include_originals: bool = True,
+def grow_task(directory: str, *,
               output_features: Mapping[str, seqio.Feature]) -> seqio.Task:
-  """A finalized Grow dataset, filtered at read time, as an (unregistered) seqio Task.
+  """Every record of a finalized Grow dataset, unfiltered, as an (unregistered) seqio Task.
+
+  Selection (threshold, originals, cap, mixture) is ``rest_jax.improve.selection``'s job; this
+  only reads, in chunk-file order.
 
   Args:
     directory: the Grow directory.
-    threshold: keep records with reward >= threshold.
-    max_per_prompt: if > 0, keep at most this many samples per example_id (best rewards, ties
-      by lower sample_idx; originals not counted).
-    include_originals: keep the original pairs of D (they pass the same threshold filter).
     output_features: the prompt task's "inputs" / "targets" features (for the vocabulary).
   Returns:
     A Task with one split, "train", whose examples have "inputs" / "targets" int32 `[len]`,
     "reward" f32, "behaviour_logprobs" f32 `[target len]`, "is_original" int32, "example_id",
     "sample_idx" and "grow_step" int64, and the two "_pretokenized" texts.
   Raises:
-    RestJaxError: not finalized, a chunk changed since finalize, or nothing passes the filter.
+    RestJaxError: not finalized, or a chunk changed since finalize.
   """
-  count_selected(directory, threshold=threshold, max_per_prompt=max_per_prompt,
-                 include_originals=include_originals)
   stats = read_stats(directory)
   files = _check_manifest(directory, stats)
-  threshold32 = tf.constant(threshold, tf.float32)
 
   def cast(ex):
     ex = dict(ex)
@@ -397,29 +371,9 @@ def grow_task(directory: str, *, threshold: float, max_per_prompt: int = 0,
       ex[key] = tf.cast(ex[key], tf.int32)
     return ex
 
-  preprocessors = [seqio.map_over_dataset(cast),
-                   lambda ds: ds.filter(lambda ex: ex["reward"] >= threshold32)]
-  if not include_originals:
-    preprocessors.append(lambda ds: ds.filter(lambda ex: ex["is_original"] == 0))
-  if max_per_prompt > 0:
-    index = load_index(directory)
-    keep = growstats.select(index, threshold=threshold, max_per_prompt=max_per_prompt,
-                            include_originals=include_originals) & ~index["is_original"]
-    keys = [f"{e}:{s}" for e, s in zip(index["example_id"][keep], index["sample_idx"][keep])]
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(keys or [""], tf.string),
-                                            tf.ones([max(len(keys), 1)], tf.int64)),
-        default_value=0)
-
-    def capped(ex):
-      key = tf.strings.join([tf.strings.as_string(ex["example_id"]),
-                             tf.strings.as_string(ex["sample_idx"])], separator=":")
-      return tf.logical_or(ex["is_original"] == 1, table.lookup(key) == 1)
-
-    preprocessors.append(lambda ds: ds.filter(capped))
   source = seqio.TFExampleDataSource({"train": files}, FEATURES,
                                      num_input_examples={"train": stats.count})
   tail = re.sub(r"[^\w]", "_", os.path.basename(os.path.normpath(directory)))
   name = f"rest_jax_grow_{tail}_{next(_TASK_COUNTER)}"
   return seqio.Task(name, source=source, output_features=dict(output_features),
-                    preprocessors=preprocessors)
+                    preprocessors=[seqio.map_over_dataset(cast)])

@@ -1,9 +1,7 @@
-"""Statistics and host-side selection for a Grow dataset (pure numpy; no TF reading here).
+"""Statistics of a Grow dataset (pure numpy; no TF reading here).
 
 ``growdata.finalize`` computes a ``GrowStats`` from the rewards of every record and stores it
-as stats.json; ``select`` is the read-time filter (threshold, originals, at most K samples per
-prompt) evaluated on the host-side index, which ``growdata.grow_task`` turns into tf.data
-filters and ``growdata.count_selected`` counts.
+as stats.json. Selecting records is ``rest_jax.improve.selection``'s job.
 """
 
 from __future__ import annotations
@@ -93,34 +91,3 @@ def histogram_text(stats: GrowStats, *, width: int = 40) -> str:
   return "\n".join(lines)
 
 
-def select(index: dict[str, np.ndarray], *, threshold: float, max_per_prompt: int = 0,
-           include_originals: bool = True) -> np.ndarray:
-  """The read-time filter of a Grow dataset, on its host-side index.
-
-  A record is kept when its reward >= threshold (compared in float32, as the tf.data filter
-  does), it is a sample or ``include_originals``, and, when ``max_per_prompt > 0``, it is one of
-  the ``max_per_prompt`` best kept samples of its example_id (highest reward, ties broken by
-  lower sample_idx; originals are not counted against the cap).
-
-  Args:
-    index: "example_id" int64 `[n]`, "sample_idx" int64 `[n]`, "reward" float32 `[n]`,
-      "is_original" bool `[n]`.
-  Returns:
-    bool `[n]`, True for the kept records.
-  """
-  reward = np.asarray(index["reward"], dtype=np.float32)
-  original = np.asarray(index["is_original"], dtype=bool)
-  keep = reward >= np.float32(threshold)
-  if not include_originals:
-    keep &= ~original
-  if max_per_prompt > 0:
-    candidates = np.flatnonzero(keep & ~original)
-    ids = np.asarray(index["example_id"])[candidates]
-    order = np.lexsort((np.asarray(index["sample_idx"])[candidates], -reward[candidates], ids))
-    candidates, ids = candidates[order], ids[order]
-    positions = np.arange(candidates.size)
-    starts = np.ones(candidates.size, dtype=bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    rank = positions - np.maximum.accumulate(np.where(starts, positions, 0))
-    keep[candidates[rank >= max_per_prompt]] = False
-  return keep

@@ -8,7 +8,8 @@ entry, so it stays the same for every loss.
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 from flax import nnx
@@ -19,7 +20,29 @@ from rest_jax.improve.losses import (NEEDS_BC_LOGPROBS, NEEDS_START_LOGPROBS, NE
 from rest_jax.parallel.layout import Layout
 from rest_jax.improve.value import ValueNet, mc_returns
 
-Extras = Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Extras:
+  """The pre-pass of one loss: ``extras(device batch) -> {name: array}``.
+
+  ``frozen`` holds the frozen networks' params (concrete, or ``ShapeDtypeStruct``s for an
+  ahead-of-time compile); ``jitted(frozen, batch)`` is the one jitted computation.
+  """
+
+  jitted: Any
+  frozen: dict[str, Any]
+
+  def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return self.jitted(self.frozen, batch)
+
+  def lower(self, batch: dict[str, Any]) -> Any:
+    """The pre-pass lowered for a (possibly abstract) batch: ``.compile()`` it."""
+    return self.jitted.lower(self.frozen, batch)
+
+  def output_shapes(self, batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of what the pre-pass adds to ``batch`` (nothing is computed)."""
+    return jax.eval_shape(self.jitted, self.frozen, batch)
 
 
 def build_extras(needs: frozenset[str], *, layout: Layout, policy_graphdef: nnx.GraphDef,
@@ -30,7 +53,8 @@ def build_extras(needs: frozenset[str], *, layout: Layout, policy_graphdef: nnx.
 
   Adds "bc_logprobs" `[batch, target_len]` (``bc_params``), "start_logprobs"
   `[batch, target_len, vocab]` (``start_params``), "values" and "returns" `[batch, target_len]`
-  (``value_net`` / ``value_params``, returns with ``discount``).
+  (``value_net`` / ``value_params``, returns with ``discount``). The params may be abstract
+  (``ShapeDtypeStruct``s with shardings): then only ``Extras.lower`` / ``output_shapes`` apply.
   """
   if not needs:
     return None
@@ -59,4 +83,4 @@ def build_extras(needs: frozenset[str], *, layout: Layout, policy_graphdef: nnx.
     return out
 
   jitted = jax.jit(compute, out_shardings=layout.sharding(("batch",)))
-  return lambda batch: jitted(frozen, batch)
+  return Extras(jitted, frozen)

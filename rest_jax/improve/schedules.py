@@ -4,8 +4,7 @@ A schedule turns the rewards of one Grow set into one ``Threshold`` per Improve 
 single number (global schedules) or one number per source prompt (per-source schedules):
 
   fixed                     the configured list (``ImproveConfig.thresholds``; the paper's is
-                            [0.0, 0.7, 0.8, 0.9, 0.95, 0.99]), made effective by
-                            ``thresholds.plan_thresholds``.
+                            [0.0, 0.7, 0.8, 0.9, 0.95, 0.99]) under the original ReST rule.
   quantile                  tau_i = the q_i-quantile of the Grow sample rewards.
   linear                    tau_i ramps linearly from ``start`` (step 1) to ``end`` (step I).
   per_source_percentile     tau_i(x) = the p_i-th percentile of prompt x's sample rewards.
@@ -18,7 +17,7 @@ it is raised to it. Per-source schedules compare PER SOURCE: tau_i(x) is raised 
 where it falls below (a percentile below 50 can), so each prompt trains on its own samples at
 or above the policy's value on that prompt. Statistics cover the policy's samples only
 (originals excluded); a prompt without samples gets tau = +inf (its original is dropped too).
-A record is kept when ``reward >= tau`` (as in ``growstats.select``).
+A record is kept when ``reward >= tau`` (``improve.selection.select_mixture``).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from rest_jax.errors import RestJaxError
-from rest_jax.improve.thresholds import plan_thresholds
 
 SCHEDULE_NAMES = ("fixed", "quantile", "linear", "per_source_percentile",
                   "per_source_interpolation")
@@ -150,14 +148,53 @@ def _global_rule(taus: list[float], mean: float, messages: list[str]) -> list[Th
 
 @dataclasses.dataclass(frozen=True)
 class Fixed:
-  """The configured list, through ``thresholds.plan_thresholds`` (the original ReST rule)."""
+  """A configured, non-decreasing threshold list under the original ReST rule.
+
+  When ``thresholds[0] <= mean`` (the Grow set's mean sample reward) the plan is ``[mean]``
+  followed by the entries above the mean (the first step trains on the part of the Grow set
+  above the policy's value); otherwise the thresholds are used as given. A list shorter than
+  the number of Improve steps repeats its last threshold; a longer one is truncated.
+  """
 
   thresholds: tuple[float, ...]
 
+  def __post_init__(self):
+    thresholds = tuple(float(t) for t in self.thresholds)
+    if not thresholds:
+      raise RestJaxError("the threshold schedule is empty; give at least one threshold "
+                         "(e.g. ImproveConfig.thresholds = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)).")
+    if any(not math.isfinite(t) for t in thresholds) or any(
+        b < a for a, b in zip(thresholds, thresholds[1:])):
+      raise RestJaxError(f"thresholds {list(thresholds)} must be finite and non-decreasing; "
+                         "sort them in increasing order.")
+    object.__setattr__(self, "thresholds", thresholds)
+
   def plan(self, grow: GrowRewards, *, num_improve_steps: int):
-    taus, messages = plan_thresholds(self.thresholds, mean_reward=grow.mean,
-                                     num_improve_steps=num_improve_steps)
-    return [Threshold(t) for t in taus], messages
+    if num_improve_steps < 0:
+      raise RestJaxError(f"num_improve_steps must be >= 0, got {num_improve_steps}.")
+    mean = float(grow.mean)
+    if not math.isfinite(mean):
+      raise RestJaxError(f"the Grow set's mean reward is {mean}, so no threshold can be "
+                         "placed above it; check that the reward function returns finite "
+                         "numbers and that the Grow set is not empty.")
+    messages: list[str] = []
+    taus = list(self.thresholds)
+    if taus[0] <= mean:
+      messages.append(
+          f"threshold {taus[0]:g} of Improve step 1 is not above the Grow mean reward "
+          f"{mean:g}; using {mean:g} (keep only samples above the mean) instead.")
+      for t in taus[1:]:
+        if t <= mean:
+          messages.append(f"threshold {t:g} is not above the Grow mean reward {mean:g}; "
+                          "skipping it.")
+      taus = [mean] + [t for t in taus[1:] if t > mean]
+    if len(taus) < num_improve_steps:
+      messages.append(
+          f"the schedule {taus} has {len(taus)} thresholds for {num_improve_steps} Improve "
+          f"steps; repeating the last threshold {taus[-1]:g} for steps {len(taus) + 1}.."
+          f"{num_improve_steps}.")
+      taus += [taus[-1]] * (num_improve_steps - len(taus))
+    return [Threshold(t) for t in taus[:num_improve_steps]], messages
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,12 @@ the Grow indexes, which records are kept, in this order:
    sample_idx.
 4. cap (``max_per_prompt = K > 0``): at most K samples per example_id over all mixed Grow sets,
    the highest rewards first (ties: newer Grow step, then lower sample_idx); originals are not
-   counted. With one Grow set and no deduplication this is exactly ``growstats.select``.
+   counted.
 
 ``improve_dataset`` reads the kept records back as one tf.data.Dataset (the Grow sets' seqio
-tasks, filtered by a key table); files are never rewritten.
+tasks from ``growdata.grow_task``, an unfiltered reader, filtered by a key table); files are
+never rewritten. This module is the only place that selects Grow records: the Improve sets and
+the value network's data (``value_dataset``) both come through it.
 """
 
 from __future__ import annotations
@@ -134,27 +136,47 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
   return Mixture(tuple(directories), tuple(keep[a:b] for a, b in zip(bounds, bounds[1:])))
 
 
+def _key_filter(index: Mapping[str, np.ndarray], keep: np.ndarray):
+  """A tf.data predicate: True for the records of ``index`` with ``keep`` (bool `[records]`)."""
+  keys = [f"{e}:{s}" for e, s in zip(index["example_id"][keep], index["sample_idx"][keep])]
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
+                                          tf.ones([len(keys)], tf.int64)), default_value=0)
+
+  def kept(ex):
+    key = tf.strings.join([tf.strings.as_string(ex["example_id"]),
+                           tf.strings.as_string(ex["sample_idx"])], separator=":")
+    return table.lookup(key) == 1
+
+  return kept
+
+
 def improve_dataset(mixture: Mixture, *,
                     output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
-  """The kept records of a Mixture, unshuffled, in directory order (features: ``grow_task``'s)."""
+  """The kept records of a Mixture, unshuffled, in directory then chunk-file order.
+
+  Features: those of ``growdata.grow_task``. Raises RestJaxError when a chunk changed since
+  finalize.
+  """
   datasets = []
   for directory, keep in zip(mixture.directories, mixture.keep):
     if not keep.any():
       continue
-    index = growdata.load_index(directory)
-    keys = [f"{e}:{s}" for e, s in zip(index["example_id"][keep], index["sample_idx"][keep])]
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
-                                            tf.ones([len(keys)], tf.int64)), default_value=0)
-
-    def kept(ex, table=table):
-      key = tf.strings.join([tf.strings.as_string(ex["example_id"]),
-                             tf.strings.as_string(ex["sample_idx"])], separator=":")
-      return table.lookup(key) == 1
-
-    task = growdata.grow_task(directory, threshold=0.0, output_features=output_features)
-    datasets.append(task.get_dataset(None, split="train", shuffle=False).filter(kept))
+    task = growdata.grow_task(directory, output_features=output_features)
+    dataset = task.get_dataset(None, split="train", shuffle=False)
+    if not keep.all():
+      dataset = dataset.filter(_key_filter(growdata.load_index(directory), keep))
+    datasets.append(dataset)
   dataset = datasets[0]
   for other in datasets[1:]:
     dataset = dataset.concatenate(other)
   return dataset
+
+
+def value_dataset(directory: str, *, include_originals: bool,
+                  output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """The value network's data: every record of one Grow set (its originals only if
+  ``include_originals``), unshuffled, in chunk-file order."""
+  mixture = select_mixture([directory], threshold=Threshold(0.0),
+                           include_originals=include_originals)
+  return improve_dataset(mixture, output_features=output_features)

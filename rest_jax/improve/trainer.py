@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from rest_jax.checkpoints.phases import BEST_METRIC, PhaseCheckpoints
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.improve.losses import Loss, LossFn, plain_loss
+from rest_jax.improve.losses import Loss
 from rest_jax.parallel.layout import Layout
 
 Batch = Mapping[str, Any]
@@ -76,15 +76,18 @@ class Trainer:
   batch over ``("data", "fsdp")``, metrics replicated) and donation of the state.
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, layout: Layout, loss_fn: LossFn | Loss,
+  def __init__(self, graphdef: nnx.GraphDef, layout: Layout, loss: Loss,
                optimizer: optax.GradientTransformation, *,
                extras: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None):
-    """``loss_fn``: a plain ``(logits, batch)`` loss or a ``Loss``; ``extras``: the jitted
-    pre-pass that adds what ``loss.needs`` to each (device) batch (``rest_jax.improve.extras``)."""
+    """``loss``: a resolved ``Loss`` (``losses.make_loss(cfg)``, or ``losses.plain_loss(fn)``);
+    ``extras``: the jitted pre-pass that adds what ``loss.needs`` to each (device) batch
+    (``rest_jax.improve.extras``)."""
+    if not isinstance(loss, Loss):
+      raise TypeError(f"Trainer needs a Loss, got {type(loss).__name__}; resolve it with "
+                      "rest_jax.improve.losses.make_loss(cfg) (or plain_loss(fn)).")
     self.graphdef = graphdef
     self.layout = layout
-    self.loss = loss_fn if isinstance(loss_fn, Loss) else plain_loss(loss_fn)
-    self.loss_fn = loss_fn
+    self.loss = loss
     self.optimizer = optimizer
     self.extras = extras
     if self.loss.needs and extras is None:

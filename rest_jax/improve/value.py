@@ -20,7 +20,7 @@ from rest_jax import storage
 from rest_jax.checkpoints.phases import restore_pytree, save_pytree
 from rest_jax.config import TrainConfig, ValueConfig
 from rest_jax.improve.trainer import Trainer, make_optimizer
-from rest_jax.improve.losses import target_weights, token_mean
+from rest_jax.improve.losses import plain_loss, target_weights, token_mean
 from rest_jax.models.base import ModelConfig
 from rest_jax.models.value import ValueModel
 from rest_jax.parallel.layout import Layout
@@ -109,7 +109,7 @@ def train_value(net: ValueNet, params: nnx.State, *, cfg: ValueConfig,
   train_cfg = TrainConfig(learning_rate=cfg.learning_rate, num_steps=cfg.num_steps,
                           batch_size=cfg.batch_size, eval_every=cfg.num_steps,
                           decay_to_zero=False)
-  trainer = Trainer(net.graphdef, net.layout, value_loss_fn(cfg.discount),
+  trainer = Trainer(net.graphdef, net.layout, plain_loss(value_loss_fn(cfg.discount)),
                     make_optimizer(train_cfg))
   state = trainer.init(params)
   pending = []

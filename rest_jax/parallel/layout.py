@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rest_jax.errors import RestJaxError
 
@@ -133,29 +133,3 @@ class Layout:
     return jax.tree.map(
         lambda names, x: self.sharding(names, x.shape, sampling=sampling), logical_tree, tree,
         is_leaf=lambda n: isinstance(n, tuple))
-
-
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a (data, fsdp, tensor) mesh; one size may be -1, meaning "the rest"."""
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise RestJaxError(f"mesh sizes {sizes}: at most one of data/fsdp/tensor may be -1.")
-  known = math.prod(s for s in sizes if s != -1)
-  if known <= 0 or len(devices) % known:
-    raise RestJaxError(f"mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}) do not divide "
-                       f"the {len(devices)} devices; choose sizes whose product is "
-                       f"{len(devices)} (or use -1 for one of them).")
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != len(devices):
-    raise RestJaxError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} "
-                       f"devices but {len(devices)} are present; set one size to -1.")
-  grid = np.asarray(devices).reshape(sizes)
-  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-
-
-def make_layout(data: int = -1, fsdp: int = 1, tensor: int = 1,
-                devices: Sequence[jax.Device] | None = None) -> Layout:
-  """A Layout over all (or the given) devices; on one CPU device it is a 1x1x1 mesh."""
-  return Layout(make_mesh(data, fsdp, tensor, devices))

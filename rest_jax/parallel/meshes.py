@@ -119,17 +119,25 @@ def device_grid(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[Any], 
 
 
 def make_hybrid_mesh(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
-                     devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axes from ICI and DCN sizes."""
+                     devices: Sequence[jax.Device] | None = None, *,
+                     key: Callable[[Any], int] = granule_key) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axes from ICI and DCN sizes (``key``: a device's
+  granule, see ``device_grid``)."""
   devices = list(jax.devices() if devices is None else devices)
-  grid = device_grid(ici, dcn, devices)
+  grid = device_grid(ici, dcn, devices, key=key)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def layout_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Layout:
-  """The Layout of a ``config.MeshConfig``: its ICI / DCN sizes and its named rule set."""
+def layout_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = None, *,
+                       key: Callable[[Any], int] = granule_key) -> Layout:
+  """The Layout of a ``config.MeshConfig``: its ICI / DCN sizes and its named rule set.
+
+  The one way from mesh sizes to a Layout. ``devices``: default every device of the job;
+  ``key``: a device's granule (default its TPU slice, else its process), which the DCN sizes
+  split across.
+  """
   c = mesh_config
   train, sampling = rule_set(c.rules)
   mesh = make_hybrid_mesh((c.data, c.fsdp, c.tensor), (c.dcn_data, c.dcn_fsdp, c.dcn_tensor),
-                          devices)
+                          devices, key=key)
   return Layout(mesh, rules=train, sampling_rules=sampling)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any, Callable, Sequence
 import jax
 import seqio
 from flax import nnx
@@ -86,8 +87,13 @@ class Run:
 
   def restore_best(self, phase: str) -> nnx.State:
     """The best params of a finished phase, on the training Layout."""
-    with self.checkpoints(phase) as ckpt:
-      return ckpt.restore_best_params(self.layout.abstract_state(self.parts.abstract_params))
+    return restore_best(self.parts, self.workdir, phase)
+
+
+def restore_best(parts: Parts, workdir: Workdir, phase: str) -> nnx.State:
+  """The best params of a finished phase of ``workdir``, on the Layout of ``parts``."""
+  with PhaseCheckpoints(workdir.checkpoint_dir(phase)) as ckpt:
+    return ckpt.restore_best_params(parts.layout.abstract_state(parts.abstract_params))
 
 
 def reward_call(fn: rewards.RewardFn, name: str) -> RewardCall:
@@ -129,9 +135,14 @@ def _losses(config: RunConfig) -> tuple[Loss, Loss]:
   return bc, improve
 
 
-def resolve(config: RunConfig, *, devices: list[jax.Device] | None = None) -> Parts:
-  """The Layout, model, losses, schedule and Grow sampler of ``config`` on ``devices``."""
-  layout = meshes.layout_from_config(config.mesh, devices)
+def resolve(config: RunConfig, *, devices: Sequence[Any] | None = None,
+            granule: Callable[[Any], int] | None = None) -> Parts:
+  """The Layout, model, losses, schedule and Grow sampler of ``config`` on ``devices``.
+
+  ``devices`` default to every device of the job; ``granule`` maps a device to the slice or
+  node that the DCN mesh sizes split across (default: TPU slice, else process).
+  """
+  layout = meshes.layout_from_config(config.mesh, devices, key=granule or meshes.granule_key)
   s = config.grow.sampling
   distributed.check_batch_sizes(  # Before BC: a bad size must not surface mid-run.
       {"bc TrainConfig.batch_size": config.bc.batch_size,

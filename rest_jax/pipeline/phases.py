@@ -182,10 +182,9 @@ def plan_improve(run: Run, g: int) -> GrowPlan:
 
 def _value_dataset(run: Run, g: int) -> tf.data.Dataset:
   """Every record of Grow step ``g`` (originals as in ReST / ReST-EM), in index order."""
-  c = run.config
-  return growdata.grow_task(run.workdir.grow_dir(g), output_features=run.task.output_features,
-                            threshold=0.0, include_originals=c.grow.include_originals
-                            ).get_dataset(None, split="train", shuffle=False)
+  return selection.value_dataset(run.workdir.grow_dir(g),
+                                 include_originals=run.config.grow.include_originals,
+                                 output_features=run.task.output_features)
 
 
 def _extras(run: Run, g: int, policies: Policies, *, start_params: nnx.State) -> Extras | None:

@@ -33,7 +33,9 @@ from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import ModelConfig
 from rest_jax.models.scalar_head import RewardModel
-from rest_jax.parallel.layout import Layout, make_layout
+from rest_jax.config import MeshConfig
+from rest_jax.parallel.layout import Layout
+from rest_jax.parallel.meshes import layout_from_config
 
 logger = logging.getLogger("rest_jax")
 
@@ -193,7 +195,7 @@ def fit_reward_model(train: EncodedPairs, held: EncodedPairs, *, model: ModelCon
   if len(train) == 0 or len(held) == 0:
     raise RestJaxError(f"{len(train)} training and {len(held)} held-out pairs; both must be "
                        "non-empty (add data or change --held_out_fraction).")
-  layout = layout or make_layout()
+  layout = layout or layout_from_config(MeshConfig())
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(model,
                                                                     rngs=nnx.Rngs(cfg.seed))))
   if params is None:

@@ -24,7 +24,9 @@ from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, PAD_ID, ModelConfig
 from rest_jax.models.scalar_head import RewardModel
 from rest_jax.rewards.fitting import META, PARAMS, write_reward_model_dir
-from rest_jax.parallel.layout import Layout, make_layout
+from rest_jax.config import MeshConfig
+from rest_jax.parallel.layout import Layout
+from rest_jax.parallel.meshes import layout_from_config
 
 
 
@@ -90,7 +92,7 @@ class LearnedReward:
     self.vocab = make_vocabulary(meta["vocabulary"])
     self.input_len, self.target_len = int(meta["input_len"]), int(meta["target_len"])
     self.metrics = meta.get("metrics", {})
-    layout = layout or make_layout()
+    layout = layout or layout_from_config(MeshConfig())
     shards = layout.num_batch_shards
     self.batch_size = -(-batch_size // shards) * shards
     params = checkpoints.restore_params(os.path.join(directory, PARAMS),

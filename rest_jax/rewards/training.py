@@ -31,7 +31,9 @@ __all__ = ["EncodedPairs", "RewardTrainConfig", "ScoredPairs", "encode_pairs", "
            "init_from_policy", "kendall_tau", "load_scored_pairs", "split_pairs",
            "train_reward_model"]
 from rest_jax.rewards.learned import encode, vocabulary_info
-from rest_jax.parallel.layout import Layout, make_layout
+from rest_jax.config import MeshConfig
+from rest_jax.parallel.layout import Layout
+from rest_jax.parallel.meshes import layout_from_config
 
 logger = logging.getLogger("rest_jax")
 
@@ -209,7 +211,7 @@ def train_reward_model(pairs: ScoredPairs, *, model: ModelConfig, vocab: Any,
   if storage.exists(storage.join(output_dir, META)):
     raise RestJaxError(f"{output_dir} already holds a reward model; choose a new --output_dir "
                        "or delete it.")
-  layout = layout or make_layout()
+  layout = layout or layout_from_config(MeshConfig())
   params = None
   if init_from:
     _, params = nnx.split(RewardModel(model, rngs=nnx.Rngs(cfg.seed)))

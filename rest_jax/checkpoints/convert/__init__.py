@@ -25,7 +25,9 @@ from rest_jax.checkpoints.convert.t5x import load_t5x, save_t5x
 from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig
-from rest_jax.parallel.layout import Layout, make_layout
+from rest_jax.config import MeshConfig
+from rest_jax.parallel.layout import Layout
+from rest_jax.parallel.meshes import layout_from_config
 
 __all__ = ["detect_format", "load_checkpoint", "load_hf", "load_orbax", "load_t5x",
            "parse_spec", "read_model_config", "save_hf", "save_orbax", "save_t5x"]
@@ -96,7 +98,7 @@ def load_orbax(path: str, *, config: ModelConfig | None = None,
                layout: Layout | None = None) -> tuple[ModelConfig, nnx.State]:
   """Reads a ``save_orbax`` directory; params land on the Layout's shardings."""
   config = config or read_model_config(path)
-  layout = layout or make_layout()
+  layout = layout or layout_from_config(MeshConfig())
   return config, checkpoints.restore_params(os.path.join(path, PARAMS_DIR),
                                             layout.abstract_state(abstract_params(config)))
 
@@ -112,7 +114,7 @@ def load_checkpoint(path: str, *, format: Format = "auto",  # pylint: disable=re
     config: required for T5X (its checkpoints carry no architecture); for HF it only sets the
       dtypes (the architecture comes from config.json and must match); for orbax it overrides
       model_config.json (e.g. other dtypes).
-    layout: shardings for the params (default: ``make_layout()``).
+    layout: shardings for the params (default: ``layout_from_config(MeshConfig())``).
   """
   fmt = format if format != "auto" else checkpoint_format(path)
   path = parse_spec(path)[1]

@@ -85,7 +85,7 @@ def load_hf(path: str, *, layout: Layout | None = None,
 
   Args:
     path: directory with ``config.json`` and safetensors weights.
-    layout: the shardings to place the params on (default: ``make_layout()``).
+    layout: the shardings to place the params on (default: ``layout_from_config(MeshConfig())``).
     dtype: sets ``dtype`` and ``param_dtype`` of the ModelConfig (e.g. "bfloat16"); None keeps
       the float32 defaults.
   Returns:

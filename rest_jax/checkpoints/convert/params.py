@@ -17,7 +17,9 @@ from flax import nnx
 
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig, build_model
-from rest_jax.parallel.layout import Layout, make_layout
+from rest_jax.config import MeshConfig
+from rest_jax.parallel.layout import Layout
+from rest_jax.parallel.meshes import layout_from_config
 
 Fetch = Callable[[str, tuple[int, ...]], np.ndarray]
 
@@ -44,12 +46,13 @@ def place_params(config: ModelConfig, fetch: Fetch, *, layout: Layout | None = N
     config: the architecture.
     fetch: ``(dotted_name, shape) -> np.ndarray`` of exactly ``shape`` (any float dtype; it is
       cast to ``config.param_dtype``).
-    layout: shardings come from its training rules (default: ``make_layout()`` over all devices).
+    layout: shardings come from its training rules (default:
+      ``layout_from_config(MeshConfig())``, over all devices).
   Returns:
     an ``nnx.State`` like ``nnx.split(build_model(config))[1]`` whose leaves are ``jax.Array``s
     placed on ``layout.sharding(logical names, shape)``.
   """
-  layout = layout or make_layout()
+  layout = layout or layout_from_config(MeshConfig())
   state = abstract_params(config)
   flat = nnx.to_flat_state(state)
   for path, var in flat:

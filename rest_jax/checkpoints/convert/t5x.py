@@ -78,7 +78,7 @@ def load_t5x(path: str, *, config: ModelConfig, layout: Layout | None = None) ->
   Args:
     path: the checkpoint directory (holding the ``checkpoint`` msgpack file).
     config: the encoder-decoder architecture (T5X checkpoints do not record it).
-    layout: shardings for the params (default: ``make_layout()``).
+    layout: shardings for the params (default: ``layout_from_config(MeshConfig())``).
   Returns:
     the params state of ``build_model(config)``, each tensor on its sharding.
   """

@@ -8,15 +8,17 @@
 | "bvmpo"              | behaviour V-MPO with learned eta / alpha, annealed KL(b||pi)| values, start|
 | "oac"                | offline actor-critic, A = return - V                       | values       |
 
-A plain loss is a pure ``(logits, batch) -> (loss, metrics)`` function (``register_loss(name,
-fn)``); a configurable one is a ``LossFactory`` building a ``Loss`` from the phase's TrainConfig
-(its hyperparameters: ``TrainConfig.gold`` / ``.bvmpo`` / ``.oac``). ``make_loss(cfg)`` gives the
-``Loss`` the Trainer runs. See ``rest_jax.improve.losses.base`` for the batch contract and the needs.
+The registry holds one kind of entry, a ``LossBuilder`` (``TrainConfig -> Loss``): a plain
+``(logits, batch) -> (loss, metrics)`` function is wrapped once, at registration
+(``register_loss(name, fn)``); a configurable loss registers its builder, which reads the
+phase's TrainConfig (``TrainConfig.gold`` / ``.bvmpo`` / ``.oac``, num_steps)
+(``register_loss_builder``). ``make_loss(cfg)`` is the one way to get the ``Loss`` the Trainer
+runs; ``check_loss_name(name)`` checks a name before a run. See
+``rest_jax.improve.losses.base`` for the batch contract and the needs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 from rest_jax.config import TrainConfig
@@ -31,49 +33,56 @@ from rest_jax.improve.losses.gold import gold_loss, gold_returns, make_gold
 
 __all__ = [
     "KNOWN_NEEDS", "LOSSES", "NEEDS_BC_LOGPROBS", "NEEDS_START_LOGPROBS", "NEEDS_VALUES", "Batch",
-    "Loss", "LossFactory", "LossFn", "LossParams", "Metrics", "bc_loss", "bvmpo_loss",
-    "get_loss", "gold_loss", "gold_returns", "make_loss", "oac_loss", "plain_loss",
-    "register_loss", "reward_weighted_bc_loss", "target_weights", "token_logprobs",
-    "token_mean", "token_metrics",
+    "Loss", "LossBuilder", "LossFn", "LossParams", "Metrics", "bc_loss", "bvmpo_loss",
+    "check_loss_name", "gold_loss", "gold_returns", "make_loss", "oac_loss", "plain_loss",
+    "register_loss", "register_loss_builder", "reward_weighted_bc_loss", "target_weights",
+    "token_logprobs", "token_mean", "token_metrics",
 ]
 
-
-@dataclasses.dataclass(frozen=True)
-class LossFactory:
-  """Builds a ``Loss`` from the TrainConfig of the phase (hyperparameters, num_steps)."""
-
-  build: Callable[[TrainConfig], Loss]
-
-  def __call__(self, cfg: TrainConfig) -> Loss:
-    return self.build(cfg)
+LossBuilder = Callable[[TrainConfig], Loss]
 
 
-LOSSES: dict[str, LossFn | LossFactory] = {
-    "bc": bc_loss,
-    "reward_weighted_bc": reward_weighted_bc_loss,
-    "gold": LossFactory(lambda cfg: make_gold(cfg.gold)),
-    "bvmpo": LossFactory(lambda cfg: make_bvmpo(cfg.bvmpo, num_steps=cfg.num_steps)),
-    "oac": LossFactory(lambda cfg: make_oac(cfg.oac)),
+def _constant(loss: Loss) -> LossBuilder:
+  """The builder of a loss without hyperparameters: the same ``Loss`` for every config."""
+  return lambda cfg: loss
+
+
+LOSSES: dict[str, LossBuilder] = {
+    "bc": _constant(plain_loss(bc_loss)),
+    "reward_weighted_bc": _constant(plain_loss(reward_weighted_bc_loss)),
+    "gold": lambda cfg: make_gold(cfg.gold),
+    "bvmpo": lambda cfg: make_bvmpo(cfg.bvmpo, num_steps=cfg.num_steps),
+    "oac": lambda cfg: make_oac(cfg.oac),
 }
 
 
-def register_loss(name: str, fn: LossFn | LossFactory) -> None:
-  """Adds a loss to the registry under ``name`` (an existing name is an error)."""
-  if name in LOSSES and LOSSES[name] is not fn:
+def register_loss_builder(name: str, build: LossBuilder) -> None:
+  """Adds a configurable loss, ``build(cfg) -> Loss``, under ``name`` (a taken name is an
+  error)."""
+  if name in LOSSES:
     raise RestJaxError(f"a loss named {name!r} is already registered; pick another name.")
-  LOSSES[name] = fn
+  LOSSES[name] = build
 
 
-def get_loss(name: str) -> LossFn | LossFactory:
-  """The loss registered under ``name``: a plain function or a ``LossFactory``."""
+def register_loss(name: str, fn: LossFn) -> None:
+  """Adds a plain ``(logits, batch) -> (loss, metrics)`` loss under ``name``, wrapped once as a
+  ``Loss`` without needs or parameters (a taken name is an error)."""
+  register_loss_builder(name, _constant(plain_loss(fn)))
+
+
+def check_loss_name(name: str) -> None:
+  """Raises RestJaxError (listing the known losses) when no loss is registered as ``name``."""
   if name not in LOSSES:
     raise RestJaxError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}. "
                        "Set TrainConfig.loss to one of them (or register a new one with "
                        "rest_jax.improve.losses.register_loss).")
-  return LOSSES[name]
 
 
 def make_loss(cfg: TrainConfig) -> Loss:
-  """The ``Loss`` of ``cfg.loss`` with the hyperparameters of ``cfg``."""
-  entry = get_loss(cfg.loss)
-  return entry(cfg) if isinstance(entry, LossFactory) else plain_loss(entry)
+  """The ``Loss`` of ``cfg.loss`` with the hyperparameters of ``cfg``.
+
+  Raises:
+    RestJaxError: an unknown loss name (the message lists the known ones).
+  """
+  check_loss_name(cfg.loss)
+  return LOSSES[cfg.loss](cfg)
