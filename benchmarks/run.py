@@ -109,23 +109,42 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
   results["improve"] = [r for r in (improve(c) for c in profile.improve
                                     if keep(c.preset) and "improve" in sections) if r]
 
-  reason = "section not selected" if "hf" not in sections else hf_compare.unavailable()
-  if reason is None and keep(profile.hf_preset):
+  results["hf_compare"] = _hf_section(profile, budget, selected="hf" in sections,
+                                      keep=keep(profile.hf_preset), grow_config=grow_config)
+  results["scaling"] = _scaling_section(profile, grow, improve) if "scaling" in sections else {
+      "preset": profile.scaling_preset}
+  del results["cases_so_far"]
+  _judge(results, profile, dtype=dtype, peak=peak, bw=bw, grow_config=grow_config)
+  results["memory"] = ceilings.peak_memory()
+  results["skipped"] = budget.skipped
+  results["targets"] = report.targets(results)
+  results["wall_s"] = time.perf_counter() - started
+  return results
+
+
+def _hf_section(profile: profiles.Profile, budget: Budget, *, selected: bool, keep: bool,
+                grow_config: Callable[[str], Any]) -> dict[str, Any]:
+  """The transformers ``generate`` comparison, or why it was skipped."""
+  reason = "section not selected" if not selected else hf_compare.unavailable()
+  if reason is None and keep:
     rows = budget.run(f"transformers comparison {profile.hf_preset}", lambda: hf_compare.compare(
         grow_config(profile.hf_preset), batches=list(profile.hf_batches),
         input_len=profile.hf_input_len, max_new_tokens=profile.hf_new_tokens,
         repeats=profile.repeats))
-    results["hf_compare"] = ({"preset": profile.hf_preset, "rows": rows} if rows
-                             else {"skipped": "failed or out of time (see skipped)"})
-  else:
-    reason = reason or f"preset {profile.hf_preset} not selected"
-    print(f"[bench] skip transformers comparison: {reason}", flush=True)
-    results["hf_compare"] = {"skipped": reason}
+    return ({"preset": profile.hf_preset, "rows": rows} if rows
+            else {"skipped": "failed or out of time (see skipped)"})
+  reason = reason or f"preset {profile.hf_preset} not selected"
+  print(f"[bench] skip transformers comparison: {reason}", flush=True)
+  return {"skipped": reason}
 
+
+def _scaling_section(profile: profiles.Profile, grow: Callable[..., dict | None],
+                     improve: Callable[..., dict | None]) -> dict[str, Any]:
+  """Grow time against samples and length, Improve time against tokens, with linear fits."""
   scaling: dict[str, Any] = {"preset": profile.scaling_preset}
   base = profiles.GrowCase(profile.scaling_preset, profile.scaling_prompts, 1,
                            profile.scaling_input_len, profile.scaling_length)
-  for key, xs, field, segment in () if "scaling" not in sections else (
+  for key, xs, field, segment in (
       ("grow_vs_num_samples", profile.scaling_num_samples, "num_samples",
        profile.cache_segment),
       ("grow_vs_length", profile.scaling_lengths, "max_decode_len", profile.cache_segment),
@@ -143,7 +162,7 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
       scaling[key]["fit"] = ceilings.linearity([p["x"] for p in points],
                                                [p["seconds"] for p in points])
   points = []
-  for b in profile.scaling_train_batches if "scaling" in sections else ():
+  for b in profile.scaling_train_batches:
     row = improve(profiles.ImproveCase(profile.scaling_preset, b, profile.scaling_input_len,
                                        profile.scaling_length))
     if row:
@@ -152,8 +171,12 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
   if len(points) >= 3:
     scaling["improve_vs_tokens"]["fit"] = ceilings.linearity(
         [p["x"] for p in points], [p["seconds"] for p in points])
-  results["scaling"] = scaling
-  del results["cases_so_far"]
+  return scaling
+
+
+def _judge(results: dict[str, Any], profile: profiles.Profile, *, dtype: str, peak: float,
+           bw: float, grow_config: Callable[[str], Any]) -> None:
+  """MFU and roofline fractions against the better of the ceilings read at start and end."""
   # Other processes may share this machine: measure the ceilings again and judge everything
   # against the better of the two readings (ratios never exceed what the machine can do).
   again = ceilings.matmul_peak(n=profile.matmul_n, dtype=dtype)
@@ -169,11 +192,6 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
         input_len=row["input_len"], steps=row["decode_steps"], peak_flops=peak, bandwidth=bw)
     row["roofline_s"] = roof["roofline_s"]
     row["roofline_fraction"] = roof["roofline_s"] / row["seconds"]
-  results["memory"] = ceilings.peak_memory()
-  results["skipped"] = budget.skipped
-  results["targets"] = report.targets(results)
-  results["wall_s"] = time.perf_counter() - started
-  return results
 
 
 def main(argv: list[str] | None = None) -> int:
