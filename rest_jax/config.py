@@ -322,13 +322,15 @@ class FileTaskConfig:
   Each line (JSONL) or row (TSV with a header line) holds a prompt, an optional reference
   (the demonstration BC trains on) and an optional answer (metadata only a reward needs, e.g. a
   verifiable final answer); the target text is the reference, else the answer. Rows of
-  ``train`` and ``validation`` need one of them; ``unlabeled`` rows need only a prompt.
+  ``train``, ``validation`` and ``test`` need one of them; ``unlabeled`` rows need only a
+  prompt.
   """
 
   name: str = ""
   train: str = ""
   validation: str = ""
   unlabeled: str = ""  # Optional: prompts for Grow only (GrowConfig.unlabeled_split).
+  test: str = ""  # Optional: the reported test split (never selected on); rows need a target.
   format: str = ""  # "jsonl" or "tsv"; "" guesses from the file extension.
   vocabulary: str = "byte"  # "byte" | "spm:/path/model" | "hf:/path/tokenizer.json[?pad=..]".
   kind: str = "encdec"  # The model family: "decoder" prompts get no EOS.
