@@ -14,18 +14,23 @@ from rest_jax.pipeline import run as pipeline
 from rest_jax.pipeline.reporting import format_table, summary_row
 from rest_jax.pipeline.workdir import Workdir, phase_name
 from rest_jax.models import get_preset
+from rest_jax.tasks import numbers
+
+# Small enough that both runs are mostly compilation: 32 Grow prompts, 16 validation, 16 test.
+tasks.register(numbers.make_numbers_task("numbers_split_test", num_train=32, num_eval=16,
+                                         max_number=999, seed=0, num_test=16))
 
 
 def _config(num_test_examples) -> C.RunConfig:
   return C.RunConfig(
-      task="numbers_de_en_small", model=get_preset("tiny", num_encoder_layers=1,
+      task="numbers_split_test", model=get_preset("tiny", num_encoder_layers=1,
                                                   num_decoder_layers=1),
       reward="chrf", input_len=40, target_len=40, num_grow_steps=1, num_improve_steps=1,
       bc=C.TrainConfig(learning_rate=3e-3, num_steps=6, batch_size=16, eval_every=3),
       improve=C.ImproveConfig(thresholds=(0.3,), train=C.TrainConfig(
           learning_rate=1e-3, num_steps=4, batch_size=16, eval_every=2)),
-      grow=C.GrowConfig(sampling=C.SamplingConfig(num_samples=2, batch_size=64,
-                                                  max_decode_len=24), chunk_size=128),
+      grow=C.GrowConfig(sampling=C.SamplingConfig(num_samples=2, batch_size=32,
+                                                  max_decode_len=24), chunk_size=32),
       eval=C.EvalConfig(num_examples=16, batch_size=16, max_decode_len=24,
                         num_test_examples=num_test_examples))
 
