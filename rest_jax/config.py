@@ -231,18 +231,30 @@ class ImproveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """Held-out evaluation: greedy decoding on D_eval."""
+  """Held-out evaluation: greedy decoding on D_eval (the "validation" split, which every
+  selection uses) and, once per finished phase, on the "test" split (reported only)."""
 
-  num_examples: int = 256
+  num_examples: int = 256  # Validation prompts (the first ones of the split).
   batch_size: int = 128
   max_decode_len: int = 64
   # Reward-hacking monitor: a metric reported next to the reward at every evaluation. "auto":
   # bleu for a chrF reward, chrF for bleu / exact_match (rest_jax.evaluation); "none": off.
   independent_metric: str = "auto"
+  # Test prompts evaluated once per finished phase (the first ones of the task's "test" split):
+  # None takes num_examples; 0 turns the test evaluation off (as does a task without "test").
+  num_test_examples: int | None = None
 
   def __post_init__(self):
     _require(self.num_examples >= 1 and self.batch_size >= 1,
              "EvalConfig.num_examples and batch_size must be >= 1.")
+    _require(self.num_test_examples is None or self.num_test_examples >= 0,
+             f"EvalConfig.num_test_examples must be >= 0 (0 turns the test evaluation off) or "
+             f"None (as many as num_examples), got {self.num_test_examples}.")
+
+  @property
+  def test_size(self) -> int:
+    """How many test prompts to evaluate (0: none)."""
+    return self.num_examples if self.num_test_examples is None else self.num_test_examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,13 +334,15 @@ class FileTaskConfig:
   Each line (JSONL) or row (TSV with a header line) holds a prompt, an optional reference
   (the demonstration BC trains on) and an optional answer (metadata only a reward needs, e.g. a
   verifiable final answer); the target text is the reference, else the answer. Rows of
-  ``train`` and ``validation`` need one of them; ``unlabeled`` rows need only a prompt.
+  ``train``, ``validation`` and ``test`` need one of them; ``unlabeled`` rows need only a
+  prompt.
   """
 
   name: str = ""
   train: str = ""
   validation: str = ""
   unlabeled: str = ""  # Optional: prompts for Grow only (GrowConfig.unlabeled_split).
+  test: str = ""  # Optional: the reported test split (never selected on); rows need a target.
   format: str = ""  # "jsonl" or "tsv"; "" guesses from the file extension.
   vocabulary: str = "byte"  # "byte" | "spm:/path/model" | "hf:/path/tokenizer.json[?pad=..]".
   kind: str = "encdec"  # The model family: "decoder" prompts get no EOS.

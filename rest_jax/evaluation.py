@@ -1,4 +1,9 @@
-"""Held-out evaluation: greedy decodes of D_eval scored by the reward and by exact match."""
+"""Held-out evaluation: greedy decodes of D_eval scored by the reward and by exact match.
+
+The same function evaluates the validation split (keys "eval_*": every selection reads them)
+and the test split (keys "test_*": reported, never selected on); ``make_eval_fn``'s ``prefix``
+names which.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from rest_jax.tasks.data import detokenize, pad_rows
 
 _EXACT_MATCH = ExactMatch()
 
-# ``eval_fn(params) -> {"eval_reward", "eval_exact_match"[, "eval_independent"]}``.
+# ``eval_fn(params) -> {"eval_reward", "eval_exact_match"[, "eval_independent"]}`` (or with
+# the "test_" prefix for the test split).
 EvalFn = Callable[[Any], dict[str, float]]
 
 
@@ -58,7 +64,8 @@ def independent_metric_name(reward: str, setting: str) -> str | None:
 
 def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., np.ndarray],
                  vocab: Any, batch_size: int,
-                 independent: Callable[..., np.ndarray] | None = None) -> EvalFn:
+                 independent: Callable[..., np.ndarray] | None = None,
+                 prefix: str = "eval") -> EvalFn:
   """Returns ``eval_fn(params) -> {"eval_reward", "eval_exact_match"[, "eval_independent"]}``
   on greedy decodes.
 
@@ -70,16 +77,18 @@ def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., n
     batch_size: prompts per greedy call.
     independent: an independent metric ``(sources, hypotheses, references) -> [n]`` in [0, 1]
       (the reward-hacking monitor): its mean is reported as "eval_independent".
+    prefix: the keys' prefix: "eval" (validation) or "test".
   """
 
   def eval_fn(params: Any) -> dict[str, float]:
     hypotheses = decode_all(sampler, params, eval_set.inputs, vocab, batch_size)
     rewards = reward(eval_set.sources, hypotheses, eval_set.references)
     matches = _EXACT_MATCH(eval_set.sources, hypotheses, eval_set.references)
-    out = {"eval_reward": float(np.mean(rewards)), "eval_exact_match": float(np.mean(matches))}
+    out = {f"{prefix}_reward": float(np.mean(rewards)),
+           f"{prefix}_exact_match": float(np.mean(matches))}
     if independent is not None:
-      out["eval_independent"] = float(np.mean(independent(eval_set.sources, hypotheses,
-                                                          eval_set.references)))
+      out[f"{prefix}_independent"] = float(np.mean(independent(eval_set.sources, hypotheses,
+                                                               eval_set.references)))
     return out
 
   return eval_fn

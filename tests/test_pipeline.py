@@ -59,7 +59,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
   assert set(summary) == {"rows", "wall_time_s", "reward_hacking", "reward_hacking_suspected"}
   assert set(summary["rows"][0]) == {"phase", "grow_step", "improve_step", "threshold",
                                      "train_examples", "eval_reward", "eval_exact_match",
-                                     "eval_independent", "independent_metric"}
+                                     "eval_independent", "independent_metric", "test_reward",
+                                     "test_exact_match", "test_independent"}
   assert summary["rows"][0]["independent_metric"] == "bleu"  # The monitor of a chrF reward.
   assert os.path.exists(os.path.join(ref_dir, "report", "eval_reward.png"))
   assert os.path.exists(os.path.join(ref_dir, "report", "grow_g001_rewards.png"))

@@ -52,13 +52,21 @@ def test_plan_workdirs_and_override_order(tmp_path):
       ("seed=2", str(tmp_path / "seed=2"), ("config.RunConfig.seed=3", "config.RunConfig.seed=2"))]
 
 
-def _finish(workdir, rewards, wall):
+def _finish(workdir, rewards, wall, test=None, config=None):
+  """A fabricated finished run: validation ``rewards`` per phase, optional ``test`` rewards and
+  an optional recorded config (run_config.json)."""
   os.makedirs(workdir, exist_ok=True)
+  test = test or [None] * len(rewards)
   rows = [summary_row(phase="bc", grow_step=0, improve_step=0, threshold=None,
-                      train_examples=100, eval_reward=rewards[0], eval_exact_match=0.1)]
+                      train_examples=100, eval_reward=rewards[0], eval_exact_match=0.1,
+                      test=None if test[0] is None else {"test_reward": test[0]})]
   rows += [summary_row(phase="improve", grow_step=0, improve_step=i, threshold=0.1 * i,
-                       train_examples=50, eval_reward=r, eval_exact_match=0.2)
-           for i, r in enumerate(rewards[1:], start=1)]
+                       train_examples=50, eval_reward=r, eval_exact_match=0.2,
+                       test=None if t is None else {"test_reward": t})
+           for i, (r, t) in enumerate(zip(rewards[1:], test[1:]), start=1)]
+  if config is not None:
+    with open(os.path.join(workdir, "run_config.json"), "w") as f:
+      json.dump(config, f)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump({"rows": rows, "wall_time_s": wall}, f)
   with open(os.path.join(workdir, "state.json"), "w") as f:
@@ -111,11 +119,11 @@ def test_compare_table_and_plot(tmp_path, capsys):
   assert main.main(["compare", root, "--out", out_png]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].split() == ["run", "phases", "bc", "final", "best", "best", "at", "exact",
-                              "wall", "s"]
+                              "test", "wall", "s"]
   assert lines[2].split() == ["loss=bc", "3", "0.5000", "0.6500", "0.7000", "g0", "i1", "0.200",
-                              "12.5"]
+                              "-", "12.5"]
   assert lines[3].split() == ["loss=rwbc", "2", "0.5000", "0.5500", "0.5500", "g0", "i1",
-                              "0.200", "8.0"]
+                              "0.200", "-", "8.0"]
   assert lines[4] == f"wrote {out_png}"
   with open(out_png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -123,3 +131,80 @@ def test_compare_table_and_plot(tmp_path, capsys):
       os.path.join(root, "loss=bc")]
   assert main.main(["compare", str(tmp_path / "nothing")]) == 2
   assert "has not finished" in capsys.readouterr().err
+
+
+def test_sweep_seeds_axis_names_and_bad_values(tmp_path, capsys):
+  root = str(tmp_path / "sw")
+  argv = ["sweep", "--root", root, "--gin_file", "a.gin", "--dry-run",
+          "--sweep", "improve/config.TrainConfig.loss='bc','gold'"]
+  assert main.main(argv + ["--seeds", "2"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert [line for line in out if line.startswith("#")] == [
+      "# loss=bc,seed=0", "# loss=bc,seed=1", "# loss=gold,seed=0", "# loss=gold,seed=1"]
+  assert "loss=bc,seed=1 --gin_file a.gin" in out[3]
+  assert out[3].endswith(" --gin.config.RunConfig.seed=1")
+  assert main.main(argv[:6] + ["--seeds", "3"]) == 0  # --seeds alone is a sweep.
+  assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("#")] == [
+      "# seed=0", "# seed=1", "# seed=2"]
+  for bad in ("0", "-2", "1.5", "three"):
+    assert main.main(argv + ["--seeds", bad]) == 2
+    assert f"--seeds {bad!r} must be a whole number >= 1" in capsys.readouterr().err
+  assert main.main(argv[:6] + ["--sweep", "config.RunConfig.seed=1,2", "--seeds", "2"]) == 2
+  assert "both set the seed" in capsys.readouterr().err
+
+
+def test_compare_seed_groups_means_and_intervals(tmp_path, capsys):
+  root = str(tmp_path / "sw")
+  # loss=bc: 3 seeds with test metrics; loss=rwbc: 2 seeds, one without test metrics (so the
+  # group reports validation); loss=gold: one seed.
+  _finish(os.path.join(root, "loss=bc,seed=0"), [0.3, 0.9], 1.0, test=[0.2, 0.5])
+  _finish(os.path.join(root, "loss=bc,seed=1"), [0.3, 0.9], 1.0, test=[0.4, 0.6])
+  _finish(os.path.join(root, "loss=bc,seed=2"), [0.3, 0.9], 1.0, test=[0.3, 0.7])
+  _finish(os.path.join(root, "loss=rwbc,seed=0"), [0.4, 0.4], 1.0, test=[0.1, 0.1])
+  _finish(os.path.join(root, "loss=rwbc,seed=1"), [0.5, 0.5], 1.0)
+  _finish(os.path.join(root, "loss=gold,seed=0"), [0.2, 0.25], 1.0, test=[0.2, 0.3])
+  names = ["loss=bc,seed=0", "loss=bc,seed=1", "loss=bc,seed=2", "loss=rwbc,seed=0",
+           "loss=rwbc,seed=1", "loss=gold,seed=0"]
+  with open(os.path.join(root, sweep.SWEEP_FILE), "w") as f:
+    json.dump({"runs": [{"name": n, "workdir": os.path.join(root, n)} for n in names]}, f)
+  out_png = str(tmp_path / "cmp.png")
+  assert main.main(["compare", root, "--out", out_png]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[2].split()[-2:] == ["0.5000", "1.0"]  # The final test reward of each run ...
+  assert lines[6].split()[-2:] == ["-", "1.0"]  # ... or "-" without one.
+  table = lines[lines.index("") + 1:-1]
+  assert table[1].split() == ["group", "phase", "metric", "n", "mean", "se", "95%", "low", "95%",
+                              "high"]
+  # By hand. loss=bc final test [0.5, 0.6, 0.7]: mean 0.6, sd 0.1, se 0.1 / sqrt(3) = 0.057735;
+  # t(0.975, df=2) = 4.302653 -> half width 0.248414. BC test [0.2, 0.4, 0.3]: the same spread.
+  # loss=rwbc validation [0.4, 0.5]: mean 0.45, se 0.05, t(0.975, df=1) = 12.706205 -> 0.635310.
+  assert [line.split() for line in table[3:]] == [
+      ["loss=bc", "BC", "test", "3", "0.3000", "0.0577", "0.0516", "0.5484"],
+      ["loss=bc", "g0", "i1", "test", "3", "0.6000", "0.0577", "0.3516", "0.8484"],
+      ["loss=rwbc", "BC", "validation", "2", "0.4500", "0.0500", "-0.1853", "1.0853"],
+      ["loss=rwbc", "g0", "i1", "validation", "2", "0.4500", "0.0500", "-0.1853", "1.0853"],
+      ["loss=gold", "BC", "test", "1", "0.2000", "-", "-", "-"],
+      ["loss=gold", "g0", "i1", "test", "1", "0.3000", "-", "-", "-"]]
+  stats = compare.interval([0.5, 0.6, 0.7])
+  assert stats["se"] == pytest.approx(0.1 / 3 ** 0.5)
+  assert (stats["low"], stats["high"]) == pytest.approx((0.6 - 0.248414, 0.6 + 0.248414), abs=1e-6)
+  with open(out_png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_groups_by_recorded_config_without_seed(tmp_path, capsys):
+  base = {"task": "arith", "seed": 0, "improve": {"lr_decay": 0.5}}
+  _finish(str(tmp_path / "first"), [0.1, 0.2], 1.0, config=base)
+  _finish(str(tmp_path / "second"), [0.3, 0.4], 1.0, config=dict(base, seed=7))
+  _finish(str(tmp_path / "other"), [0.5, 0.6], 1.0, config=dict(base, improve={"lr_decay": 1}))
+  _finish(str(tmp_path / "seed=1"), [0.5, 0.6], 1.0)  # No recorded config: grouped by name.
+  _finish(str(tmp_path / "seed=2"), [0.7, 0.8], 1.0)
+  workdirs = [str(tmp_path / n) for n in ("first", "second", "other", "seed=1", "seed=2")]
+  assert compare.seed_groups(workdirs) == {"first": ["first", "second"], "other": ["other"],
+                                           "runs": ["seed=1", "seed=2"]}
+  assert main.main(["compare", *workdirs[:3]]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[out.index("") + 4].split() == ["first", "BC", "validation", "2", "0.2000", "0.1000",
+                                            "-1.0706", "1.4706"]
+  assert main.main(["compare", workdirs[2], workdirs[3]]) == 0  # No seed group: no seed table.
+  assert "" not in capsys.readouterr().out.splitlines()

@@ -95,7 +95,7 @@ def test_examples_too_long_raises():
     data.examples(task, "validation", input_len=64, target_len=5)
   assert "target_len=5" in str(info.value) and "raise" in str(info.value)
   with pytest.raises(RestJaxError, match="no split"):
-    data.examples(task, "test", input_len=64, target_len=64)
+    data.examples(task, "nonexistent", input_len=64, target_len=64)
 
 
 def test_arith_problem_indexing_exhaustive():
@@ -154,3 +154,34 @@ def test_unlabeled_split_is_disjoint_and_keeps_train_and_eval_draws():
          for split in ("train", "validation", "unlabeled")}
   assert [len(v) for v in ids.values()] == [30, 10, 40]
   assert not (ids["train"] & ids["unlabeled"]) and not (ids["validation"] & ids["unlabeled"])
+
+
+def test_test_split_is_disjoint_and_leaves_the_other_draws_alone():
+  # Registered tasks keep their train / validation / unlabeled draws (sizes and seeds as before).
+  before = numbers.sample_numbers(num_train=256, num_eval=64, max_number=999, seed=0)
+  small = tasks.get_task("numbers_de_en_small")
+  ids = {split: [e["example_id"] for e in data.examples(small, split, input_len=64,
+                                                        target_len=64)]
+         for split in ("train", "validation", "test")}
+  assert ids["train"] == before[0].tolist() and ids["validation"] == before[1].tolist()
+  assert len(ids["test"]) == 64 and not set(ids["test"]) & set(ids["train"] + ids["validation"])
+  # Test comes from the end of the permutation: other splits never depend on it.
+  drawn = np.random.default_rng(0).permutation(1000)
+  assert ids["test"] == drawn[-64:].tolist()
+  splits = tasks.base.sample_splits(num_train=30, num_eval=10, num_unlabeled=40, num_test=20,
+                                    total=100, seed=1, what="things", fix="raise total")
+  without = tasks.base.sample_splits(num_train=30, num_eval=10, num_unlabeled=40, num_test=0,
+                                     total=100, seed=1, what="things", fix="raise total")
+  for a, b in zip(splits[:3], without[:3]):
+    np.testing.assert_array_equal(a, b)
+  assert len(set(np.concatenate(splits).tolist())) == 100 and len(without[3]) == 0
+  with pytest.raises(RestJaxError, match="num_test = 101 exceeds the 100 things; raise total"):
+    tasks.base.sample_splits(num_train=30, num_eval=10, num_unlabeled=40, num_test=21,
+                             total=100, seed=1, what="things", fix="raise total")
+  for name in ("numbers_de_en", "arith", "arith_small"):
+    task = tasks.get_task(name)
+    assert task.num_input_examples("test") == task.num_input_examples("validation")
+  arith_ids = {s: {e["example_id"] for e in data.examples(tasks.get_task("arith_small"), s,
+                                                          input_len=12, target_len=8)}
+               for s in ("train", "validation", "test")}
+  assert not arith_ids["test"] & (arith_ids["train"] | arith_ids["validation"])

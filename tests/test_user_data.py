@@ -1,6 +1,7 @@
 """Tasks users bring: local JSONL / TSV files (declared in gin), TFDS-backed tasks (mocked),
 and a short ReST loop over a JSONL task with a Hugging Face tokenizer."""
 
+import dataclasses
 import json
 import os
 
@@ -41,17 +42,22 @@ def test_jsonl_and_tsv_tasks(tmp_path):
       {"prompt": "eins", "reference": "one"}, {"prompt": "zwei", "answer": 2}])
   (tmp_path / "eval.tsv").write_text("prompt\treference\textra\ndrei\tthree\tx\n\nvier\tfour\ty\n")
   unlabeled = _write_jsonl(tmp_path / "u.jsonl", [{"prompt": "fuenf"}])
+  test = _write_jsonl(tmp_path / "test.jsonl", [{"prompt": "sechs", "reference": "six"}])
   cfg = C.FileTaskConfig(name="user_de_en", train=train, validation=str(tmp_path / "eval.tsv"),
-                         unlabeled=unlabeled, prompt_template="de: {prompt}")
+                         unlabeled=unlabeled, test=test, prompt_template="de: {prompt}")
   assert tasks.from_config(cfg) == "user_de_en"
   task = tasks.get_task("user_de_en")
   rows = {s: data.examples(task, s, input_len=20, target_len=20)
-          for s in ("train", "validation", "unlabeled")}
+          for s in ("train", "validation", "unlabeled", "test")}
   assert [(r["inputs_pretokenized"], r["targets_pretokenized"], r["example_id"])
           for r in rows["train"]] == [("de: eins", "one", 0), ("de: zwei", "2", 4)]
   assert [(r["inputs_pretokenized"], r["targets_pretokenized"], r["example_id"])
           for r in rows["validation"]] == [("de: drei", "three", 1), ("de: vier", "four", 5)]
   assert [(r["targets_pretokenized"], r["example_id"]) for r in rows["unlabeled"]] == [("", 2)]
+  assert [(r["inputs_pretokenized"], r["targets_pretokenized"], r["example_id"])
+          for r in rows["test"]] == [("de: sechs", "six", 3)]
+  no_test = dataclasses.replace(cfg, name="user_de_en_no_test", test="")
+  assert "test" not in tasks.get_task(tasks.from_config(no_test)).splits
   byte = vocabularies.get_vocabulary("byte")
   np.testing.assert_array_equal(rows["train"][0]["inputs"], byte.encode("de: eins") + [1])
   np.testing.assert_array_equal(rows["train"][0]["targets"], byte.encode("one") + [1])
@@ -119,6 +125,9 @@ def test_tfds_gsm8k_and_translation_tasks_on_mock_data():
     assert [(r["inputs_pretokenized"], r["targets_pretokenized"], r["example_id"])
             for r in rows] == [("Hallo", "Hello", 0), ("Ja", "Yes", 8)]
     assert task.num_input_examples("train") == 2
+    rows = data.examples(task, "test", input_len=20, target_len=20)  # TED's own test split.
+    assert [r["example_id"] for r in rows] == [2, 10]
+  assert "test" not in tasks.get_task("gsm8k_mock").splits  # Its "validation" is GSM8K's test.
 
 
 def test_tfds_not_prepared_is_a_user_error(tmp_path):

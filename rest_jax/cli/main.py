@@ -6,7 +6,8 @@
   rest-jax export --from CHECKPOINT --to hf|t5x|orbax OUT [--preset P | --config JSON]
   rest-jax best-of-n --workdir W --phase bc,final [--n 1,2,4,8,16] [--output F.json]
   rest-jax compile-check --topology v5e:16x16 --gin_file F [--gin.X=V ...]
-  rest-jax sweep --root R --gin_file F --sweep X=V1,V2 [...] [--launcher L --dry-run -- OPTS]
+  rest-jax sweep --root R --gin_file F --sweep X=V1,V2 [...] [--seeds K]
+                 [--launcher L --dry-run -- OPTS]
   rest-jax compare W1 W2 ... [--out compare.png]
   rest-jax train-reward --data W_OR_JSONL --output_dir DIR   (see rest_jax/cli/rewards.py)
   rest-jax serve-reward --reward chrf --port P [--token_env VAR]
@@ -121,7 +122,8 @@ def _sweep(args: argparse.Namespace, bindings: list[str]) -> None:
   if not args.gin_file:
     raise RestJaxError("no --gin_file given; e.g. --gin_file gin/experiments/smoke_cpu.gin.")
   overrides = [b.replace(" = ", "=", 1) for b in bindings]
-  runs = sweep.plan(args.root, args.gin_file, overrides, [sweep.parse_axis(a) for a in args.sweep])
+  axes = sweep.with_seeds([sweep.parse_axis(a) for a in args.sweep], args.seeds)
+  runs = sweep.plan(args.root, args.gin_file, overrides, axes)
   opts = launchers.parse_options(args.launcher, args.launcher_args)
   if not args.dry_run:
     sweep.write_manifest(args.root, runs)
@@ -131,10 +133,15 @@ def _sweep(args: argparse.Namespace, bindings: list[str]) -> None:
 def _compare(args: argparse.Namespace) -> None:
   from rest_jax.cli import compare  # pylint: disable=g-import-not-at-top
 
-  summaries = compare.load_summaries(compare.resolve_workdirs(args.workdirs))
+  workdirs = compare.resolve_workdirs(args.workdirs)
+  summaries = compare.load_summaries(workdirs)
   print(compare.format_comparison(summaries))
+  groups = compare.seed_groups(workdirs)
+  if any(len(labels) > 1 for labels in groups.values()):
+    print()
+    print(compare.format_seed_statistics(compare.seed_statistics(summaries, groups)))
   if args.out:
-    print(f"wrote {compare.plot_comparison(summaries, args.out)}")
+    print(f"wrote {compare.plot_comparison(summaries, args.out, groups)}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -187,12 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
   sw.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   sw.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
                   help="a gin binding and its values (repeatable; cartesian product)")
+  sw.add_argument("--seeds", default=None, metavar="K",
+                  help="also sweep config.RunConfig.seed over 0..K-1 (runs named ...,seed=N)")
   sw.add_argument("--launcher", default="local", choices=("local", "tpu", "xpk", "slurm"))
   sw.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                   help="print the launcher commands, run nothing")
   sw.add_argument("launcher_args", nargs="*", help="after --: the launcher's options")
   sw.add_argument("--log_level", default="WARNING")
-  cmp = sub.add_parser("compare", help="table + plot of several runs' summary.json")
+  cmp = sub.add_parser("compare", help="table + plot of several runs' summary.json (mean and "
+                       "95%% interval across runs that differ only by seed)")
   cmp.add_argument("workdirs", nargs="+", help="run workdirs, or sweep roots")
   cmp.add_argument("--out", default="", help="write the comparison plot (PNG) here")
   cmp.add_argument("--log_level", default="WARNING")

@@ -5,6 +5,9 @@
 
 expands to the cartesian product (first ``--sweep`` varies slowest), names each run from the
 short binding names and values (``num_samples=4,loss=bc``), and puts it in ``R/<name>``.
+``--seeds K`` adds a last (fastest) axis ``config.RunConfig.seed = 0, ..., K-1``: run names end
+in ``seed=0``, ``seed=1``, ... and ``rest-jax compare R`` reports each setting's mean and 95%
+interval across them.
 Runs are launched one after another with a launcher (``rest_jax.cli.launchers``); locally, a run
 whose workdir says ``done`` is skipped and an unfinished one resumes. ``R/sweep.json`` lists the
 runs (for ``rest-jax compare R``). This module imports neither jax nor gin.
@@ -26,6 +29,7 @@ from rest_jax.cli.launchers import RunSpec
 from rest_jax.pipeline.workdir import Workdir
 
 SWEEP_FILE = "sweep.json"
+SEED_BINDING = "config.RunConfig.seed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,27 @@ def parse_axis(spec: str) -> Axis:
   return Axis(binding, tuple(values))
 
 
+def seed_axis(text: str) -> Axis:
+  """``--seeds K`` -> the axis ``config.RunConfig.seed = 0, 1, ..., K-1``."""
+  try:
+    count = int(text)
+  except (TypeError, ValueError):
+    count = 0
+  if count < 1 or str(text).strip() != str(count):
+    raise RestJaxError(f"--seeds {text!r} must be a whole number >= 1 (how many seeds to run: "
+                       "--seeds 3 runs seeds 0, 1 and 2).")
+  return Axis(SEED_BINDING, tuple(str(seed) for seed in range(count)))
+
+
+def with_seeds(axes: Sequence[Axis], seeds: str | None) -> list[Axis]:
+  """``axes`` plus, with ``--seeds``, the seed axis last (so seeds vary fastest)."""
+  if seeds is None:
+    return list(axes)
+  if any(a.binding.rsplit("/", 1)[-1] == SEED_BINDING for a in axes):
+    raise RestJaxError(f"--seeds and --sweep {SEED_BINDING}=... both set the seed; keep one.")
+  return [*axes, seed_axis(seeds)]
+
+
 def short_names(bindings: Sequence[str]) -> list[str]:
   """Readable, unique names for bindings: the parameter (``num_samples``), else scope and
   parameter (``improve.learning_rate``), else the whole binding."""
@@ -113,7 +138,8 @@ def plan(root: str, gin_files: Sequence[str], overrides: Sequence[str],
   """``[(name, RunSpec)]``: every combination's run under ``root/<name>``; sweep values come
   after the fixed ``overrides`` (so they win)."""
   if not axes:
-    raise RestJaxError("no --sweep given; e.g. --sweep config.SamplingConfig.num_samples=2,4.")
+    raise RestJaxError("no --sweep or --seeds given; e.g. --sweep "
+                       "config.SamplingConfig.num_samples=2,4, or --seeds 3.")
   return [(name, RunSpec(tuple(gin_files), os.path.join(root, name),
                          tuple(overrides) + swept)) for name, swept in expand(axes)]
 

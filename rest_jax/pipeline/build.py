@@ -7,7 +7,8 @@ Two levels, so that the tools use exactly what a run uses:
   BC and Improve ``Loss``, the threshold ``Schedule`` and the Grow ``Sampler``. Cheap and
   data-free: ``rest-jax compile-check`` compiles from it for a topology it has not got.
 * ``build(config, workdir)`` -> ``Run``: the Parts plus the task, vocabulary, reward, eval
-  function, reporter and starting params of a real run. ``rest-jax best-of-n`` uses
+  functions (validation, for every selection; test, reported once per finished phase, or None),
+  reporter and starting params of a real run. ``rest-jax best-of-n`` uses
   ``build_eval`` (the same task, reward and samplers) on a finished run.
 
 ``validate(config)`` checks every name before the workdir is touched.
@@ -69,6 +70,9 @@ class Run:
   reporter: Reporter
   base_params: nnx.State
   progress: bool
+  # The test split's evaluation ("test_*" keys), run once on each finished phase's best params;
+  # None when EvalConfig.num_test_examples is 0 or the task has no "test" split.
+  test_fn: EvalFn | None = None
 
   @property
   def config(self) -> RunConfig:
@@ -191,12 +195,27 @@ def task_and_vocab(config: RunConfig) -> tuple[seqio.Task, seqio.Vocabulary]:
   return task, vocab
 
 
-def eval_set(config: RunConfig, task: seqio.Task, num_examples: int = 0) -> EvalSet:
-  """The first ``num_examples`` (default ``EvalConfig.num_examples``) validation prompts."""
-  examples = data.examples(task, "validation", input_len=config.input_len,
+def eval_set(config: RunConfig, task: seqio.Task, num_examples: int = 0,
+             split: str = "validation") -> EvalSet:
+  """The first ``num_examples`` (default ``EvalConfig.num_examples``) prompts of ``split``."""
+  examples = data.examples(task, split, input_len=config.input_len,
                            target_len=config.target_len)
   return EvalSet.from_examples(examples[:num_examples or config.eval.num_examples],
                                input_len=config.input_len)
+
+
+def num_test_prompts(config: RunConfig, task: seqio.Task) -> int:
+  """Test prompts to evaluate per finished phase; 0 (with a logged note why) for none."""
+  if not config.eval.test_size:
+    logger.info("test evaluation off (EvalConfig.num_test_examples = 0): rows report the "
+                "validation split only, which selections also use.")
+    return 0
+  if tasks.TEST_SPLIT not in task.splits:
+    logger.info("task %r has no %r split: rows report the validation split only, which "
+                "selections also use (give the task a test split, e.g. FileTaskConfig.test).",
+                task.name, tasks.TEST_SPLIT)
+    return 0
+  return config.eval.test_size
 
 
 def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
@@ -209,9 +228,15 @@ def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
                          max_decode_len=config.eval.max_decode_len,
                          batch_size=config.eval.batch_size)
   metric = independent_metric_name(config.reward, config.eval.independent_metric)
-  eval_fn = make_eval_fn(sampler=eval_sampler, eval_set=eval_set(config, task), reward=reward,
-                         vocab=vocab, batch_size=config.eval.batch_size,
-                         independent=metric and reward_call(rewards.get_reward(metric), metric))
+  evaluation = dict(sampler=eval_sampler, reward=reward, vocab=vocab,
+                    batch_size=config.eval.batch_size,
+                    independent=metric and reward_call(rewards.get_reward(metric), metric))
+  eval_fn = make_eval_fn(eval_set=eval_set(config, task), **evaluation)
+  num_test = num_test_prompts(config, task)
+  test_fn = num_test and make_eval_fn(
+      eval_set=eval_set(config, task, num_test, split=tasks.TEST_SPLIT), prefix="test",
+      **evaluation)
   reporter = Reporter(workdir, enabled=jax.process_index() == 0)
   return Run(parts=parts, workdir=workdir, task=task, vocab=vocab, reward=reward,
-             eval_fn=eval_fn, reporter=reporter, base_params=base_params, progress=progress)
+             eval_fn=eval_fn, reporter=reporter, base_params=base_params, progress=progress,
+             test_fn=test_fn or None)

@@ -5,6 +5,10 @@ dataset) and records its end there: a Grow step by its dataset's ``COMPLETED`` m
 Improve steps by ``phases/{name}.json`` holding their summary row. ``Policies`` is the one place
 that hands out a finished phase's params: in memory when this process trained them, restored
 from the best checkpoint otherwise, and only when a later phase needs them.
+
+Every selection (BC early stopping, each phase's best checkpoint) reads the validation metrics
+("eval_*"). The test split is evaluated once, on a phase's best params after the phase has
+chosen them (``evaluate_test``); its "test_*" metrics go into the summary row only.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class Policies:
 
 def row(run: Run, *, phase: str, grow_step: int = 0, improve_step: int = 0,
         threshold: float | None = None, train_examples: int, metrics: dict) -> dict:
-  """The summary row of a finished phase (the only place rows are built)."""
+  """The summary row of a finished phase (the only place rows are built): its validation
+  ("eval_*") and, when the test split was evaluated, test ("test_*") metrics."""
   c = run.config
   return summary_row(phase=phase, grow_step=grow_step, improve_step=improve_step,
                      threshold=threshold, train_examples=train_examples,
@@ -66,7 +71,20 @@ def row(run: Run, *, phase: str, grow_step: int = 0, improve_step: int = 0,
                      eval_exact_match=metrics["eval_exact_match"],
                      eval_independent=metrics.get("eval_independent"),
                      independent_metric=independent_metric_name(c.reward,
-                                                                c.eval.independent_metric))
+                                                                c.eval.independent_metric),
+                     test={k: v for k, v in metrics.items() if k.startswith("test_")})
+
+
+def evaluate_test(run: Run, name: str, params: nnx.State) -> dict[str, float]:
+  """The test metrics of a finished phase's chosen params ({} when the test split is off).
+
+  Called after the phase has chosen its params; nothing reads the result but the summary row.
+  """
+  if run.test_fn is None:
+    return {}
+  metrics = {k: float(v) for k, v in run.test_fn(params).items()}
+  logger.info("%s test: %s", name, ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()))
+  return metrics
 
 
 def mark(run: Run, name: str, summary: dict) -> None:
@@ -111,7 +129,7 @@ def bc(run: Run, policies: Policies) -> dict:
                            lr_scale=1.0)
   policies.put("bc", params)
   summary = row(run, phase="bc", train_examples=run.task.num_input_examples("train"),
-                metrics=metrics)
+                metrics={**metrics, **evaluate_test(run, "bc", params)})
   mark(run, "bc", summary)
   return summary
 
@@ -123,7 +141,8 @@ def skip_bc(run: Run, policies: Policies) -> dict:
   with run.checkpoints("bc") as ckpt:
     ckpt.save_best(0, run.base_params, metrics)
   policies.put("bc", run.base_params)
-  summary = row(run, phase="bc", train_examples=0, metrics=metrics)
+  summary = row(run, phase="bc", train_examples=0,
+                metrics={**metrics, **evaluate_test(run, "bc", run.base_params)})
   mark(run, "bc", summary)
   return summary
 
@@ -238,6 +257,6 @@ def improve(run: Run, policies: Policies, *, g: int, i: int, tau: Threshold,
                            extras=extras)
   policies.put(name, params)
   summary = row(run, phase="improve", grow_step=g, improve_step=i, threshold=tau.value,
-                train_examples=mix.count, metrics=metrics)
+                train_examples=mix.count, metrics={**metrics, **evaluate_test(run, name, params)})
   mark(run, name, summary)
   return summary

@@ -17,14 +17,21 @@ ROW_KEYS = ("phase", "grow_step", "improve_step", "threshold", "train_examples",
             "eval_exact_match")
 
 
+TEST_KEYS = ("test_reward", "test_exact_match", "test_independent")
+
+
 def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: float | None,
                 train_examples: int, eval_reward: float, eval_exact_match: float,
                 eval_independent: float | None = None,
-                independent_metric: str | None = None) -> dict:
+                independent_metric: str | None = None,
+                test: Mapping[str, float] | None = None) -> dict:
   """One row of ``summary.json`` (the shape tools rely on).
 
-  With the reward-hacking monitor on, the row also has "eval_independent" (the independent
-  metric's mean on D_eval) and "independent_metric" (its name).
+  "eval_*" are the validation split's metrics (what every selection used). With the
+  reward-hacking monitor on, the row also has "eval_independent" (the independent metric's mean
+  on D_eval) and "independent_metric" (its name). With a test split, ``test`` adds
+  "test_reward", "test_exact_match" (and "test_independent"): the phase's chosen params
+  evaluated once on the test split, which nothing selects on.
   """
   row = {"phase": phase, "grow_step": int(grow_step), "improve_step": int(improve_step),
          "threshold": None if threshold is None else float(threshold),
@@ -32,6 +39,10 @@ def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: flo
          "eval_exact_match": float(eval_exact_match)}
   if eval_independent is not None:
     row.update(eval_independent=float(eval_independent), independent_metric=independent_metric)
+  unknown = set(test or {}) - set(TEST_KEYS)
+  if unknown:
+    raise ValueError(f"summary_row: unknown test metrics {sorted(unknown)}; use {TEST_KEYS}.")
+  row.update({k: float(v) for k, v in (test or {}).items()})
   return row
 
 
@@ -112,6 +123,8 @@ class Reporter:
     x = np.arange(len(rows))
     ax.plot(x, [r["eval_reward"] for r in rows], "o-", label="eval reward")
     ax.plot(x, [r["eval_exact_match"] for r in rows], "s--", label="eval exact match")
+    if any(r.get("test_reward") is not None for r in rows):
+      ax.plot(x, [r.get("test_reward", np.nan) for r in rows], "D-", label="test reward")
     if any(r.get("eval_independent") is not None for r in rows):
       metric = next(r["independent_metric"] for r in rows if r.get("eval_independent") is not None)
       ax.plot(x, [r.get("eval_independent", np.nan) for r in rows], "^-.",
@@ -161,12 +174,22 @@ def save_figure(fig: Any, path: str) -> None:
   storage.write_bytes(path, buffer.getvalue())
 
 
+def _cell(value: float | None, width: int, digits: int) -> str:
+  return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def format_table(rows: Sequence[dict]) -> str:
-  """A plain-text table of summary rows, for logs and the README."""
+  """A plain-text table of summary rows, for logs and the README: validation reward and exact
+  match, then (when any row has them) test reward and exact match ("-" where a row has none)."""
+  test = any(r.get("test_reward") is not None for r in rows)
   head = f"{'phase':8} {'g':>2} {'i':>2} {'tau':>6} {'examples':>9} {'reward':>7} {'exact':>6}"
+  head += f" {'test':>7} {'t.exact':>7}" if test else ""
   lines = [head, "-" * len(head)]
   for r in rows:
     tau = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
-    lines.append(f"{r['phase']:8} {r['grow_step']:>2} {r['improve_step']:>2} {tau:>6} "
-                 f"{r['train_examples']:>9} {r['eval_reward']:>7.4f} {r['eval_exact_match']:>6.3f}")
+    line = (f"{r['phase']:8} {r['grow_step']:>2} {r['improve_step']:>2} {tau:>6} "
+            f"{r['train_examples']:>9} {r['eval_reward']:>7.4f} {r['eval_exact_match']:>6.3f}")
+    if test:
+      line += f" {_cell(r.get('test_reward'), 7, 4)} {_cell(r.get('test_exact_match'), 7, 3)}"
+    lines.append(line)
   return "\n".join(lines)

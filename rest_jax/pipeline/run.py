@@ -111,8 +111,10 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
     last = phase.name
     policies.forget_except("bc", last)
     rows.append(summary)
-    logger.info("%s: eval reward %.4f, exact match %.3f", "BC" if phase.kind == "bc" else
-                f"Improve g{g} i{i}", summary["eval_reward"], summary["eval_exact_match"])
+    logger.info("%s: eval reward %.4f, exact match %.3f%s", "BC" if phase.kind == "bc" else
+                f"Improve g{g} i{i}", summary["eval_reward"], summary["eval_exact_match"],
+                "" if summary.get("test_reward") is None else
+                f"; test reward {summary['test_reward']:.4f}")
 
   save_state("done")
   distributed.barrier("done")

@@ -2,7 +2,9 @@
 
 Every rest_jax task yields examples with "inputs" / "targets" (token ids), their texts
 "inputs_pretokenized" / "targets_pretokenized", and an int64 "example_id" that is stable and
-unique within the task across splits. Splits: "train" (D) and "validation" (D_eval), disjoint.
+unique within the task across splits. Splits: "train" (D) and "validation" (D_eval: every
+selection: early stopping, best checkpoints), disjoint; optionally "test" (reported, never
+selected on) and "unlabeled" (Grow prompts without demonstrations), disjoint from both.
 
 Importing this package registers the embedded tasks ("numbers_de_en", "numbers_de_en_small",
 "arith", "arith_small") in ``seqio.TaskRegistry``; tasks registered there by other code (for
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 from rest_jax.errors import RestJaxError
 from rest_jax.tasks.base import (BYTE_VOCAB, DECODER_FEATURES, ENCDEC_FEATURES, SPLITS,
-                                 SplitData, get_task, in_memory_task, known_task_names,
-                                 make_features, register)
+                                 TEST_SPLIT, SplitData, get_task, in_memory_task,
+                                 known_task_names, make_features, register)
 # Registration of the embedded tasks (importing these modules registers them).
 from rest_jax.tasks import arith, files, numbers, tfds_tasks  # noqa: F401
 
-__all__ = ["BYTE_VOCAB", "DECODER_FEATURES", "ENCDEC_FEATURES", "SPLITS", "SplitData",
-           "from_config", "get_task", "in_memory_task", "known_task_names", "make_features",
-           "register"]
+__all__ = ["BYTE_VOCAB", "DECODER_FEATURES", "ENCDEC_FEATURES", "SPLITS", "TEST_SPLIT",
+           "SplitData", "from_config", "get_task", "in_memory_task", "known_task_names",
+           "make_features", "register"]
 
 
 def from_config(task_config) -> str:

@@ -16,7 +16,6 @@ import numpy as np
 import seqio
 
 from rest_jax.tasks import base
-from rest_jax.errors import RestJaxError
 
 
 def num_problems(max_operand: int) -> int:
@@ -45,7 +44,7 @@ def _pairs(indices: np.ndarray, max_operand: int) -> base.SplitData:
 
 
 def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: int,
-                    seed: int, num_unlabeled: int = 0) -> seqio.Task:
+                    seed: int, num_unlabeled: int = 0, num_test: int = 0) -> seqio.Task:
   """Addition / subtraction problems as a decoder-only seqio Task (not registered).
 
   Args:
@@ -56,24 +55,21 @@ def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: in
     seed: seed of the numpy Generator that draws problems without replacement.
     num_unlabeled: size of the "unlabeled" split: problems with no demonstration for BC,
       whose answer only the reward sees (ReST-EM's setting). 0 leaves the split out.
+    num_test: size of the "test" split: reported, never selected on; disjoint from the others
+      and drawn from the end of the permutation, so the other splits do not depend on it. 0
+      leaves the split out.
   Returns:
     A Task with DECODER_FEATURES; "example_id" is the problem index.
   """
-  total = num_problems(max_operand)
-  if num_train < 1 or num_eval < 0:
-    raise RestJaxError(f"arith task: num_train={num_train} must be >= 1 and "
-                       f"num_eval={num_eval} >= 0.")
-  if num_train + num_eval + num_unlabeled > total:
-    raise RestJaxError(
-        f"arith task: num_train + num_eval + num_unlabeled = "
-        f"{num_train + num_eval + num_unlabeled} exceeds the {total} "
-        f"problems with operands in [0, {max_operand}]; raise max_operand or ask for fewer.")
-  rng = np.random.default_rng(seed)
-  drawn = rng.permutation(total).astype(np.int64)
-  splits = {"train": drawn[:num_train], "validation": drawn[num_train:num_train + num_eval]}
+  train, evaluation, unlabeled, test = base.sample_splits(
+      num_train=num_train, num_eval=num_eval, num_unlabeled=num_unlabeled, num_test=num_test,
+      total=num_problems(max_operand), seed=seed,
+      what=f"problems with operands in [0, {max_operand}]", fix="raise max_operand")
+  splits = {"train": train, "validation": evaluation}
   if num_unlabeled:
-    start = num_train + num_eval
-    splits["unlabeled"] = drawn[start:start + num_unlabeled]
+    splits["unlabeled"] = unlabeled
+  if num_test:
+    splits["test"] = test
   return base.in_memory_task(
       name, build_splits=lambda: {k: _pairs(v, max_operand) for k, v in splits.items()},
       sizes={k: len(v) for k, v in splits.items()}, output_features=base.DECODER_FEATURES)
@@ -81,6 +77,6 @@ def make_arith_task(name: str, *, num_train: int, num_eval: int, max_operand: in
 
 # ReST-EM's setting: few worked problems (D), many problems whose answer only the reward knows.
 base.register(make_arith_task("arith", num_train=2000, num_eval=256, max_operand=99, seed=0,
-                              num_unlabeled=4000))
+                              num_unlabeled=4000, num_test=256))
 base.register(make_arith_task("arith_small", num_train=256, num_eval=64, max_operand=99,
-                              seed=0))
+                              seed=0, num_test=64))

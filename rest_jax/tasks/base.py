@@ -27,11 +27,37 @@ DECODER_FEATURES = {
     "targets": seqio.Feature(BYTE_VOCAB, add_eos=True),
 }
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation")  # Every task has these; "test" and "unlabeled" are optional.
+TEST_SPLIT = "test"
 _MAX_LISTED_NAMES = 40
 
 
 SplitData = tuple[list[str], list[str], np.ndarray]  # (sources, targets, example_ids int64 [n])
+
+
+def sample_splits(*, num_train: int, num_eval: int, num_unlabeled: int, num_test: int,
+                  total: int, seed: int, what: str, fix: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Disjoint indices in [0, total) for train, validation, unlabeled and test, int64 each.
+
+  One seeded permutation: train, validation and unlabeled are its head (in that order), test
+  is its tail, so adding or resizing the test split never moves the other three draws.
+
+  Raises:
+    RestJaxError: a negative size, num_train < 1, or more examples asked for than ``total``.
+  """
+  if num_train < 1 or min(num_eval, num_unlabeled, num_test) < 0:
+    raise RestJaxError(f"task sizes: num_train={num_train} must be >= 1 and num_eval="
+                       f"{num_eval}, num_unlabeled={num_unlabeled}, num_test={num_test} >= 0.")
+  asked = num_train + num_eval + num_unlabeled + num_test
+  if asked > total:
+    raise RestJaxError(
+        f"num_train + num_eval + num_unlabeled + num_test = {asked} exceeds the {total} "
+        f"{what}; {fix} or ask for fewer examples.")
+  drawn = np.random.default_rng(seed).permutation(total).astype(np.int64)
+  head = np.cumsum([num_train, num_eval, num_unlabeled])
+  return (drawn[:head[0]], drawn[head[0]:head[1]], drawn[head[1]:head[2]],
+          drawn[total - num_test:])
 
 
 def in_memory_task(name: str, *, build_splits: Callable[[], dict[str, SplitData]],

@@ -7,8 +7,8 @@ when the task is built (at run start): a missing file, a bad line or a missing f
 RestJaxError naming the file, the line and the fix, before anything is written to the workdir.
 
 Example ids: ``id_field`` values if given (ints, unique across the splits), else
-``line_index * 4 + split_code`` (train 0, validation 1, unlabeled 2), which is stable as long
-as the files do not change and unique across splits.
+``line_index * 4 + split_code`` (train 0, validation 1, unlabeled 2, test 3), which is stable
+as long as the files do not change and unique across splits.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rest_jax.tasks import vocabularies
 from rest_jax.config import FileTaskConfig
 from rest_jax.errors import RestJaxError
 
-_SPLIT_CODES = {"train": 0, "validation": 1, "unlabeled": 2}
+_SPLIT_CODES = {"train": 0, "validation": 1, "unlabeled": 2, "test": 3}
 _NUM_CODES = 4
 
 
@@ -51,7 +51,7 @@ def read_rows(path: str, *, fmt: str = "") -> list[tuple[int, dict[str, Any]]]:
   """
   if not os.path.isfile(path):
     raise RestJaxError(f"data file {path} does not exist; fix the path in FileTaskConfig "
-                       "(train / validation / unlabeled).")
+                       "(train / validation / unlabeled / test).")
   fmt = _format(path, fmt)
   rows: list[tuple[int, dict[str, Any]]] = []
   header: list[str] | None = None
@@ -131,14 +131,16 @@ def read_splits(config: FileTaskConfig) -> dict[str, base.SplitData]:
   paths = {"train": config.train, "validation": config.validation}
   if config.unlabeled:
     paths["unlabeled"] = config.unlabeled
+  if config.test:
+    paths["test"] = config.test
   splits = {split: _split(config, split, path) for split, path in paths.items()}
   seen: dict[int, str] = {}
   for split, (_, _, ids) in splits.items():
     for i in ids.tolist():
       if i in seen:
         raise RestJaxError(f"example id {i} ({config.id_field!r}) appears in {seen[i]} and in "
-                           f"{paths[split]}; ids must be unique across train, validation and "
-                           "unlabeled.")
+                           f"{paths[split]}; ids must be unique across train, validation, "
+                           "unlabeled and test.")
       seen[i] = paths[split]
   return splits
 
@@ -147,8 +149,8 @@ def make_file_task(config: FileTaskConfig) -> seqio.Task:
   """The seqio Task over ``config``'s files (read and checked now; not registered).
 
   Returns:
-    A Task with splits "train", "validation" (and "unlabeled" if configured), features from
-    ``config.vocabulary`` and ``config.kind``, and "example_id".
+    A Task with splits "train", "validation" (and "unlabeled", "test" if configured),
+    features from ``config.vocabulary`` and ``config.kind``, and "example_id".
   """
   vocab = vocabularies.get_vocabulary(config.vocabulary)
   splits = read_splits(config)

@@ -12,7 +12,6 @@ import seqio
 from num2words import num2words
 
 from rest_jax.tasks import base
-from rest_jax.errors import RestJaxError
 
 
 def sample_numbers(*, num_train: int, num_eval: int, max_number: int, seed: int,
@@ -23,19 +22,11 @@ def sample_numbers(*, num_train: int, num_eval: int, max_number: int, seed: int,
     int64 `[num_train]`, `[num_eval]` and `[num_unlabeled]`, deterministic in the arguments
     (the train and eval draws do not depend on num_unlabeled).
   """
-  if num_train < 1 or num_eval < 0:
-    raise RestJaxError(f"numbers task: num_train={num_train} must be >= 1 and "
-                       f"num_eval={num_eval} >= 0.")
-  if num_train + num_eval + num_unlabeled > max_number + 1:
-    raise RestJaxError(
-        f"numbers task: num_train + num_eval + num_unlabeled = "
-        f"{num_train + num_eval + num_unlabeled} exceeds the "
-        f"{max_number + 1} numbers in [0, {max_number}]; raise max_number or ask for fewer "
-        "examples.")
-  rng = np.random.default_rng(seed)
-  drawn = rng.permutation(max_number + 1).astype(np.int64)
-  labeled, unlabeled = drawn[:num_train + num_eval], drawn[num_train + num_eval:]
-  return labeled[:num_train], labeled[num_train:], unlabeled[:num_unlabeled]
+  train, evaluation, unlabeled, _ = base.sample_splits(
+      num_train=num_train, num_eval=num_eval, num_unlabeled=num_unlabeled, num_test=0,
+      total=max_number + 1, seed=seed, what=f"numbers in [0, {max_number}]",
+      fix="raise max_number")
+  return train, evaluation, unlabeled
 
 
 def _pairs(numbers: np.ndarray) -> base.SplitData:
@@ -45,7 +36,7 @@ def _pairs(numbers: np.ndarray) -> base.SplitData:
 
 
 def make_numbers_task(name: str, *, num_train: int, num_eval: int, max_number: int,
-                      seed: int, num_unlabeled: int = 0) -> seqio.Task:
+                      seed: int, num_unlabeled: int = 0, num_test: int = 0) -> seqio.Task:
   """German-words -> English-words number translation as a seqio Task (not registered).
 
   Args:
@@ -57,15 +48,21 @@ def make_numbers_task(name: str, *, num_train: int, num_eval: int, max_number: i
     num_unlabeled: size of the "unlabeled" split: prompts without a demonstration for BC, whose
       English rendering is known only to the reward (like the final answers of ReST-EM's math
       problems). 0 leaves the split out.
+    num_test: size of the "test" split: reported, never selected on; disjoint from the others
+      and drawn from the end of the permutation, so the other splits do not depend on it. 0
+      leaves the split out.
   Returns:
     A Task with ENCDEC_FEATURES; "example_id" is the number.
   """
-  train, evaluation, unlabeled = sample_numbers(num_train=num_train, num_eval=num_eval,
-                                                max_number=max_number, seed=seed,
-                                                num_unlabeled=num_unlabeled)
+  train, evaluation, unlabeled, test = base.sample_splits(
+      num_train=num_train, num_eval=num_eval, num_unlabeled=num_unlabeled, num_test=num_test,
+      total=max_number + 1, seed=seed, what=f"numbers in [0, {max_number}]",
+      fix="raise max_number")
   splits = {"train": train, "validation": evaluation}
   if num_unlabeled:
     splits["unlabeled"] = unlabeled
+  if num_test:
+    splits["test"] = test
   return base.in_memory_task(
       name, build_splits=lambda: {k: _pairs(v) for k, v in splits.items()},
       sizes={k: len(v) for k, v in splits.items()}, output_features=base.ENCDEC_FEATURES)
@@ -74,6 +71,6 @@ def make_numbers_task(name: str, *, num_train: int, num_eval: int, max_number: i
 # D is small (250 demonstrations) and 4000 more prompts come without one: the setting where
 # ReST's reward-filtered self-generated data has something to teach that BC on D cannot.
 base.register(make_numbers_task("numbers_de_en", num_train=250, num_eval=256,
-                                max_number=99_999, seed=0, num_unlabeled=4000))
+                                max_number=99_999, seed=0, num_unlabeled=4000, num_test=256))
 base.register(make_numbers_task("numbers_de_en_small", num_train=256, num_eval=64,
-                                max_number=999, seed=0))
+                                max_number=999, seed=0, num_test=64))

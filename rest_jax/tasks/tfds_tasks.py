@@ -4,21 +4,25 @@ Which TFDS dataset holds what (TFDS 4.9):
 
 * "iwslt14_de_en": TFDS has no IWSLT 2014. ``ted_multi_translate`` holds the same kind of data
   (TED talk transcripts with German and English among ~60 languages, Qi et al. 2018), with
-  train / validation / test splits; we keep the talks' sentences that have both "de" and "en".
+  train / validation / test splits (all three used: "test" is the reported split); we keep the
+  talks' sentences that have both "de" and "en".
   For the exact IWSLT14 split (fairseq's prepare-iwslt14.sh), bring it as TSV through
   config.FileTaskConfig instead.
 * "wmt20_zh_en": TFDS has no WMT 2020 translate builder. ``wmt19_translate/zh-en`` holds the
   WMT19 Zh-En training corpora (news commentary, wiki titles, UN, CWMT: the bulk of WMT20's
-  Zh-En training data) with newstest2018 as "validation".
+  Zh-En training data) with newstest2018 as "validation"; it has no test split, so runs on it
+  report validation only (a logged note says so).
 * "gsm8k": ``gsm8k`` (question, answer = worked solution ending with "#### N"); GSM8K has no
-  validation split, so "validation" reads its "test" split (as ReST-EM reports).
+  validation split, so "validation" reads its "test" split (as ReST-EM reports) and the task
+  has no separate "test" split: its numbers are selected on, like the paper's.
 
 Hendrycks' MATH is not in TFDS (``math_dataset`` is DeepMind's mathematics dataset): bring its
 JSON as JSONL through config.FileTaskConfig (prompt_field "problem", reference_field
 "solution"); gin/tasks/math_jsonl.gin does that.
 
-Example ids are ``index * 4 + split_code`` over the split read in TFDS's fixed file order
-(shuffle_files=False): stable for a given TFDS version and unique across splits.
+Example ids are ``index * 4 + split_code`` (train 0, validation 1, test 2) over the split read
+in TFDS's fixed file order (shuffle_files=False): stable for a given TFDS version and unique
+across splits.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ def _ted_has_de_en(ex: Example) -> tf.Tensor:
 
 SOURCES: dict[str, TfdsSource] = {
     "iwslt14_de_en": TfdsSource(
-        "ted_multi_translate", {"train": "train", "validation": "validation"},
+        "ted_multi_translate",
+        {"train": "train", "validation": "validation", "test": "test"},
         pair=lambda ex: (_ted_text(ex, "de"), _ted_text(ex, "en")), keep=_ted_has_de_en),
     "wmt20_zh_en": TfdsSource(
         "wmt19_translate/zh-en", {"train": "train", "validation": "validation"},
@@ -118,8 +123,9 @@ def make_tfds_task(config: TfdsTaskConfig) -> seqio.Task:
   """The seqio Task of ``config.dataset`` (see SOURCES; not registered).
 
   Returns:
-    A Task with splits "train" and "validation", features from ``config.vocabulary`` and
-    ``config.kind``, texts "inputs_pretokenized" / "targets_pretokenized" and "example_id".
+    A Task with splits "train", "validation" (and "test" where the dataset has one), features
+    from ``config.vocabulary`` and ``config.kind``, texts "inputs_pretokenized" /
+    "targets_pretokenized" and "example_id".
   Raises:
     RestJaxError: unknown dataset, or the TFDS data is not prepared and download is off.
   """
