@@ -22,8 +22,10 @@ setup(
         "num2words>=0.5.13",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "etils[epath]>=1.5",  # rest_jax.storage: the path layer orbax uses.
         "matplotlib>=3.8",
         "numpy>=1.26",
+        "scipy>=1.10",  # Confidence intervals in `rest-jax compare`; Kendall tau.
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "safetensors>=0.4", "sentencepiece>=0.1.99", "tokenizers>=0.15",
