@@ -260,27 +260,33 @@ def read_text(path: str) -> str:
         from None
 
 
-def read_json(path: str, *, keys: Sequence[str] | None = None) -> Any:
+def read_json(path: str, *, keys: Sequence[str] | None = None, fix: str = _REBUILD) -> Any:
   """Parses a JSON file; with ``keys`` (possibly empty) it must be an object holding them.
 
+  Args:
+    path: the file.
+    keys: None, or the keys the object must hold.
+    fix: the end of the error message (default: restore it, or delete it and rerun).
   Raises:
-    RestJaxError: missing, truncated, corrupt, or not the object rest_jax wrote (names the file
-      and the fix).
+    RestJaxError: missing, not UTF-8, truncated, corrupt, or not the object rest_jax wrote
+      (names the file and ``fix``).
   """
-  text = read_text(path)
+  data = read_bytes(path)
   try:
-    value = json.loads(text)
+    value = json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise RestJaxError(f"{path} is corrupt (not UTF-8 text at byte {e.start}); {fix}") from None
   except json.JSONDecodeError as e:
     raise RestJaxError(f"{path} is corrupt or truncated ({e.msg} at line {e.lineno}); "
-                       f"{_REBUILD}") from None
+                       f"{fix}") from None
   if keys is not None:
     if not isinstance(value, dict):
       raise RestJaxError(f"{path} holds a JSON {type(value).__name__}, not the object rest_jax "
-                         f"wrote; {_REBUILD}")
+                         f"wrote; {fix}")
     missing = [k for k in keys if k not in value]
     if missing:
       raise RestJaxError(f"{path} lacks {', '.join(map(repr, missing))}: it is not the file "
-                         f"rest_jax wrote; {_REBUILD}")
+                         f"rest_jax wrote; {fix}")
   return value
 
 

@@ -41,7 +41,7 @@ def chunk_entry(directory: str, name: str, records: int) -> dict[str, Any]:
 
 
 def _rebuild_fix(directory: str) -> str:
-  return (f"Delete {COMPLETED}, {STATS} and {INDEX} in {directory} and rerun: the Grow step "
+  return (f"delete {COMPLETED}, {STATS} and {INDEX} in {directory} and rerun: the Grow step "
           "rebuilds them from its chunks.")
 
 
@@ -78,11 +78,11 @@ def read_stats_file(directory: str) -> GrowStats:
     RestJaxError: corrupt, truncated or not GrowStats (names the file and the fix).
   """
   path = storage.join(directory, STATS)
-  values = storage.read_json(path)
+  values = storage.read_json(path, keys=("count", "chunks"), fix=_rebuild_fix(directory))
   try:
     return GrowStats.from_dict(values)
   except (TypeError, ValueError, AttributeError) as e:
-    raise RestJaxError(f"{path} does not hold Grow stats ({type(e).__name__}: {e}). "
+    raise RestJaxError(f"{path} does not hold Grow stats ({type(e).__name__}: {e}); "
                        + _rebuild_fix(directory)) from None
 
 
@@ -97,9 +97,9 @@ def read_index_file(directory: str) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
       index = {k: data[k] for k in data.files}
   except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
-    raise RestJaxError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}). "
+    raise RestJaxError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}); "
                        + _rebuild_fix(directory)) from None
   missing = [k for k in INDEX_KEYS if k not in index]
   if missing:
-    raise RestJaxError(f"{path} lacks the columns {missing}. " + _rebuild_fix(directory))
+    raise RestJaxError(f"{path} lacks the columns {missing}; " + _rebuild_fix(directory))
   return index

@@ -71,7 +71,8 @@ def read_meta(directory: str) -> dict[str, Any]:
   if not storage.exists(path):
     raise RestJaxError(f"{directory} is not a reward-model directory (no {META}); train one with "
                        "`rest-jax train-reward --output_dir DIR` and use reward = 'learned:DIR'.")
-  return storage.read_json(path, keys=("model", "vocabulary", "input_len", "target_len"))
+  return storage.read_json(path, keys=("model", "vocabulary", "input_len", "target_len"),
+                           fix="restore it, or retrain with `rest-jax train-reward`.")
 
 
 def abstract_params(config: ModelConfig, layout: Layout) -> nnx.State:
