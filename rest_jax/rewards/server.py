@@ -119,6 +119,9 @@ def _make_handler(reward_fn: RewardFn, token: str | None, name: str,
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
       """Errors found by http.server itself (bad request line, too many headers), as JSON."""
+      if not self.server.deadlines.disarm(self.connection):
+        self.close_connection = True  # Cut off by the read deadline: nobody to answer.
+        return
       self.server.count(str(code))
       self._send(code, {"error": message or HTTPStatus(code).phrase})
 
