@@ -28,7 +28,7 @@ import json
 import os
 import re
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from etils import epath
 
@@ -234,29 +234,60 @@ def write_json(path: str, obj: Any, *, overwrite: bool = True) -> None:
   write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n", overwrite=overwrite)
 
 
+_REBUILD = "restore it, or delete it and rerun to rebuild what it records."
+
+
 def read_bytes(path: str) -> bytes:
   try:
     return epath.Path(path).read_bytes()
   except FileNotFoundError as e:
     raise RestJaxError(f"{path} does not exist.") from e
+  except IsADirectoryError:
+    raise RestJaxError(f"{path} is a folder where a file was expected; {_REBUILD}") from None
 
 
 def read_text(path: str) -> str:
-  return read_bytes(path).decode("utf-8")
-
-
-def read_json(path: str) -> Any:
-  """Parses a JSON file.
+  """A UTF-8 text file.
 
   Raises:
-    RestJaxError: missing, truncated or corrupt (names the file and the fix).
+    RestJaxError: missing, a folder, or not UTF-8 (names the file and the fix).
   """
-  text = read_text(path)
+  data = read_bytes(path)
   try:
-    return json.loads(text)
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RestJaxError(f"{path} is corrupt (not UTF-8 text at byte {e.start}); {_REBUILD}") \
+        from None
+
+
+def read_json(path: str, *, keys: Sequence[str] | None = None, fix: str = _REBUILD) -> Any:
+  """Parses a JSON file; with ``keys`` (possibly empty) it must be an object holding them.
+
+  Args:
+    path: the file.
+    keys: None, or the keys the object must hold.
+    fix: the end of the error message (default: restore it, or delete it and rerun).
+  Raises:
+    RestJaxError: missing, not UTF-8, truncated, corrupt, or not the object rest_jax wrote
+      (names the file and ``fix``).
+  """
+  data = read_bytes(path)
+  try:
+    value = json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise RestJaxError(f"{path} is corrupt (not UTF-8 text at byte {e.start}); {fix}") from None
   except json.JSONDecodeError as e:
-    raise RestJaxError(f"{path} is corrupt or truncated ({e.msg} at line {e.lineno}); restore "
-                       "it, or delete it and rerun to rebuild what it records.") from None
+    raise RestJaxError(f"{path} is corrupt or truncated ({e.msg} at line {e.lineno}); "
+                       f"{fix}") from None
+  if keys is not None:
+    if not isinstance(value, dict):
+      raise RestJaxError(f"{path} holds a JSON {type(value).__name__}, not the object rest_jax "
+                         f"wrote; {fix}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+      raise RestJaxError(f"{path} lacks {', '.join(map(repr, missing))}: it is not the file "
+                         f"rest_jax wrote; {fix}")
+  return value
 
 
 @contextlib.contextmanager

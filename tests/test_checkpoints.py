@@ -203,3 +203,42 @@ def test_relative_phase_directory_works(tmp_path, monkeypatch):
                                         sharding=jax.sharding.SingleDeviceSharding(
                                             jax.devices()[0]))}
   np.testing.assert_array_equal(ckpt.restore_best_params(abstract)["w"], np.arange(4.0))
+
+
+def _truncate_data(directory):
+  files = [p for p in directory.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files
+  for path in files:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_truncated_checkpoint_names_the_phase_and_the_fix(tmp_path):
+  trainer, params = _trainer(make_layout(2, 2, 2))
+  abstract = trainer.abstract_params(params)
+  directory = tmp_path / "checkpoints" / "g001_i02"
+  with ckpt.PhaseCheckpoints(directory) as phase:
+    phase.save_best(0, _params(0), {"eval_reward": 0.5})
+    phase.save_latest(0, trainer.init(params), {"best_reward": 0.5})
+  _truncate_data(directory / "best")
+  _truncate_data(directory / "latest")
+  with ckpt.PhaseCheckpoints(directory) as phase:
+    with pytest.raises(RestJaxError, match=r"the best checkpoint of phase 'g001_i02' in .*"
+                       r"is corrupt or truncated.*Delete .*g001_i02 \(and the phase's marker "
+                       r"phases/g001_i02.json.*the phase before it"):
+      phase.restore_best_params(abstract)
+    with pytest.raises(RestJaxError, match="the latest checkpoint of phase 'g001_i02'"):
+      phase.restore_latest(trainer.abstract_state(params))
+  (directory / "latest" / "0" / "meta" / "metadata").write_text("{trunc")
+  with ckpt.PhaseCheckpoints(directory) as phase:
+    with pytest.raises(RestJaxError, match="latest checkpoint of phase 'g001_i02'.*corrupt"):
+      phase.latest()
+  path = tmp_path / "plain"
+  ckpt.save_pytree(path, _params(1))
+  _truncate_data(path)
+  with pytest.raises(RestJaxError, match=r"checkpoint .*plain is corrupt or truncated.*write it "
+                     "again"):
+    ckpt.restore_pytree(path, abstract)
+  (path / "_METADATA").write_text("{")
+  with pytest.raises(RestJaxError, match="plain is corrupt or truncated"):
+    ckpt.restore_params(path, abstract)

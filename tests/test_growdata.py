@@ -231,10 +231,20 @@ def test_corrupt_chunks(tmp_path):
     f.write(good[:-9])
   with pytest.raises(RestJaxError, match="chunk-h000-00000.tfrecord.*bytes"):
     growdata.grow_task(directory, output_features=FEATURES)
-  corrupt = bytearray(good)  # Same size, flipped bytes: caught while reading.
+  corrupt = bytearray(good)  # Same size, flipped bytes: caught by the manifest's checksum.
   corrupt[len(good) // 2:len(good) // 2 + 8] = b"\xff" * 8
   with open(path, "wb") as f:
     f.write(bytes(corrupt))
+  with pytest.raises(RestJaxError, match=r"chunk-h000-00000.tfrecord has the recorded size but "
+                     r"its bytes changed.*SHA-256.*Delete that chunk file"):
+    growdata.grow_task(directory, output_features=FEATURES)
+  stats_path = os.path.join(directory, growdata.STATS)  # A manifest from before checksums:
+  stats = json.load(open(stats_path))  # the flipped bytes are caught while reading.
+  assert all(len(info["sha256"]) == 64 for info in stats["chunks"].values())
+  for info in stats["chunks"].values():
+    del info["sha256"]
+  with open(stats_path, "w") as f:
+    json.dump(stats, f)
   dataset = growdata.grow_task(directory, output_features=FEATURES).get_dataset(
       None, split="train", shuffle=False)
   with pytest.raises(RestJaxError, match="corrupt"):

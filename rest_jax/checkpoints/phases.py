@@ -21,10 +21,11 @@ finds the best checkpoint that ``latest``'s meta refers to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -75,6 +76,30 @@ def _require_dir(path: epath.Path, what: str) -> None:
                        "rest_jax.checkpoints.phases) or rerun the phase that writes it.")
 
 
+@contextlib.contextmanager
+def _reading(what: str, fix: str) -> Iterator[None]:
+  """Turns a failure to read checkpoint data into one RestJaxError naming ``what`` and ``fix``.
+
+  orbax and TensorStore raise ValueError, OSError, JSONDecodeError or a plain Exception for a
+  truncated or damaged checkpoint, so any exception but a RestJaxError is reported (its type
+  and first line are kept, so a bug still shows). Flipped bytes that keep the sizes are not
+  detected: orbax stores no checksums.
+  """
+  try:
+    yield
+  except RestJaxError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    detail = (str(e).strip().splitlines() or [""])[0][:200]
+    raise RestJaxError(f"{what} is corrupt or truncated ({type(e).__name__}: {detail}). "
+                       f"{fix}") from None
+
+
+def _reading_file(path: epath.Path) -> contextlib.AbstractContextManager:
+  return _reading(f"checkpoint {path}", "Restore it from a copy, or write it again (rerun what "
+                  "wrote it: rest-jax import, train-reward, or the phase).")
+
+
 def save_pytree(path: PathLike, tree: Any) -> None:
   """Writes ``tree`` (jax.Arrays, ``nnx.State``s, optax states, ...) as one checkpoint.
 
@@ -100,7 +125,7 @@ def restore_pytree(path: PathLike, abstract_tree: Any) -> Any:
   path = epath.Path(storage.absolute(os.fspath(path)))
   _require_dir(path, "checkpoint")
   _check_abstract(abstract_tree)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with ocp.StandardCheckpointer() as checkpointer, _reading_file(path):
     pure = checkpointer.restore(path, to_pure(abstract_tree))
   return from_pure(abstract_tree, pure)
 
@@ -121,7 +146,7 @@ def restore_params(path: PathLike, abstract_params: Any) -> Any:
   _require_dir(path, "checkpoint")
   _check_abstract(abstract_params)
   pure_params = to_pure(abstract_params)
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with ocp.PyTreeCheckpointer() as checkpointer, _reading_file(path):
     stored = checkpointer.metadata(path).item_metadata.tree
     if isinstance(stored, Mapping) and "params" in stored:
       item = {"params": pure_params}
@@ -161,6 +186,13 @@ class PhaseCheckpoints:
         self.directory / "best", options=ocp.CheckpointManagerOptions(
             best_fn=_best_score, best_mode="max", **{**common, "max_to_keep": 2}))
 
+  def _reading(self, which: str) -> contextlib.AbstractContextManager:
+    phase = self.directory.name
+    return _reading(
+        f"the {which} checkpoint of phase {phase!r} in {self.directory}",
+        f"Delete {self.directory} (and the phase's marker phases/{phase}.json, if present) and "
+        "rerun: the phase is trained again from the checkpoint of the phase before it.")
+
   def __enter__(self) -> PhaseCheckpoints:
     return self
 
@@ -197,8 +229,10 @@ class PhaseCheckpoints:
     step = self._latest.latest_step()
     if step is None:
       return None
-    restored = self._latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return step, dict(restored["meta"])
+    with self._reading("latest"):
+      restored = self._latest.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))
+      return step, dict(restored["meta"])
 
   def restore_latest(self, abstract_state: Any) -> Any:
     """The newest TrainState, placed on the shardings of ``abstract_state``."""
@@ -206,8 +240,9 @@ class PhaseCheckpoints:
     if step is None:
       raise RestJaxError(f"no complete checkpoint in {self.directory / 'latest'} to resume from.")
     _check_abstract(abstract_state)
-    restored = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(to_pure(abstract_state))))
+    with self._reading("latest"):
+      restored = self._latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(to_pure(abstract_state))))
     return from_pure(abstract_state, restored["state"])
 
   def save_best(self, step: int, params: Any, metrics: Mapping[str, float]) -> None:
@@ -232,8 +267,10 @@ class PhaseCheckpoints:
     step = self.best_step()
     if step is None:
       return None
-    restored = self._best.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))
-    return dict(restored["metrics"])
+    with self._reading("best"):
+      restored = self._best.restore(step, args=ocp.args.Composite(
+          metrics=ocp.args.JsonRestore()))
+      return dict(restored["metrics"])
 
   def restore_best_params(self, abstract_params: Any) -> Any:
     """The best params, placed on the shardings of ``abstract_params``."""
@@ -242,8 +279,9 @@ class PhaseCheckpoints:
       raise RestJaxError(f"no best checkpoint in {self.directory / 'best'}; the phase has not "
                          "evaluated yet, rerun it.")
     _check_abstract(abstract_params)
-    restored = self._best.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(to_pure(abstract_params))))
+    with self._reading("best"):
+      restored = self._best.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(to_pure(abstract_params))))
     return from_pure(abstract_params, restored["params"])
 
   def discard_best_after(self, step: int) -> None:

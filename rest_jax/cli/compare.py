@@ -36,7 +36,7 @@ def resolve_workdirs(paths: Sequence[str]) -> list[str]:
   for path in paths:
     manifest = storage.join(path, SWEEP_FILE)
     if not storage.exists(Workdir(path).summary_path) and storage.exists(manifest):
-      out += [r["workdir"] for r in storage.read_json(manifest)["runs"]]
+      out += [r["workdir"] for r in storage.read_json(manifest, keys=("runs",))["runs"]]
     else:
       out.append(path)
   return out

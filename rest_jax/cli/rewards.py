@@ -2,11 +2,13 @@
 
   rest-jax train-reward --data WORKDIR_OR_JSONL --output_dir DIR [--model tiny] [--num_steps N]
   rest-jax serve-reward --reward chrf --port 8000 [--host H] [--token_env VAR] [--range LO HI]
+      [--tls_cert PEM --tls_key PEM] [--insecure] [--workers N ...]  (see docs/reward-server.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -57,7 +59,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                   help="env var holding a bearer token that clients must send")
   sv.add_argument("--range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                   help="declared range of the served reward (mapped to [0, 1])")
+  sv.add_argument("--insecure", action="store_true",
+                  help="allow a non-loopback --host without --token_env (trusted networks only)")
+  sv.add_argument("--tls_cert", default=None, help="PEM certificate (chain): serve HTTPS")
+  sv.add_argument("--tls_key", default=None, help="PEM private key of --tls_cert")
+  _add_limit_flags(sv)
   sv.add_argument("--log_level", default="INFO")
+
+
+def _add_limit_flags(sv: argparse.ArgumentParser) -> None:
+  """One flag per field of rest_jax.rewards.httpserver.ServerLimits, with its default."""
+  from rest_jax.rewards.httpserver import ServerLimits  # pylint: disable=g-import-not-at-top
+  helps = {
+      "workers": "requests handled at once",
+      "max_queued": "connections waiting for a worker; more get HTTP 503 with Retry-After",
+      "max_body_bytes": "larger request bodies get HTTP 413",
+      "idle_timeout_s": "disconnect a client silent this long",
+      "read_timeout_s": "disconnect a client whose request has not arrived within this",
+      "retry_after_s": "Retry-After of a 503",
+      "reward_threads": "calls into the reward at once (0: one per worker; 1: for a reward "
+                        "that is not thread-safe)",
+  }
+  for field in dataclasses.fields(ServerLimits):
+    sv.add_argument(f"--{field.name}", type=type(field.default), default=field.default,
+                    help=f"{helps[field.name]} (default {field.default})")
 
 
 def train_reward(args: argparse.Namespace) -> dict:
@@ -103,7 +128,7 @@ def serve_reward(args: argparse.Namespace) -> None:
   """Runs `rest-jax serve-reward` until interrupted."""
   from rest_jax.config import RewardConfig  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards import build_reward, reward_label  # pylint: disable=g-import-not-at-top
-  from rest_jax.rewards.server import make_server  # pylint: disable=g-import-not-at-top
+  from rest_jax.rewards import server as server_lib  # pylint: disable=g-import-not-at-top
 
   token = None
   if args.token_env:
@@ -111,11 +136,17 @@ def serve_reward(args: argparse.Namespace) -> None:
     if not token:
       raise RestJaxError(f"--token_env names {args.token_env!r}, but that environment variable "
                          "is not set; export it first.")
+  limits = server_lib.ServerLimits(**{f.name: getattr(args, f.name)
+                                       for f in dataclasses.fields(server_lib.ServerLimits)})
+  server_lib.check_bind(args.host, token, args.insecure)  # Before loading a reward model.
   config = RewardConfig(range=tuple(args.range))
-  server = make_server(build_reward(args.reward, config), host=args.host, port=args.port,
-                       token=token, name=reward_label(args.reward, config))
+  reward = build_reward(args.reward, config)
+  server = server_lib.make_server(reward, host=args.host, port=args.port, token=token,
+                       name=reward_label(args.reward, config), limits=limits,
+                       insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key)
   host, port = server.server_address[:2]
-  print(f"serving reward {args.reward!r} on http://{host}:{port}/"
+  scheme = "https" if args.tls_cert else "http"
+  print(f"serving reward {args.reward!r} on {scheme}://{host}:{port}/"
         f"{' (bearer token required)' if token else ''}", flush=True)
   try:
     server.serve_forever()

@@ -149,7 +149,7 @@ def write_manifest(root: str, runs: Sequence[tuple[str, RunSpec]]) -> str:
   path = storage.join(root, SWEEP_FILE)
   entries = {}
   if storage.exists(path):
-    entries = {e["name"]: e for e in storage.read_json(path)["runs"]}
+    entries = {e["name"]: e for e in storage.read_json(path, keys=("runs",))["runs"]}
   for name, run in runs:
     entries[name] = {"name": name, "workdir": run.workdir, "gin_files": list(run.gin_files),
                      "overrides": list(run.overrides)}

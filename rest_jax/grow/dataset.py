@@ -29,13 +29,12 @@ import seqio
 import tensorflow as tf
 
 from rest_jax import storage
+from rest_jax.grow import integrity
 from rest_jax.grow import stats as growstats
 from rest_jax.errors import RestJaxError
 from rest_jax.grow.stats import GrowStats
 
-COMPLETED = "COMPLETED"
-STATS = "stats.json"
-INDEX = "index.npz"
+COMPLETED, STATS, INDEX = integrity.COMPLETED, integrity.STATS, integrity.INDEX
 _CHUNK_RE = re.compile(r"^chunk-h(\d{3})-(\d{5})\.tfrecord$")
 _TASK_COUNTER = itertools.count()
 _READ_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)
@@ -259,8 +258,7 @@ def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
     part["chunk"] = np.full(part["reward"].shape, file_index, np.int32)
     part["position"] = np.arange(part["reward"].size, dtype=np.int64)
     parts.append(part)
-    manifest[name] = {"records": int(part["reward"].size),
-                      "bytes": storage.size(storage.join(directory, name))}
+    manifest[name] = integrity.chunk_entry(directory, name, part["reward"].size)
   index = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   if index["reward"].size == 0:
     raise RestJaxError(f"the Grow chunks in {directory} hold no records: the prompt set was "
@@ -294,15 +292,14 @@ def _require_complete(directory: str) -> None:
 def read_stats(directory: str) -> GrowStats:
   """The stats of a finalized Grow dataset."""
   _require_complete(directory)
-  return GrowStats.from_json(storage.read_text(storage.join(directory, STATS)))
+  return integrity.read_stats_file(directory)
 
 
 def load_index(directory: str) -> dict[str, np.ndarray]:
   """Host-side index of a finalized dataset, `[count]` each: example_id, sample_idx, reward
   (float32), is_original (bool), chunk (int32 into "files"), position (record number in it)."""
   _require_complete(directory)
-  with np.load(io.BytesIO(storage.read_bytes(storage.join(directory, INDEX)))) as data:
-    return {k: data[k] for k in data.files}
+  return integrity.read_index_file(directory)
 
 
 def read_records(directory: str, *, files: Sequence[str] | None = None) -> Iterator[GrowRecord]:
@@ -330,21 +327,6 @@ def read_record(directory: str, name: str, position: int) -> GrowRecord:
                      "changed after finalize. Delete the directory and rerun the Grow step.")
 
 
-def _check_manifest(directory: str, stats: GrowStats) -> list[str]:
-  paths = []
-  for name, info in sorted(stats.chunks.items()):
-    path = storage.join(directory, name)
-    size = storage.size(path)
-    if size != info["bytes"]:
-      raise RestJaxError(
-          f"Grow chunk {path} is {'missing' if size is None else f'{size} bytes'} but was "
-          f"{info['bytes']} bytes when finalized. Delete that chunk file together with "
-          f"{COMPLETED}, {STATS} and {INDEX} in {directory} and rerun: the Grow step "
-          "regenerates it.")
-    paths.append(path)
-  return paths
-
-
 def grow_task(directory: str, *,
               output_features: Mapping[str, seqio.Feature]) -> seqio.Task:
   """Every record of a finalized Grow dataset, unfiltered, as an (unregistered) seqio Task.
@@ -363,7 +345,7 @@ def grow_task(directory: str, *,
     RestJaxError: not finalized, or a chunk changed since finalize.
   """
   stats = read_stats(directory)
-  files = _check_manifest(directory, stats)
+  files = integrity.check_manifest(directory, stats)
 
   def cast(ex):
     ex = dict(ex)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 
@@ -35,22 +36,30 @@ class GrowStats:
   quantiles: dict[str, float]  # "0.1" -> value, for each of QUANTILES.
   histogram: dict[str, list]  # {"edges": [bins + 1] over [0, 1], "counts": [bins]}.
   grow_step: int = -1  # The records' grow_step (-1 if they disagree).
-  chunks: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
-  # chunk file name -> {"records": n, "bytes": size}: the finalized file set.
+  chunks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  # chunk file name -> {"records": n, "bytes": size, "sha256": hex}: the finalized file set.
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
   @classmethod
   def from_json(cls, text: str) -> GrowStats:
-    values = json.loads(text)
+    return cls.from_dict(json.loads(text))
+
+  @classmethod
+  def from_dict(cls, values: dict) -> GrowStats:
+    """From ``to_json``'s dict; unknown keys are ignored, a missing field is a TypeError."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    stats = cls(**{k: v for k, v in values.items() if k in names})
+    if not isinstance(stats.chunks, dict) or not all(
+        isinstance(v, dict) and "bytes" in v for v in stats.chunks.values()):
+      raise ValueError("chunks must map file names to {records, bytes, sha256}")
+    return stats
 
 
 def compute_stats(rewards: np.ndarray, is_original: np.ndarray, *, grow_step: int = -1,
                   histogram_bins: int = 20,
-                  chunks: dict[str, dict[str, int]] | None = None) -> GrowStats:
+                  chunks: dict[str, dict[str, Any]] | None = None) -> GrowStats:
   """Reward statistics of a Grow dataset.
 
   Args:

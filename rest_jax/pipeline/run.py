@@ -54,6 +54,7 @@ def plan(config: RunConfig) -> list[Phase]:
 def check_workdir(workdir: Workdir, config: RunConfig) -> None:
   """Refuses a workdir made by another config (every host looks before anything is written)."""
   diffs = workdir.config_differences(config)
+  workdir.check_state_files()
   distributed.barrier("workdir checked")
   if diffs:
     raise RestJaxError(

@@ -37,6 +37,8 @@ CONFIG_GIN = "config.gin"
 RUN_CONFIG = "run_config.json"
 STATE = "state.json"
 SUMMARY = "summary.json"
+MARKER_KEYS = ("phase", "eval_reward", "eval_exact_match")  # Of a phases/{name}.json row.
+SUMMARY_KEYS = ("rows",)
 _GROW_RE = re.compile(r"^g(\d+)$")
 _PHASE_RE = re.compile(r"^(bc|g\d{3}_i\d{2})\.json$")
 
@@ -133,7 +135,7 @@ class Workdir:
     """True when ``rest-jax run`` finished here (state ``done`` and a summary)."""
     if not (storage.exists(self.path(STATE)) and storage.exists(self.summary_path)):
       return False
-    return storage.read_json(self.path(STATE)).get("phase") == "done"
+    return self._state()["phase"] == "done"
 
   # -- Run config ------------------------------------------------------------------------------
 
@@ -143,7 +145,11 @@ class Workdir:
     path = self.path(RUN_CONFIG)
     if not storage.exists(path):
       raise RestJaxError(f"{path} does not exist; pass the --workdir of a `rest-jax run`.")
-    return _build(RunConfig, storage.read_json(path))
+    try:
+      return _build(RunConfig, storage.read_json(path, keys=()))
+    except (TypeError, ValueError, AttributeError) as e:
+      raise RestJaxError(f"{path} does not hold a valid RunConfig ({e}); restore it, or pass "
+                         "the workdir of another run.") from None
 
   def config_differences(self, config: RunConfig) -> list[str] | None:
     """None for a workdir without a recorded config, else how ``config`` differs from it."""
@@ -153,7 +159,7 @@ class Workdir:
       return None
     mine = json.loads(json.dumps(dataclasses.asdict(config)))
     default = json.loads(json.dumps(dataclasses.asdict(RunConfig())))
-    return _diff(storage.read_json(path), mine, default)
+    return _diff(storage.read_json(path, keys=()), mine, default)
 
   def record_config(self, config: RunConfig, config_text: str) -> None:
     """Writes run_config.json and config.gin (host 0, once the run has been checked)."""
@@ -163,9 +169,24 @@ class Workdir:
 
   # -- State and markers --------------------------------------------------------------------------
 
-  def previous_wall_time(self) -> float:
+  def _state(self) -> dict:
     path = self.path(STATE)
-    return float(storage.read_json(path)["wall_time_s"]) if storage.exists(path) else 0.0
+    state = storage.read_json(path, keys=("phase", "wall_time_s"))
+    if not isinstance(state["wall_time_s"], (int, float)):
+      raise RestJaxError(f"{path} has wall_time_s {state['wall_time_s']!r}, not a number; "
+                         "delete it and rerun (only the recorded wall time is lost).")
+    return state
+
+  def check_state_files(self) -> None:
+    """Reads state.json and every phase marker, so that a damaged one is named before the run
+    builds anything (RestJaxError naming the file and the fix)."""
+    if storage.exists(self.path(STATE)):
+      self._state()
+    for phase in self.finished_phases():
+      self.marked(phase)
+
+  def previous_wall_time(self) -> float:
+    return float(self._state()["wall_time_s"]) if storage.exists(self.path(STATE)) else 0.0
 
   def write_state(self, phase: str, wall_time_s: float) -> None:
     storage.write_json(self.path(STATE), {"phase": phase, "wall_time_s": float(wall_time_s)})
@@ -177,13 +198,13 @@ class Workdir:
   def marked(self, phase: str) -> dict | None:
     """The summary row of a finished phase, or None."""
     path = self.marker_path(phase)
-    return storage.read_json(path) if storage.exists(path) else None
+    return storage.read_json(path, keys=MARKER_KEYS) if storage.exists(path) else None
 
   def read_summary(self) -> dict:
     if not storage.exists(self.summary_path):
       raise RestJaxError(f"{self.root} has no {SUMMARY}: the run has not finished. Rerun "
                          "`rest-jax run` there, or pass finished runs.")
-    return storage.read_json(self.summary_path)
+    return storage.read_json(self.summary_path, keys=SUMMARY_KEYS)
 
 
 def _diff(a: Any, b: Any, default: Any = None, prefix: str = "") -> list[str]:

@@ -73,7 +73,8 @@ def read_meta(directory: str) -> dict[str, Any]:
   if not storage.exists(path):
     raise RestJaxError(f"{directory} is not a reward-model directory (no {META}); train one with "
                        "`rest-jax train-reward --output_dir DIR` and use reward = 'learned:DIR'.")
-  return storage.read_json(path)
+  return storage.read_json(path, keys=("model", "vocabulary", "input_len", "target_len"),
+                           fix="restore it, or retrain with `rest-jax train-reward`.")
 
 
 def abstract_params(config: ModelConfig, layout: Layout) -> nnx.State:
@@ -88,9 +89,13 @@ class LearnedReward:
   def __init__(self, directory: str, *, batch_size: int = 256, layout: Layout | None = None):
     directory = os.path.abspath(directory)
     meta = read_meta(directory)
-    self.config = ModelConfig(**meta["model"])
+    try:
+      self.config = ModelConfig(**meta["model"])
+      self.input_len, self.target_len = int(meta["input_len"]), int(meta["target_len"])
+    except (TypeError, ValueError) as e:
+      raise RestJaxError(f"{os.path.join(directory, META)} does not describe a reward model "
+                         f"({e}); restore it, or retrain with `rest-jax train-reward`.") from None
     self.vocab = make_vocabulary(meta["vocabulary"])
-    self.input_len, self.target_len = int(meta["input_len"]), int(meta["target_len"])
     self.metrics = meta.get("metrics", {})
     layout = layout or layout_from_config(MeshConfig())
     shards = layout.num_batch_shards

@@ -1,4 +1,10 @@
-"""Rewards given by import path: ``reward = "py:package.module:function"``."""
+"""Rewards given by import path: ``reward = "py:package.module:function"``.
+
+This runs code: the module is imported from the Python import path (PYTHONPATH, the current
+directory, installed packages) and the function is called, in runs and in ``serve-reward``
+alike. Whoever can set ``RunConfig.reward`` (a gin file, a ``--gin`` flag, a rerun workdir's
+run_config.json) can run code as you; see docs/reward-server.md.
+"""
 
 from __future__ import annotations
 

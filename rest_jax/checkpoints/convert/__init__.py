@@ -80,7 +80,15 @@ def read_model_config(path: str) -> ModelConfig:
   if not storage.exists(file) or storage.isdir(file):
     raise RestJaxError(f"no {MODEL_CONFIG_FILE} at {path}; pass a directory written by "
                        "`rest-jax import` / convert.save_orbax.")
-  return model_config_from_dict(storage.read_json(file))
+  fields = storage.read_json(file, keys=(), fix="restore it, or import the checkpoint again "
+                             "with `rest-jax import`.")
+  try:
+    return model_config_from_dict(fields)
+  except RestJaxError as e:
+    raise RestJaxError(f"{file}: {e}") from None
+  except (TypeError, ValueError) as e:
+    raise RestJaxError(f"{file} does not hold a valid model config ({e}); restore it, or import "
+                       "the checkpoint again with `rest-jax import`.") from None
 
 
 def save_orbax(path: str, config: ModelConfig, params: nnx.State) -> None:

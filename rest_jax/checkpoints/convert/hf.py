@@ -8,7 +8,6 @@ at a time, and placed straight onto their shardings (``params.place_params``). S
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -45,16 +44,15 @@ def read_hf_config(path: str) -> dict[str, Any]:
   if not os.path.isfile(config_path):
     raise RestJaxError(f"no {CONFIG_FILE} in {path}; pass a Hugging Face model directory "
                        "(config.json + model.safetensors), e.g. one saved by save_pretrained.")
-  with open(config_path, encoding="utf-8") as f:
-    return json.load(f)
+  return storage.read_json(config_path, keys=(), fix="restore it from the model's source.")
 
 
 def _weight_files(path: str) -> dict[str, str]:
   """Maps every tensor name to the safetensors file holding it."""
   index = os.path.join(path, INDEX_FILE)
   if os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = storage.read_json(index, keys=("weight_map",),
+                                   fix="restore it from the model's source.")["weight_map"]
     return {name: os.path.join(path, file) for name, file in weight_map.items()}
   single = os.path.join(path, WEIGHTS_FILE)
   if not os.path.isfile(single):
