@@ -236,7 +236,11 @@ class ImproveConfig:
   thresholds: tuple[float, ...] = PAPER_THRESHOLDS
   lr_decay: float = 0.5  # Improve step k (counted over the whole run) uses lr * lr_decay**k.
   restart_from_base: bool = False  # ReST-EM: every Grow step fine-tunes the BC policy again.
-  max_per_prompt: int = 0  # Keep at most this many samples per prompt; 0 = no cap.
+  max_per_prompt: int = 0  # Per-prompt top-k: at most K samples, best rewards first; 0 = no cap.
+  # Drop every record of a prompt whose samples in the current Grow set all pass (all fail) the
+  # step's threshold (Reinforce-Rej, DAPO); see rest_jax.improve.selection.
+  drop_all_pass: bool = False
+  drop_all_fail: bool = False
   # Threshold schedule (rest_jax.improve.schedules): "fixed" (the `thresholds` list), "quantile",
   # "linear", "per_source_percentile" or "per_source_interpolation".
   schedule: str = "fixed"
