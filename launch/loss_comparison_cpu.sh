@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The loss comparison of gin/experiments/loss_comparison_cpu.gin: BC, then GOLD, BVMPO and OAC.
+# The loss comparison of gin/experiments/loss_comparison_cpu.gin: BC, then GOLD, BVMPO, OAC and
+# RAFT++ (raft_pp).
 # The later runs start from a copy of the first run's BC phase and Grow dataset (the loop skips a
 # finished phase and a complete Grow step), so every loss improves the same BC policy on the
 # same D_g. Usage: launch/loss_comparison_cpu.sh [WORKROOT]   (default: workdirs)
@@ -19,7 +20,7 @@ run() {
 }
 
 run bc
-for loss in gold bvmpo oac; do
+for loss in gold bvmpo oac raft_pp; do
   dir="$root/loss_$loss"
   if [ ! -e "$dir/phases/bc.json" ]; then
     mkdir -p "$dir/checkpoints" "$dir/phases" "$dir/grow"

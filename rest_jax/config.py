@@ -138,6 +138,34 @@ class OacConfig:
   normalize_advantages: bool = False  # Divide A by its standard deviation over the batch tokens.
 
 
+_RAFT_PP_RATIOS = ("token", "sequence")
+_RAFT_PP_CLIPS = ("ppo", "truncate")
+
+
+@dataclasses.dataclass(frozen=True)
+class RaftPpConfig:
+  """RAFT++: BC weighted by rho = pi_theta / pi_behaviour (Grow's stored log-probs), per "token"
+  or per "sequence"; ``clip`` "ppo": no gradient where rho > 1 + clip_high (clip_low unread),
+  "truncate": weight clip(rho, 1 - clip_low, 1 + clip_high). See improve/losses/raft_pp.py."""
+
+  ratio: str = "token"
+  clip: str = "ppo"
+  clip_low: float = 0.2  # The ratio range is [1 - clip_low, 1 + clip_high].
+  clip_high: float = 0.2
+
+  def __post_init__(self):
+    _require(self.ratio in _RAFT_PP_RATIOS,
+             f"RaftPpConfig.ratio {self.ratio!r} is unknown; use one of {_RAFT_PP_RATIOS}.")
+    _require(self.clip in _RAFT_PP_CLIPS,
+             f"RaftPpConfig.clip {self.clip!r} is unknown; use one of {_RAFT_PP_CLIPS}.")
+    _require(0.0 <= self.clip_low < 1.0 and math.isfinite(self.clip_low),
+             f"RaftPpConfig.clip_low must be in [0, 1) (the lowest ratio is 1 - clip_low), got "
+             f"{self.clip_low}.")
+    _require(self.clip_high >= 0.0 and math.isfinite(self.clip_high),
+             f"RaftPpConfig.clip_high must be a finite number >= 0 (the highest ratio is "
+             f"1 + clip_high), got {self.clip_high}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ValueConfig:
   """The behaviour value network of BVMPO / OAC: the policy's architecture with a scalar head,
@@ -173,6 +201,7 @@ class TrainConfig:
   gold: GoldConfig = GoldConfig()  # Read by loss "gold" only.
   bvmpo: BvmpoConfig = BvmpoConfig()  # Read by loss "bvmpo" only.
   oac: OacConfig = OacConfig()  # Read by loss "oac" only.
+  raft_pp: RaftPpConfig = RaftPpConfig()  # Read by loss "raft_pp" only.
 
   def __post_init__(self):
     _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
@@ -207,7 +236,11 @@ class ImproveConfig:
   thresholds: tuple[float, ...] = PAPER_THRESHOLDS
   lr_decay: float = 0.5  # Improve step k (counted over the whole run) uses lr * lr_decay**k.
   restart_from_base: bool = False  # ReST-EM: every Grow step fine-tunes the BC policy again.
-  max_per_prompt: int = 0  # Keep at most this many samples per prompt; 0 = no cap.
+  max_per_prompt: int = 0  # Per-prompt top-k: at most K samples, best rewards first; 0 = no cap.
+  # Drop every record of a prompt whose samples in the current Grow set all pass (all fail) the
+  # step's threshold (Reinforce-Rej, DAPO); see rest_jax.improve.selection.
+  drop_all_pass: bool = False
+  drop_all_fail: bool = False
   # Threshold schedule (rest_jax.improve.schedules): "fixed" (the `thresholds` list), "quantile",
   # "linear", "per_source_percentile" or "per_source_interpolation".
   schedule: str = "fixed"

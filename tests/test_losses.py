@@ -101,11 +101,11 @@ def test_registry():
   bc = losses.make_loss(TrainConfig(loss="bc"))
   assert isinstance(bc, losses.Loss) and not bc.needs and bc.init_params is None
   assert losses.make_loss(TrainConfig(loss="bc", learning_rate=1e-3)) is bc
-  for name in ("gold", "bvmpo", "oac"):
+  for name in ("gold", "bvmpo", "oac", "raft_pp"):
     assert isinstance(losses.make_loss(TrainConfig(loss=name)), losses.Loss)
   losses.check_loss_name("reward_weighted_bc")
   with pytest.raises(RestJaxError,
-                     match=r"unknown loss 'ppo'.*\['bc', 'bvmpo', 'gold', 'oac', "
+                     match=r"unknown loss 'ppo'.*\['bc', 'bvmpo', 'gold', 'oac', 'raft_pp', "
                      r"'reward_weighted_bc'\]"):
     losses.check_loss_name("ppo")
   with pytest.raises(RestJaxError, match="unknown loss 'ppo'"):

@@ -4,6 +4,7 @@ which policy each Improve step starts from (restart_from_base), which TrainConfi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -113,3 +114,19 @@ def test_improve_start_policy_and_config(tmp_path, fake, restart):
     pipeline.run(cfg, work, progress=False)
     assert [(c["name"], c["start"]) for c in fake["train"]] == [
         ("g002_i01", "params-bc"), ("g002_i02", "params-g002_i01")]
+
+
+def test_prompt_filters_reach_the_selection(tmp_path, fake):
+  """ImproveConfig.drop_all_pass / drop_all_fail are wired through phases.improve: at threshold
+  0.9 prompts 0, 1, 3 and 4 of the fabricated Grow set have no sample with reward 1.0 (all
+  fail), so drop_all_fail leaves prompts 2 and 5 (their originals and passing samples)."""
+  base = _config(False)
+  counts = {}
+  for drop in (False, True):
+    cfg = dataclasses.replace(base, num_grow_steps=1, num_improve_steps=1,
+                              improve=C.ImproveConfig(train=base.improve.train, thresholds=(0.9,),
+                                                      drop_all_fail=drop))
+    rows = pipeline.run(cfg, str(tmp_path / f"w{drop}"), progress=False)["rows"]
+    counts[drop] = rows[1]["train_examples"]
+  assert counts == {False: 6 + 3, True: 2 + 3}
+  assert [c["count"] for c in fake["train"] if c["name"] != "bc"] == [9, 5]

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from rest_jax.improve import losses
-from rest_jax.config import BvmpoConfig, GoldConfig, OacConfig, TrainConfig
+from rest_jax.config import BvmpoConfig, GoldConfig, OacConfig, RaftPpConfig, TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.trainer import Trainer
 from conftest import mesh_layout
@@ -243,3 +243,104 @@ def test_trainer_refuses_a_loss_without_its_extras():
   with pytest.raises(RestJaxError, match="needs.*extras"):
     Trainer(GRAPHDEF, mesh_layout(2, 2, 2), losses.make_loss(TrainConfig(loss="oac")),
             optax.sgd(0.1))
+
+
+# -- RAFT++: clipped, importance-weighted BC on the stored behaviour log-probs --
+
+# Token ratios pi / pi_b: above, below and inside [0.7, 1.25]; per sequence 0.7425 (inside) and
+# 1.56 (above).
+RATIOS = np.array([[1.5, 0.5, 1.1, 0.9], [1.2, 1.3, 1.0, 1.0]])
+
+
+def _raft_pp_by_hand(cfg, behaviour):
+  """The loss, its gradient wrt the logits and the clip fraction, in numpy (float64)."""
+  log_softmax = _log_softmax(LOGITS)
+  logp = np.take_along_axis(log_softmax, TARGETS[..., None], -1)[..., 0]
+  log_ratio = (logp - behaviour) * MASK
+  if cfg.ratio == "sequence":
+    log_ratio = np.repeat(log_ratio.sum(-1, keepdims=True), T, axis=-1)
+  rho = np.exp(log_ratio)
+  lo, hi = 1 - cfg.clip_low, 1 + cfg.clip_high
+  w = np.where(rho > hi, 0.0, rho) if cfg.clip == "ppo" else np.clip(rho, lo, hi)
+  w *= MASK
+  loss = -(w * logp).sum() / MASK.sum()
+  onehot = np.eye(V)[TARGETS]
+  grad = -(w[..., None] * (onehot - np.exp(log_softmax))) / MASK.sum()
+  outside = (rho > hi) | ((rho < lo) & (cfg.clip == "truncate"))
+  return loss, grad, (outside * MASK).sum() / MASK.sum()
+
+
+@pytest.mark.parametrize("ratio", ["token", "sequence"])
+@pytest.mark.parametrize("clip", ["ppo", "truncate"])
+def test_raft_pp_hand_values_and_gradient(ratio, clip):
+  cfg = RaftPpConfig(ratio=ratio, clip=clip, clip_low=0.3, clip_high=0.25)
+  behaviour = ((_logp() - np.log(RATIOS)) * MASK).astype(np.float32)
+  expected, expected_grad, clipped = _raft_pp_by_hand(cfg, behaviour)
+  assert clipped == {("token", "ppo"): 2 / 6, ("token", "truncate"): 3 / 6,
+                     ("sequence", "ppo"): 2 / 6, ("sequence", "truncate"): 2 / 6}[ratio, clip]
+  fn = lambda logits: losses.raft_pp_loss(logits, _batch(behaviour_logprobs=behaviour), cfg)
+  (value, metrics), grad = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(LOGITS))
+  assert float(value) == pytest.approx(expected, rel=1e-5)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
+  assert float(metrics["clip_fraction"]) == pytest.approx(clipped, abs=1e-6)
+
+
+@pytest.mark.parametrize("ratio", ["token", "sequence"])
+@pytest.mark.parametrize("clip", ["ppo", "truncate"])
+def test_raft_pp_on_policy_is_bc(ratio, clip):
+  """Behaviour = current policy: every ratio is 1, so the loss and its gradient are BC's."""
+  logits = jnp.asarray(LOGITS)
+  batch = _batch(behaviour_logprobs=losses.token_logprobs(logits, jnp.asarray(TARGETS)))
+  loss = losses.make_loss(TrainConfig(loss="raft_pp",
+                                      raft_pp=RaftPpConfig(ratio=ratio, clip=clip)))
+  assert loss.needs == frozenset() and loss.init_params is None
+  (value, metrics), grad = jax.value_and_grad(lambda x: loss.fn(x, batch, {}), has_aux=True)(
+      logits)
+  (bc, _), bc_grad = jax.value_and_grad(losses.bc_loss, has_aux=True)(logits, batch)
+  assert float(value) == pytest.approx(float(bc), rel=1e-6)
+  np.testing.assert_allclose(grad, bc_grad, rtol=1e-5, atol=1e-8)
+  assert float(metrics["mean_weight"]) == pytest.approx(1.0)
+  assert float(metrics["clip_fraction"]) == 0.0
+
+
+def test_raft_pp_long_sequence_ratio_stays_finite():
+  """A sequence ratio of exp(+-400) is clipped in log space: no inf or nan in loss or grad."""
+  for behaviour in (-100.0, 100.0):
+    batch = _batch(behaviour_logprobs=np.full((B, T), behaviour, np.float32))
+    for clip in ("ppo", "truncate"):
+      cfg = RaftPpConfig(ratio="sequence", clip=clip)
+      (value, _), grad = jax.value_and_grad(
+          lambda x: losses.raft_pp_loss(x, batch, cfg), has_aux=True)(jnp.asarray(LOGITS))
+      assert math.isfinite(float(value)) and bool(jnp.isfinite(grad).all())
+
+
+def test_raft_pp_config_errors():
+  with pytest.raises(RestJaxError, match="RaftPpConfig.ratio 'step' is unknown"):
+    RaftPpConfig(ratio="step")
+  with pytest.raises(RestJaxError, match="RaftPpConfig.clip 'dual' is unknown"):
+    RaftPpConfig(clip="dual")
+  with pytest.raises(RestJaxError, match=r"clip_low must be in \[0, 1\)"):
+    RaftPpConfig(clip_low=1.0)
+  with pytest.raises(RestJaxError, match="clip_high must be a finite number >= 0"):
+    RaftPpConfig(clip_high=-0.1)
+
+
+@pytest.mark.parametrize("ratio", ["token", "sequence"])
+def test_one_raft_pp_step_raises_the_kept_samples_log_likelihood(ratio):
+  """Kept samples only (the selection filtered them); the behaviour policy was slightly less
+  likely than the current one on them (ratio exp(0.04) per token, exp(0.16) per sequence of 4
+  tokens: inside the clip range [0.8, 1.2])."""
+  cfg = TrainConfig(loss="raft_pp", learning_rate=0.05, num_steps=10,
+                    raft_pp=RaftPpConfig(ratio=ratio))
+  targets = np.array([HIGH, LOW] * 4, np.int32)
+  logits = nnx.merge(GRAPHDEF, PARAMS)(INPUTS, targets)
+  behaviour = np.asarray(losses.token_logprobs(logits, jnp.asarray(targets))) - 0.04
+  batch = dict(PAIR, reward=np.ones(8, np.float32),
+               behaviour_logprobs=behaviour * (targets != 0))
+  trainer = Trainer(GRAPHDEF, mesh_layout(2, 2, 2), losses.make_loss(cfg),
+                    optax.sgd(cfg.learning_rate))
+  state = trainer.init(PARAMS)
+  state, metrics = trainer.train_step(state, batch)
+  assert float(metrics["clip_fraction"]) == 0.0
+  for sample in (HIGH, LOW):
+    assert _seq_logp(state.params, sample) > _seq_logp(PARAMS, sample) + 1e-4

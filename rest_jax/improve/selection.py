@@ -8,12 +8,16 @@ the Grow indexes, which records are kept, in this order:
    is applied to the previous Grow sets' samples.
 2. originals: the pairs of D are kept only if ``include_originals`` (ReST; ReST-EM drops them),
    and only from the current Grow set (each Grow set holds the same D: no repeats).
-3. deduplication (``deduplicate``): records with the same example_id and the same target
+3. prompt filters (``drop_all_pass`` / ``drop_all_fail``, as Reinforce-Rej and DAPO's dynamic
+   sampling): a prompt (example_id) whose samples in the current Grow set all pass (all fail)
+   the threshold of step 1 loses every record: its original and its samples of previous Grow
+   sets too. Originals are not judged; a prompt without samples in the current set is kept.
+4. deduplication (``deduplicate``): records with the same example_id and the same target
    tokens keep one: an original if there is one, else the newest Grow step's, else the lowest
    sample_idx.
-4. cap (``max_per_prompt = K > 0``): at most K samples per example_id over all mixed Grow sets,
-   the highest rewards first (ties: newer Grow step, then lower sample_idx); originals are not
-   counted.
+5. cap, the per-prompt top-k (``max_per_prompt = K > 0``): at most K samples per example_id
+   over all mixed Grow sets, the highest rewards first (ties: newer Grow step, then lower
+   sample_idx); originals are not counted.
 
 ``improve_dataset`` reads the kept records back as one tf.data.Dataset (the Grow sets' seqio
 tasks from ``growdata.grow_task``, an unfiltered reader, filtered by a key table); files are
@@ -38,10 +42,13 @@ from rest_jax.improve.schedules import Threshold
 
 @dataclasses.dataclass(frozen=True)
 class Mixture:
-  """The kept records of each Grow directory (current first): bool `[records]` in index order."""
+  """The kept records of each Grow directory (current first): bool `[records]` in index order;
+  and how many prompts the prompt filters dropped (0 when a filter is off)."""
 
   directories: tuple[str, ...]
   keep: tuple[np.ndarray, ...]
+  dropped_all_pass: int = 0
+  dropped_all_fail: int = 0
 
   @property
   def count(self) -> int:
@@ -66,9 +73,83 @@ def target_tokens(directory: str) -> list[bytes]:
   return out
 
 
+def _drop_prompts(t: Mapping[str, np.ndarray], *, drop_all_pass: bool,
+                  drop_all_fail: bool) -> tuple[np.ndarray, int, int]:
+  """The prompt filters over the concatenated records ``t`` (columns `[records]`).
+
+  A prompt is judged on its samples in the current Grow set (``source == 0``, not originals):
+  all of them have ``passed`` (all pass) or none (all fail).
+  Returns:
+    bool `[records]`, True for every record of a dropped prompt; the numbers of prompts dropped
+    as all-pass and as all-fail.
+  """
+  if not (drop_all_pass or drop_all_fail):
+    return np.zeros(t["example_id"].shape, bool), 0, 0
+  judged = (t["source"] == 0) & ~t["is_original"]
+  prompts, inverse = np.unique(t["example_id"][judged], return_inverse=True)
+  num_pass = np.bincount(inverse, weights=t["passed"][judged].astype(np.float64),
+                         minlength=prompts.size)
+  num = np.bincount(inverse, minlength=prompts.size)
+  all_pass = prompts[num_pass == num] if drop_all_pass else prompts[:0]
+  all_fail = prompts[num_pass == 0] if drop_all_fail else prompts[:0]
+  dropped = np.isin(t["example_id"], np.concatenate([all_pass, all_fail]))
+  return dropped, int(all_pass.size), int(all_fail.size)
+
+
+def _deduplicate(t: Mapping[str, np.ndarray], keep: np.ndarray,
+                 directories: Sequence[str]) -> None:
+  """Clears ``keep`` (bool `[records]`, in place) on all but one record per (example_id, target
+  tokens): an original first, then the newest Grow set (lowest source), then lowest sample_idx."""
+  tokens = [tok for d in directories for tok in target_tokens(d)]
+  cand = np.flatnonzero(keep)
+  ids: dict[bytes, int] = {}
+  token_id = np.asarray([ids.setdefault(tokens[c], len(ids)) for c in cand], np.int64)
+  order = np.lexsort((t["sample_idx"][cand], t["source"][cand], ~t["is_original"][cand],
+                      token_id, t["example_id"][cand]))
+  e, tok = t["example_id"][cand][order], token_id[order]
+  first = np.ones(order.size, bool)
+  first[1:] = (e[1:] != e[:-1]) | (tok[1:] != tok[:-1])
+  keep[cand[order[~first]]] = False
+
+
+def _cap_per_prompt(t: Mapping[str, np.ndarray], keep: np.ndarray, k: int) -> None:
+  """The per-prompt top-k: clears ``keep`` (bool `[records]`, in place) on all but the ``k``
+  best kept samples of each example_id (reward, then lowest source, then lowest sample_idx);
+  originals are not counted."""
+  cand = np.flatnonzero(keep & ~t["is_original"])
+  order = np.lexsort((t["sample_idx"][cand], t["source"][cand], -t["reward"][cand],
+                      t["example_id"][cand]))
+  cand, ids = cand[order], t["example_id"][cand][order]
+  pos = np.arange(cand.size)
+  starts = np.ones(cand.size, bool)
+  starts[1:] = ids[1:] != ids[:-1]
+  rank = pos - np.maximum.accumulate(np.where(starts, pos, 0))
+  keep[cand[rank >= k]] = False
+
+
+def _nothing_kept(t: Mapping[str, np.ndarray], *, threshold: Threshold,
+                  directories: Sequence[str], include_originals: bool, dropped_all_pass: int,
+                  dropped_all_fail: int) -> RestJaxError:
+  """The error of a selection that keeps no record: names the cause and the fix."""
+  where = f"threshold {threshold.describe()} keeps no example of {list(directories)}"
+  if dropped_all_pass or dropped_all_fail:
+    return RestJaxError(
+        f"{where} after the prompt filters dropped {dropped_all_pass} prompts whose samples all "
+        f"pass it and {dropped_all_fail} whose samples all fail it. Turn the filter off "
+        "(ImproveConfig.drop_all_pass / drop_all_fail = False) or choose a threshold that some "
+        "but not all samples of a prompt pass.")
+  eligible = t["reward"][~t["is_original"] | include_originals]
+  best = float(eligible.max()) if eligible.size else float("nan")
+  return RestJaxError(
+      f"{where}: the highest eligible reward is {best:.4f}. Lower the threshold or choose a "
+      "schedule relative to the Grow rewards (ImproveConfig.schedule), or check the reward "
+      "function.")
+
+
 def select_mixture(directories: Sequence[str], *, threshold: Threshold,
                    include_originals: bool = True, max_per_prompt: int = 0,
-                   deduplicate: bool = False,
+                   deduplicate: bool = False, drop_all_pass: bool = False,
+                   drop_all_fail: bool = False,
                    indexes: Sequence[Mapping[str, np.ndarray]] | None = None) -> Mixture:
   """Which records of ``directories`` (current Grow set first) the Improve step trains on.
 
@@ -76,64 +157,51 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
     directories: finalized Grow directories, the current step's first.
     threshold: the step's threshold (global or per source).
     include_originals: keep D's pairs (from the current Grow set).
-    max_per_prompt: if > 0, at most this many samples per example_id.
+    max_per_prompt: if > 0, at most this many samples per example_id (the per-prompt top-k).
     deduplicate: keep one record per (example_id, target tokens).
+    drop_all_pass: drop the prompts whose current samples all pass the threshold.
+    drop_all_fail: drop the prompts whose current samples all fail it.
     indexes: the directories' ``growdata.load_index`` (read when None).
   Returns:
     the Mixture.
   Raises:
-    RestJaxError: nothing is kept (names the threshold, the best reward and the fix).
+    RestJaxError: nothing is kept (names the threshold, the best reward or the prompt filters,
+      and the fix).
   """
   if not directories:
     raise ValueError("select_mixture needs at least one Grow directory")
   indexes = [growdata.load_index(d) for d in directories] if indexes is None else list(indexes)
   cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                        ("source", "example_id", "sample_idx", "reward",
-                                        "is_original", "keep")}
+                                        "is_original", "passed", "keep")}
   for d, index in enumerate(indexes):
     reward = np.asarray(index["reward"], np.float32)
     original = np.asarray(index["is_original"], bool)
     tau = threshold.for_records(index["example_id"]).astype(np.float32)
-    keep = reward >= tau
+    passed = reward >= tau
+    keep = passed.copy()
     if not include_originals or d > 0:
       keep &= ~original
     for key, value in (("source", np.full(reward.shape, d)), ("example_id", index["example_id"]),
                        ("sample_idx", index["sample_idx"]), ("reward", reward),
-                       ("is_original", original), ("keep", keep)):
+                       ("is_original", original), ("passed", passed), ("keep", keep)):
       cols[key].append(np.asarray(value))
   t = {k: np.concatenate(v) for k, v in cols.items()}
   keep = t["keep"]
+  dropped, num_pass, num_fail = _drop_prompts(t, drop_all_pass=drop_all_pass,
+                                              drop_all_fail=drop_all_fail)
+  keep &= ~dropped
   if deduplicate and keep.any():
-    tokens = [tok for d in directories for tok in target_tokens(d)]
-    cand = np.flatnonzero(keep)
-    ids: dict[bytes, int] = {}
-    token_id = np.asarray([ids.setdefault(tokens[c], len(ids)) for c in cand], np.int64)
-    # Preferred first: original, newest Grow set (lowest source), lowest sample_idx.
-    order = np.lexsort((t["sample_idx"][cand], t["source"][cand], ~t["is_original"][cand],
-                        token_id, t["example_id"][cand]))
-    e, tok = t["example_id"][cand][order], token_id[order]
-    first = np.ones(order.size, bool)
-    first[1:] = (e[1:] != e[:-1]) | (tok[1:] != tok[:-1])
-    keep[cand[order[~first]]] = False
+    _deduplicate(t, keep, directories)
   if max_per_prompt > 0:
-    cand = np.flatnonzero(keep & ~t["is_original"])
-    order = np.lexsort((t["sample_idx"][cand], t["source"][cand], -t["reward"][cand],
-                        t["example_id"][cand]))
-    cand, ids = cand[order], t["example_id"][cand][order]
-    pos = np.arange(cand.size)
-    starts = np.ones(cand.size, bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    rank = pos - np.maximum.accumulate(np.where(starts, pos, 0))
-    keep[cand[rank >= max_per_prompt]] = False
+    _cap_per_prompt(t, keep, max_per_prompt)
   if not keep.any():
-    eligible = t["reward"][~t["is_original"] | include_originals]
-    best = float(eligible.max()) if eligible.size else float("nan")
-    raise RestJaxError(
-        f"threshold {threshold.describe()} keeps no example of {list(directories)}: the highest "
-        f"eligible reward is {best:.4f}. Lower the threshold or choose a schedule relative to "
-        "the Grow rewards (ImproveConfig.schedule), or check the reward function.")
+    raise _nothing_kept(t, threshold=threshold, directories=directories,
+                        include_originals=include_originals, dropped_all_pass=num_pass,
+                        dropped_all_fail=num_fail)
   bounds = np.cumsum([0] + [len(i["reward"]) for i in indexes])
-  return Mixture(tuple(directories), tuple(keep[a:b] for a, b in zip(bounds, bounds[1:])))
+  return Mixture(tuple(directories), tuple(keep[a:b] for a, b in zip(bounds, bounds[1:])),
+                 dropped_all_pass=num_pass, dropped_all_fail=num_fail)
 
 
 def _key_filter(index: Mapping[str, np.ndarray], keep: np.ndarray):

@@ -246,10 +246,14 @@ def improve(run: Run, policies: Policies, *, g: int, i: int, tau: Threshold,
   mix = selection.select_mixture(
       run.workdir.mixed_grow_dirs(g, c.improve.mix_previous_grows), threshold=tau,
       include_originals=c.grow.include_originals, max_per_prompt=c.improve.max_per_prompt,
-      deduplicate=c.improve.deduplicate)
+      deduplicate=c.improve.deduplicate, drop_all_pass=c.improve.drop_all_pass,
+      drop_all_fail=c.improve.drop_all_fail)
   dataset = hostdata.canonical_order(
       selection.improve_dataset(mix, output_features=run.task.output_features))
   logger.info("Improve g%d i%d: threshold %s keeps %d examples", g, i, tau.describe(), mix.count)
+  if c.improve.drop_all_pass or c.improve.drop_all_fail:
+    logger.info("Improve g%d i%d: prompt filters dropped %d all-pass and %d all-fail prompts", g,
+                i, mix.dropped_all_pass, mix.dropped_all_fail)
   extras = _extras(run, g, policies, start_params=start_params)
   params, metrics = _train(run, name, params=start_params, cfg=c.improve.train,
                            loss=run.parts.improve_loss, dataset=dataset,

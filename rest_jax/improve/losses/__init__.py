@@ -7,11 +7,12 @@
 | "gold"               | GOLD: importance-weighted PG, returns from the frozen BC   | bc_logprobs  |
 | "bvmpo"              | behaviour V-MPO with learned eta / alpha, annealed KL(b||pi)| values, start|
 | "oac"                | offline actor-critic, A = return - V                       | values       |
+| "raft_pp"            | RAFT++: clipped importance-weighted BC, pi / pi_behaviour  | -            |
 
 The registry holds one kind of entry, a ``LossBuilder`` (``TrainConfig -> Loss``): a plain
 ``(logits, batch) -> (loss, metrics)`` function is wrapped once, at registration
 (``register_loss(name, fn)``); a configurable loss registers its builder, which reads the
-phase's TrainConfig (``TrainConfig.gold`` / ``.bvmpo`` / ``.oac``, num_steps)
+phase's TrainConfig (``TrainConfig.gold`` / ``.bvmpo`` / ``.oac`` / ``.raft_pp``, num_steps)
 (``register_loss_builder``). ``make_loss(cfg)`` is the one way to get the ``Loss`` the Trainer
 runs; ``check_loss_name(name)`` checks a name before a run. See
 ``rest_jax.improve.losses.base`` for the batch contract and the needs.
@@ -30,12 +31,14 @@ from rest_jax.improve.losses.base import (KNOWN_NEEDS, NEEDS_BC_LOGPROBS, NEEDS_
                                   token_metrics)
 from rest_jax.improve.losses.bc import bc_loss, reward_weighted_bc_loss
 from rest_jax.improve.losses.gold import gold_loss, gold_returns, make_gold
+from rest_jax.improve.losses.raft_pp import make_raft_pp, raft_pp_loss, raft_pp_weights
 
 __all__ = [
     "KNOWN_NEEDS", "LOSSES", "NEEDS_BC_LOGPROBS", "NEEDS_START_LOGPROBS", "NEEDS_VALUES", "Batch",
     "Loss", "LossBuilder", "LossFn", "LossParams", "Metrics", "bc_loss", "bvmpo_loss",
     "check_loss_name", "gold_loss", "gold_returns", "make_loss", "oac_loss", "plain_loss",
-    "register_loss", "register_loss_builder", "reward_weighted_bc_loss", "target_weights",
+    "raft_pp_loss", "raft_pp_weights", "register_loss", "register_loss_builder",
+    "reward_weighted_bc_loss", "target_weights",
     "token_logprobs", "token_mean", "token_metrics",
 ]
 
@@ -86,3 +89,6 @@ def make_loss(cfg: TrainConfig) -> Loss:
   """
   check_loss_name(cfg.loss)
   return LOSSES[cfg.loss](cfg)
+
+
+register_loss_builder("raft_pp", lambda cfg: make_raft_pp(cfg.raft_pp))
