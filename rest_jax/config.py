@@ -16,6 +16,10 @@ def _require(ok: bool, message: str) -> None:
     raise RestJaxError(message)
 
 
+def _one_of(what: str, value: str, choices: tuple[str, ...]) -> None:
+  _require(value in choices, f"{what} {value!r} is unknown; use one of {choices}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Mesh sizes for the (data, fsdp, tensor) axes; one may be -1 ("the rest").
@@ -41,8 +45,7 @@ class MeshConfig:
       _require(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
                f"MeshConfig {what}sizes {sizes}: each must be >= 1, and at most one may be -1.")
     rule_sets = ("2d", "fsdp", "tensor", "data")
-    _require(self.rules in rule_sets,
-             f"MeshConfig.rules={self.rules!r} is not a rule set; use one of {rule_sets}.")
+    _one_of("MeshConfig.rules", self.rules, rule_sets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +105,7 @@ class GoldConfig:
              f"{self.discount}.")
     _require(0.0 <= self.weight_floor <= 1.0,
              f"GoldConfig.weight_floor must be in [0, 1], got {self.weight_floor}.")
-    _require(self.reward in ("prob", "logprob"),
-             f"GoldConfig.reward {self.reward!r} is unknown; use 'prob' or 'logprob'.")
+    _one_of("GoldConfig.reward", self.reward, ("prob", "logprob"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +140,6 @@ class OacConfig:
   normalize_advantages: bool = False  # Divide A by its standard deviation over the batch tokens.
 
 
-_RAFT_PP_RATIOS = ("token", "sequence")
-_RAFT_PP_CLIPS = ("ppo", "truncate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +154,8 @@ class RaftPpConfig:
   clip_high: float = 0.2
 
   def __post_init__(self):
-    _require(self.ratio in _RAFT_PP_RATIOS,
-             f"RaftPpConfig.ratio {self.ratio!r} is unknown; use one of {_RAFT_PP_RATIOS}.")
-    _require(self.clip in _RAFT_PP_CLIPS,
-             f"RaftPpConfig.clip {self.clip!r} is unknown; use one of {_RAFT_PP_CLIPS}.")
+    _one_of("RaftPpConfig.ratio", self.ratio, ("token", "sequence"))
+    _one_of("RaftPpConfig.clip", self.clip, ("ppo", "truncate"))
     _require(0.0 <= self.clip_low < 1.0 and math.isfinite(self.clip_low),
              f"RaftPpConfig.clip_low must be in [0, 1) (the lowest ratio is 1 - clip_low), got "
              f"{self.clip_low}.")
@@ -389,9 +387,9 @@ class FileTaskConfig:
     _require(bool(self.name), "FileTaskConfig.name is empty; name the task (RunConfig.task).")
     _require(bool(self.train) and bool(self.validation),
              f"FileTaskConfig {self.name!r}: train and validation files are required.")
-    _require(self.format in ("", "jsonl", "tsv"),
-             f"FileTaskConfig.format {self.format!r} must be 'jsonl', 'tsv' or '' (guess).")
-    _require(self.kind in _TASK_KINDS, f"FileTaskConfig.kind must be one of {_TASK_KINDS}.")
+    _one_of("FileTaskConfig.format ('' guesses from the file name)", self.format,
+            ("", "jsonl", "tsv"))
+    _one_of("FileTaskConfig.kind", self.kind, _TASK_KINDS)
     _require("{prompt}" in self.prompt_template,
              f"FileTaskConfig.prompt_template {self.prompt_template!r} must contain {{prompt}}.")
 
@@ -410,6 +408,6 @@ class TfdsTaskConfig:
 
   def __post_init__(self):
     _require(bool(self.name), "TfdsTaskConfig.name is empty; name the task (RunConfig.task).")
-    _require(self.kind in _TASK_KINDS, f"TfdsTaskConfig.kind must be one of {_TASK_KINDS}.")
+    _one_of("TfdsTaskConfig.kind", self.kind, _TASK_KINDS)
     _require("{prompt}" in self.prompt_template,
              f"TfdsTaskConfig.prompt_template {self.prompt_template!r} must contain {{prompt}}.")
