@@ -52,7 +52,7 @@ def test_mesh_config_defaults_and_old_gin_files_still_work():
   layout = meshes.layout_from_config(C.MeshConfig(data=2, fsdp=-1, tensor=2))
   assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   assert [d.id for d in layout.mesh.devices.flat] == [d.id for d in jax.devices()]
-  with pytest.raises(RestJaxError, match="not a rule set"):
+  with pytest.raises(RestJaxError, match="MeshConfig.rules 'zero3' is unknown; use one of"):
     C.MeshConfig(rules="zero3")
   with pytest.raises(RestJaxError, match="dcn_sizes"):
     C.MeshConfig(dcn_data=-1, dcn_fsdp=-1)
