@@ -239,10 +239,18 @@ class EvalConfig:
   # Reward-hacking monitor: a metric reported next to the reward at every evaluation. "auto":
   # bleu for a chrF reward, chrF for bleu / exact_match (rest_jax.evaluation); "none": off.
   independent_metric: str = "auto"
+  # How far the independent metric may fall while the reward rises before the monitor flags a
+  # phase. < 0 ("auto"): MONITOR_NOISE_SIGMAS standard errors of the difference of the two
+  # phases' means (each the standard error of the metric's mean over the eval set, the noise a
+  # bootstrap over the eval set measures); >= 0: this fixed amount (0 flags any drop).
+  monitor_tolerance: float = -1.0
 
   def __post_init__(self):
     _require(self.num_examples >= 1 and self.batch_size >= 1,
              "EvalConfig.num_examples and batch_size must be >= 1.")
+    _require(math.isfinite(self.monitor_tolerance),
+             f"EvalConfig.monitor_tolerance must be a number (< 0: auto), got "
+             f"{self.monitor_tolerance}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,18 @@ def independent_metric_name(reward: str, setting: str) -> str | None:
   return name
 
 
+def standard_error(scores: np.ndarray) -> float:
+  """The standard error of the mean of per-example scores `[n]`: std (ddof 1) / sqrt(n).
+
+  It is what a bootstrap over the eval set estimates (the spread of the mean over resampled
+  eval sets), in closed form; 0.0 for fewer than two scores.
+  """
+  scores = np.asarray(scores, dtype=np.float64)
+  if scores.size < 2:
+    return 0.0
+  return float(np.std(scores, ddof=1) / np.sqrt(scores.size))
+
+
 def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., np.ndarray],
                  vocab: Any, batch_size: int,
                  independent: Callable[..., np.ndarray] | None = None) -> EvalFn:
@@ -69,7 +81,8 @@ def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., n
     vocab: the target vocabulary (``decode(ids) -> str``).
     batch_size: prompts per greedy call.
     independent: an independent metric ``(sources, hypotheses, references) -> [n]`` in [0, 1]
-      (the reward-hacking monitor): its mean is reported as "eval_independent".
+      (the reward-hacking monitor): its mean is reported as "eval_independent" and the
+      standard error of that mean over the eval set as "eval_independent_se".
   """
 
   def eval_fn(params: Any) -> dict[str, float]:
@@ -78,8 +91,10 @@ def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., n
     matches = _EXACT_MATCH(eval_set.sources, hypotheses, eval_set.references)
     out = {"eval_reward": float(np.mean(rewards)), "eval_exact_match": float(np.mean(matches))}
     if independent is not None:
-      out["eval_independent"] = float(np.mean(independent(eval_set.sources, hypotheses,
-                                                          eval_set.references)))
+      scores = np.asarray(independent(eval_set.sources, hypotheses, eval_set.references),
+                          dtype=np.float64)
+      out["eval_independent"] = float(np.mean(scores))
+      out["eval_independent_se"] = standard_error(scores)
     return out
 
   return eval_fn

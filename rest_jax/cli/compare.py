@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.pipeline.reporting import save_figure
-from rest_jax.pipeline.workdir import Workdir
+from rest_jax.pipeline.workdir import RUN_CONFIG, Workdir
 from rest_jax.cli.sweep import SWEEP_FILE
 
 
@@ -48,6 +48,7 @@ def load_summaries(workdirs: Sequence[str]) -> dict[str, dict]:
     except (KeyError, IndexError, TypeError, ValueError) as e:
       raise RestJaxError(f"{path} is not a rest_jax summary ({e!r}); it needs "
                          '{"rows": [...], "wall_time_s": ...} as reporting.py writes it.') from e
+    summary.setdefault("reward", _reward_name(wd))
     label = os.path.basename(os.path.normpath(workdir)) or workdir
     if label in out:
       label = workdir
@@ -55,23 +56,37 @@ def load_summaries(workdirs: Sequence[str]) -> dict[str, dict]:
   return out
 
 
+def _reward_name(wd: Workdir) -> str:
+  """The run's RunConfig.reward, from its run_config.json ("?" if unreadable)."""
+  try:
+    return str(storage.read_json(wd.path(RUN_CONFIG))["reward"])
+  except (RestJaxError, OSError, KeyError, TypeError, ValueError):
+    return "?"
+
+
 def _phase(row: Mapping) -> str:
   return "BC" if row["phase"] == "bc" else f"g{row['grow_step']} i{row['improve_step']}"
 
 
 def format_comparison(summaries: Mapping[str, dict]) -> str:
-  """One line per run: BC, final and best held-out reward (and where), final exact match."""
+  """One line per run: its reward, the BC, final and best held-out reward (and where), the final
+  exact match and the final independent metric (the reward-hacking monitor)."""
   width = max(len("run"), *(len(k) for k in summaries))
-  head = (f"{'run':{width}} {'phases':>6} {'bc':>7} {'final':>7} {'best':>7} {'best at':>8} "
-          f"{'exact':>6} {'wall s':>8}")
-  lines = [head, "-" * len(head)]
+  rwidth = max(len("reward"), *(len(str(s.get("reward", "?"))) for s in summaries.values()))
+  head = (f"{'run':{width}} {'reward':{rwidth}} {'phases':>6} {'bc':>7} {'final':>7} "
+          f"{'best':>7} {'best at':>8} {'exact':>6} {'monitor':>14} {'wall s':>8}")
+  lines = ["held-out (D_eval) mean of each run's own reward, greedy decodes; exact: exact match; "
+           "monitor: the independent metric, final phase", head, "-" * len(head)]
   for label, summary in summaries.items():
     rows = summary["rows"]
     best = max(rows, key=lambda r: r["eval_reward"])
-    lines.append(f"{label:{width}} {len(rows):>6} {rows[0]['eval_reward']:>7.4f} "
-                 f"{rows[-1]['eval_reward']:>7.4f} {best['eval_reward']:>7.4f} "
-                 f"{_phase(best):>8} {rows[-1]['eval_exact_match']:>6.3f} "
-                 f"{summary.get('wall_time_s', 0.0):>8.1f}")
+    last = rows[-1]
+    monitor = (f"{last.get('independent_metric')} {last['eval_independent']:.4f}"
+               if last.get("eval_independent") is not None else "-")
+    lines.append(f"{label:{width}} {str(summary.get('reward', '?')):{rwidth}} {len(rows):>6} "
+                 f"{rows[0]['eval_reward']:>7.4f} {last['eval_reward']:>7.4f} "
+                 f"{best['eval_reward']:>7.4f} {_phase(best):>8} {last['eval_exact_match']:>6.3f} "
+                 f"{monitor:>14} {summary.get('wall_time_s', 0.0):>8.1f}")
   return "\n".join(lines)
 
 
@@ -87,7 +102,8 @@ def plot_comparison(summaries: Mapping[str, dict], out: str) -> str:
     rows = summary["rows"]
     ax.plot(range(len(rows)), [r["eval_reward"] for r in rows], "o-", label=label)
   ax.set_xticks(range(len(longest)), [_phase(r) for r in longest])
-  ax.set_ylabel("held-out reward")
+  rewards = sorted({str(s.get("reward", "?")) for s in summaries.values()})
+  ax.set_ylabel(f"held-out reward ({', '.join(rewards)})")
   ax.set_title("Eval reward across BC, Grow (g) and Improve (i) steps")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

@@ -132,7 +132,8 @@ def run_import(args: argparse.Namespace) -> None:
     copied = HF_TOKENIZER_FILES if kind == "hf" else (name,)
     for file in copied:
       if storage.exists(storage.join(src_dir, file)):
-        storage.write_bytes(storage.join(dst, file), storage.read_bytes(storage.join(src_dir, file)))
+        data = storage.read_bytes(storage.join(src_dir, file))
+        storage.write_bytes(storage.join(dst, file), data)
     vocabulary = f"{kind}:{storage.join(dst, name)}{query}"
   storage.write_text(storage.join(dst, GIN_FILE), model_gin(config, f"orbax:{dst}", vocabulary))
   tokenizer = f"tokenizer {vocabulary}" if vocabulary else "no tokenizer found in the source"

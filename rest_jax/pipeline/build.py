@@ -234,6 +234,7 @@ def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
   eval_fn = make_eval_fn(sampler=eval_sampler, eval_set=eval_set(config, task), reward=reward,
                          vocab=vocab, batch_size=config.eval.batch_size,
                          independent=metric and reward_call(rewards.get_reward(metric), metric))
-  reporter = Reporter(workdir, enabled=jax.process_index() == 0)
+  reporter = Reporter(workdir, enabled=jax.process_index() == 0,
+                      monitor_tolerance=config.eval.monitor_tolerance)
   return Run(parts=parts, workdir=workdir, task=task, vocab=vocab, reward=reward,
              eval_fn=eval_fn, reporter=reporter, base_params=base_params, progress=progress)
