@@ -134,7 +134,8 @@ def test_run_help_documents_gin_flags_quoting_and_defaults(capsys):
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
   for fragment in ("--gin_file", "--gin.NAME=VALUE",
-                   "--gin.config.RunConfig.task=\"'arith_small'\"", "Strings need their own quotes", "(default: INFO)", "examples:"):
+                   "--gin.config.RunConfig.task=\"'arith_small'\"", "Strings need their own quotes",
+                   "(default: INFO)", "examples:"):
     assert fragment in out, fragment
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["--version"])
