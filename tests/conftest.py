@@ -8,3 +8,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--run_slow", action="store_true", default=False,
+                   help="also run tests marked slow (e.g. the README's full smoke run)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long end-to-end test; runs only with --run_slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--run_slow") or os.environ.get("REST_JAX_RUN_SLOW") == "1":
+    return
+  import pytest  # pylint: disable=g-import-not-at-top
+  skip = pytest.mark.skip(reason="slow: run with --run_slow (or REST_JAX_RUN_SLOW=1)")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
