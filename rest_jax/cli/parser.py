@@ -15,7 +15,15 @@ except (ImportError, PackageNotFoundError):  # A source checkout that is not ins
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """Shows each flag's default and keeps the examples' line breaks."""
+  """Shows each flag's default (unless it is empty: None, False, []) and keeps the examples'
+  line breaks."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    default = action.default
+    if (default is None or default is False or default == [] or default == argparse.SUPPRESS
+        or action.required):
+      return action.help or ""
+    return super()._get_help_string(action)
 
 
 RUN_EPILOG = """\
