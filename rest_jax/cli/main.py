@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level != "DEBUG":
       for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("import", "export", "compile-check", "train-reward"):
+    if args.command in ("import", "export", "compile-check", "train-reward", "serve-reward",
+                        "inspect"):  # They import TensorFlow; run and best-of-n do below.
       quiet.start_quietly(quiet=args.log_level != "DEBUG", jax_backend=False)
     for handler in logging.getLogger().handlers:
       handler.addFilter(_quiet_gin_search)
