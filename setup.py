@@ -34,6 +34,8 @@ setup(
         "hf": ["safetensors>=0.4", "tokenizers>=0.15"],
         # spm: vocabularies (seqio's SentencePieceVocabulary) and hf: tokenizer.json ones.
         "tokenizers": ["sentencepiece>=0.1.99", "tokenizers>=0.15"],
+        # TensorBoard, to view a run's WORKDIR/tb scalars: tensorboard --logdir WORKDIR/tb.
+        "tensorboard": ["tensorboard>=2.15"],
         # libtpu matching the installed jax: runs on TPU VMs, and lets `rest-jax compile-check`
         # compile for TPU topologies on any machine.
         "tpu": ["jax[tpu]>=0.7"],

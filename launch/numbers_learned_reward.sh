@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ReST with a learned reward model on numbers_de_en (README "Reward models": the numbers recipe).
+# ReST with a learned reward model on numbers_de_en (docs/rewards.md: the numbers recipe).
 #  1. the default experiment (its BC, g1 and g2 policies generate the reward model's data),
 #  2. 96k more chrF-scored samples of those policies (launch/numbers_reward_pairs.py),
 #  3. encode and split them with the workdir's own Grow records (train-reward --export_arrays),

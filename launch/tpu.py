@@ -4,7 +4,7 @@
   python launch/tpu.py --gin_file F [--gin_file F2 ...] --workdir W [--gin.X=V ...] [--dry-run]
   python launch/tpu.py -h   # this launcher's own options
 
-See rest_jax/cli/launchers.py and the README section "Launchers".
+See rest_jax/cli/launchers.py and docs/multihost.md, "Launchers".
 """
 
 import os

@@ -274,10 +274,18 @@ class EvalConfig:
   # Test prompts evaluated once per finished phase (the first ones of the task's "test" split):
   # None takes num_examples; 0 turns the test evaluation off (as does a task without "test").
   num_test_examples: int | None = None
+  # How far the independent metric may fall while the reward rises before the monitor flags a
+  # phase. < 0 ("auto"): MONITOR_NOISE_SIGMAS standard errors of the difference of the two
+  # phases' means (each the standard error of the metric's mean over the eval set, the noise a
+  # bootstrap over the eval set measures); >= 0: this fixed amount (0 flags any drop).
+  monitor_tolerance: float = -1.0
 
   def __post_init__(self):
     _require(self.num_examples >= 1 and self.batch_size >= 1,
              "EvalConfig.num_examples and batch_size must be >= 1.")
+    _require(math.isfinite(self.monitor_tolerance),
+             f"EvalConfig.monitor_tolerance must be a number (< 0: auto), got "
+             f"{self.monitor_tolerance}.")
     _require(self.num_test_examples is None or self.num_test_examples >= 0,
              f"EvalConfig.num_test_examples must be >= 0 (0 turns the test evaluation off) or "
              f"None (as many as num_examples), got {self.num_test_examples}.")

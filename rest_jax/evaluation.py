@@ -62,6 +62,18 @@ def independent_metric_name(reward: str, setting: str) -> str | None:
   return name
 
 
+def standard_error(scores: np.ndarray) -> float:
+  """The standard error of the mean of per-example scores `[n]`: std (ddof 1) / sqrt(n).
+
+  It is what a bootstrap over the eval set estimates (the spread of the mean over resampled
+  eval sets), in closed form; 0.0 for fewer than two scores.
+  """
+  scores = np.asarray(scores, dtype=np.float64)
+  if scores.size < 2:
+    return 0.0
+  return float(np.std(scores, ddof=1) / np.sqrt(scores.size))
+
+
 def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., np.ndarray],
                  vocab: Any, batch_size: int,
                  independent: Callable[..., np.ndarray] | None = None,
@@ -76,7 +88,8 @@ def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., n
     vocab: the target vocabulary (``decode(ids) -> str``).
     batch_size: prompts per greedy call.
     independent: an independent metric ``(sources, hypotheses, references) -> [n]`` in [0, 1]
-      (the reward-hacking monitor): its mean is reported as "eval_independent".
+      (the reward-hacking monitor): its mean is reported as "{prefix}_independent" and the
+      standard error of that mean over the eval set as "{prefix}_independent_se".
     prefix: the keys' prefix: "eval" (validation) or "test".
   """
 
@@ -87,8 +100,10 @@ def make_eval_fn(*, sampler: Sampler, eval_set: EvalSet, reward: Callable[..., n
     out = {f"{prefix}_reward": float(np.mean(rewards)),
            f"{prefix}_exact_match": float(np.mean(matches))}
     if independent is not None:
-      out[f"{prefix}_independent"] = float(np.mean(independent(eval_set.sources, hypotheses,
-                                                               eval_set.references)))
+      scores = np.asarray(independent(eval_set.sources, hypotheses, eval_set.references),
+                          dtype=np.float64)
+      out[f"{prefix}_independent"] = float(np.mean(scores))
+      out[f"{prefix}_independent_se"] = standard_error(scores)
     return out
 
   return eval_fn

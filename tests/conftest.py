@@ -17,3 +17,22 @@ def mesh_layout(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None,
   from rest_jax.config import MeshConfig  # pylint: disable=g-import-not-at-top
   from rest_jax.parallel.meshes import layout_from_config  # pylint: disable=g-import-not-at-top
   return layout_from_config(MeshConfig(data, fsdp, tensor, rules=rules), devices=devices)
+
+
+def pytest_addoption(parser):
+  parser.addoption("--run_slow", action="store_true", default=False,
+                   help="also run tests marked slow (e.g. the README's full smoke run)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long end-to-end test; runs only with --run_slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--run_slow") or os.environ.get("REST_JAX_RUN_SLOW") == "1":
+    return
+  import pytest  # pylint: disable=g-import-not-at-top
+  skip = pytest.mark.skip(reason="slow: run with --run_slow (or REST_JAX_RUN_SLOW=1)")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

@@ -100,5 +100,5 @@ def test_cli_errors(tmp_path, capsys):
   code = main.main(["best-of-n", "--workdir", str(tmp_path / "nothing"), "--n", "1,2"])
   err = capsys.readouterr().err
   assert code == 2 and "run_config.json does not exist" in err and "Traceback" not in err
-  code = main.main(["best-of-n", "--workdir", str(tmp_path), "--n", "0"])
+  code = main.main(["best-of-n", str(tmp_path), "--n", "0"])  # Positional workdir.
   assert code == 2 and "positive integers" in capsys.readouterr().err

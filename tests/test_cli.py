@@ -126,3 +126,55 @@ def test_threshold_that_keeps_nothing(tmp_path, capsys):
   after = _snapshot(work)
   assert {k: v for k, v in after.items() if not k.startswith(("state.json", "tb/"))} == {
       k: v for k, v in before.items() if not k.startswith(("state.json", "tb/"))}
+
+
+def test_run_help_documents_gin_flags_quoting_and_defaults(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["run", "--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for fragment in ("--gin_file", "--gin.NAME=VALUE",
+                   "--gin.config.RunConfig.task=\"'arith_small'\"", "Strings need their own quotes",
+                   "(default: INFO)", "examples:"):
+    assert fragment in out, fragment
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("rest-jax ")
+
+
+@pytest.mark.parametrize("binding, fragment", [
+    ("--gin.config.RunConfig.task=arith_small",
+     "--gin.config.RunConfig.task=\"'arith_small'\""),
+    ("--gin.config.RunConfig.task='arith_small", "--gin.config.RunConfig.task=\"'arith_small'\""),
+    ("--gin.TRAIN_FILE=data/train.jsonl", "--gin.TRAIN_FILE=\"'data/train.jsonl'\""),
+    ("--gin.config.SamplingConfig.temperature=-1.0", "(in SamplingConfig)"),
+])
+def test_gin_errors_name_the_binding_and_fix_in_one_line(tmp_path, capsys, binding, fragment):
+  code, err = _run(["run", "--workdir", str(tmp_path / "w"), "--gin_file", SMOKE, binding],
+                   capsys)
+  assert code == 2 and fragment in err, err
+  assert len(err.strip().splitlines()) == 1, err
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_runs_folder_in_the_current_directory_does_not_break_gin_includes(tmp_path,
+                                                                           monkeypatch):
+  # gin tries include 'runs/base.gin' as a file of a Python package `runs`: a plain folder of
+  # that name (e.g. the README's runs/ workdirs) is not one.
+  (tmp_path / "runs" / "smoke").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  config, _ = cli.parse_run_config([SMOKE], [])
+  assert config.task == "numbers_de_en_small"
+
+
+def test_native_start_up_lines_are_held_back_unless_the_block_fails(capfd):
+  from rest_jax.cli import quiet
+  with quiet.quiet_native_stderr():
+    os.write(2, b"I0000 cudart_stub.cc: Could not find cuda drivers\n")
+  assert "cuda" not in capfd.readouterr().err
+  with pytest.raises(RuntimeError):
+    with quiet.quiet_native_stderr():
+      os.write(2, b"libfoo: the reason it failed\n")
+      raise RuntimeError("boom")
+  assert "the reason it failed" in capfd.readouterr().err

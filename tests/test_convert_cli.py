@@ -6,16 +6,19 @@ import json
 import os
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from rest_jax.cli import main as cli
 from rest_jax.checkpoints.phases import PhaseCheckpoints
 from rest_jax.checkpoints.convert import load_checkpoint, save_orbax
 from rest_jax.checkpoints.convert.params import host_arrays
+from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "gin", "experiments", "smoke_cpu.gin")
+USER_SMOKE = os.path.join(REPO, "gin", "experiments", "user_files_smoke_cpu.gin")
 
 
 def _arrays(params):
@@ -68,3 +71,25 @@ def test_import_export_and_run_from_checkpoint(tmp_path, capsys):
     best = ckpt.restore_best_params(target)
   for key, value in _arrays(best).items():
     np.testing.assert_array_equal(value, a[key], err_msg=key)
+
+
+@pytest.mark.parametrize("fixture, kind", [("llama_gqa", "decoder"), ("t5_v1_1", "encdec")])
+def test_import_binds_the_checkpoints_tokenizer_and_task_kind(tmp_path, capsys, monkeypatch,
+                                                              fixture, kind):
+  """model.gin of a checkpoint with a tokenizer.json makes the own-data experiment runnable."""
+  from rest_jax.pipeline import build  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
+  dst = str(tmp_path / fixture)
+  assert cli.main(["import", "--from", "hf", f"tests/testdata/hf/{fixture}", "--to", dst]) == 0
+  assert f"tokenizer hf:{dst}/tokenizer.json" in capsys.readouterr().out
+  assert os.path.isfile(os.path.join(dst, "tokenizer.json"))
+  text = open(os.path.join(dst, "model.gin"), encoding="utf-8").read()
+  assert f"config.FileTaskConfig.kind = '{kind}'" in text
+  assert f"config.FileTaskConfig.vocabulary = 'hf:{dst}/tokenizer.json'" in text
+  config, _ = cli.parse_run_config([USER_SMOKE, os.path.join(dst, "model.gin")], [])
+  assert config.model.kind == kind and config.init_checkpoint == f"orbax:{dst}"
+  build.validate(config)  # Vocabulary size and task kind match the model.
+  # On a registered byte-vocabulary task the error points to the checkpoint's tokenizer.
+  config, _ = cli.parse_run_config([SMOKE, os.path.join(dst, "model.gin")], [])
+  with pytest.raises(RestJaxError, match="use the checkpoint's tokenizer"):
+    build.validate(config)

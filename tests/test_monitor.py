@@ -13,7 +13,9 @@ from rest_jax import config as C
 from rest_jax.errors import RestJaxError
 from rest_jax.evaluation import EvalSet, independent_metric_name, make_eval_fn
 from rest_jax.grow.fake import FakeSampler
-from rest_jax.pipeline.reporting import Reporter, reward_hacking_events, summary_row
+from rest_jax.evaluation import standard_error
+from rest_jax.pipeline.reporting import (Reporter, format_result, format_table,
+                                         reward_hacking_events, summary_row)
 from rest_jax.pipeline.workdir import Workdir
 
 
@@ -44,7 +46,8 @@ def test_events_on_fabricated_rows():
   events = reward_hacking_events(ROWS)
   # Reward up and BLEU down only from g1 i1 to g1 i2 (g1 i2 -> g2 i1: both fall).
   assert events == [{"from": "g1 i1", "to": "g1 i2", "reward_change": pytest.approx(0.05),
-                     "metric_change": pytest.approx(-0.07), "metric": "bleu"}]
+                     "metric_change": pytest.approx(-0.07), "metric": "bleu",
+                     "tolerance": 0.0}]  # Rows without a standard error: no noise.
   plain = [{k: v for k, v in r.items() if k not in ("eval_independent", "independent_metric")}
            for r in ROWS]
   assert reward_hacking_events(plain) == []
@@ -90,7 +93,61 @@ def test_eval_fn_reports_the_independent_metric():
   assert sampler.calls["greedy"] == 2  # Batches of 2 and 1 prompts.
   # Hypotheses "w5 w6", "w7 w8", "w9 w9": exact matches 1st and 3rd; lengths 5, 5, 5.
   assert metrics == {"eval_reward": pytest.approx(0.25), "eval_exact_match": pytest.approx(2 / 3),
-                     "eval_independent": pytest.approx(0.5)}
+                     "eval_independent": pytest.approx(0.5), "eval_independent_se": 0.0}
   no_monitor = make_eval_fn(sampler=FakeSampler(), eval_set=eval_set, reward=reward,
                             vocab=_Vocab(), batch_size=3)(None)
   assert set(no_monitor) == {"eval_reward", "eval_exact_match"}
+
+
+def _noisy(phase, g, i, reward, bleu, se):
+  return summary_row(phase=phase, grow_step=g, improve_step=i, threshold=None if g == 0 else 0.9,
+                     train_examples=10, eval_reward=reward, eval_exact_match=0.0,
+                     eval_independent=bleu, independent_metric="bleu", eval_independent_se=se)
+
+
+def test_tolerance_ignores_drops_within_eval_noise():
+  # The first smoke run's drops (-0.0045, -0.0011) are far inside 2 standard errors.
+  rows = [_noisy("bc", 0, 0, 0.175, 0.030, 0.008), _noisy("improve", 1, 1, 0.208, 0.050, 0.010),
+          _noisy("improve", 1, 2, 0.231, 0.0455, 0.010),
+          _noisy("improve", 2, 1, 0.238, 0.0636, 0.011),
+          _noisy("improve", 2, 2, 0.246, 0.0625, 0.011)]
+  assert reward_hacking_events(rows) == []
+  # A drop beyond the noise is flagged, with the tolerance it exceeded.
+  rows[2] = _noisy("improve", 1, 2, 0.231, 0.010, 0.004)
+  (event,) = reward_hacking_events(rows)
+  assert event["to"] == "g1 i2" and event["tolerance"] == pytest.approx(2 * np.hypot(0.01, 0.004))
+  # A fixed tolerance replaces the noise estimate (0: every drop counts).
+  assert len(reward_hacking_events(rows, 0.0)) == 2 and reward_hacking_events(rows, 0.5) == []
+  # std (ddof 1) of [0, 1, 0, 1] is sqrt(1/3); over sqrt(4) examples.
+  assert standard_error(np.asarray([0.0, 1.0, 0.0, 1.0])) == pytest.approx(np.sqrt(1 / 3) / 2)
+
+
+def test_warning_table_and_legend_agree(tmp_path, caplog):
+  rows = [_noisy("bc", 0, 0, 0.70, 0.30, 0.01), _noisy("improve", 1, 1, 0.75, 0.29, 0.01),
+          _noisy("improve", 1, 2, 0.80, 0.20, 0.01)]
+  reporter = Reporter(Workdir(str(tmp_path)))
+  with caplog.at_level(logging.WARNING, logger="rest_jax"):
+    summary = reporter.write_summary(rows, 3.0)
+  assert [e["to"] for e in summary["reward_hacking"]] == ["g1 i2"]  # -0.01 is noise, -0.09 not.
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "g1 i1 to g1 i2" in warnings[0] and "tolerance" in warnings[0]
+  table = format_table(rows)
+  assert "bleu" in table.splitlines()[0]
+  flagged = [line.split()[:3] for line in table.splitlines() if line.endswith("!")]
+  assert flagged == [["improve", "1", "2"]]
+  text = format_result({**summary, "monitor_tolerance": -1.0}, str(tmp_path))
+  assert "SUSPECTED at g1 i2" in text and "standard errors" in text
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  captured = []
+  monkey_save = lambda fig, path: captured.append(
+      [t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+  import rest_jax.pipeline.reporting as reporting  # pylint: disable=g-import-not-at-top
+  real = reporting.save_figure
+  reporting.save_figure = lambda fig, path: (monkey_save(fig, path), plt.close(fig))
+  try:
+    reporter.write_plots(rows, {}, {})
+  finally:
+    reporting.save_figure = real
+  assert any("possible reward hacking" in t for t in captured[0])

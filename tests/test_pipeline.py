@@ -56,11 +56,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
   assert [(r["phase"], r["grow_step"], r["improve_step"]) for r in ref["rows"]] == [
       ("bc", 0, 0), ("improve", 1, 1), ("improve", 1, 2), ("improve", 2, 1), ("improve", 2, 2)]
   summary = json.load(open(os.path.join(ref_dir, "summary.json")))
-  assert set(summary) == {"rows", "wall_time_s", "reward_hacking", "reward_hacking_suspected"}
+  assert set(summary) == {"rows", "wall_time_s", "reward_hacking", "reward_hacking_suspected",
+                          "reward_hacking_tolerance"}
   assert set(summary["rows"][0]) == {"phase", "grow_step", "improve_step", "threshold",
                                      "train_examples", "eval_reward", "eval_exact_match",
-                                     "eval_independent", "independent_metric", "test_reward",
-                                     "test_exact_match", "test_independent"}
+                                     "eval_independent", "eval_independent_se",
+                                     "independent_metric", "test_reward", "test_exact_match",
+                                     "test_independent", "test_independent_se"}
   assert summary["rows"][0]["independent_metric"] == "bleu"  # The monitor of a chrF reward.
   assert os.path.exists(os.path.join(ref_dir, "report", "eval_reward.png"))
   assert os.path.exists(os.path.join(ref_dir, "report", "grow_g001_rewards.png"))
@@ -106,8 +108,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
   assert _records(work) == _records(ref_dir)
   for a, b in zip(_final_params(work, cfg), _final_params(ref_dir, cfg)):
     np.testing.assert_array_equal(a, b)
-  # A finished run reruns as a no-op with the same summary.
-  assert pipeline.run(cfg, work, progress=False)["rows"] == ref["rows"]
+  # A finished run reruns as a no-op with the same summary and wall time.
+  wall = json.load(open(os.path.join(work, "summary.json")))["wall_time_s"]
+  rerun = pipeline.run(cfg, work, progress=False)
+  assert rerun["rows"] == ref["rows"] and rerun["wall_time_s"] == wall
 
 
 def test_workdir_of_another_config_is_refused_and_untouched(tmp_path):

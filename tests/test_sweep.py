@@ -118,12 +118,15 @@ def test_compare_table_and_plot(tmp_path, capsys):
   out_png = str(tmp_path / "plots" / "cmp.png")
   assert main.main(["compare", root, "--out", out_png]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0].split() == ["run", "phases", "bc", "final", "best", "best", "at", "exact",
-                              "test", "wall", "s"]
-  assert lines[2].split() == ["loss=bc", "3", "0.5000", "0.6500", "0.7000", "g0", "i1", "0.200",
-                              "-", "12.5"]
-  assert lines[3].split() == ["loss=rwbc", "2", "0.5000", "0.5500", "0.5500", "g0", "i1",
-                              "0.200", "-", "8.0"]
+  assert lines[0].startswith("validation (D_eval) mean of each run's own reward")
+  lines = lines[1:]
+  assert lines[0].split() == ["run", "reward", "phases", "bc", "final", "best", "best", "at",
+                              "exact", "monitor", "test", "wall", "s"]
+  # The runs have no run_config.json: their reward is unknown ("?"), no monitor ("-").
+  assert lines[2].split() == ["loss=bc", "?", "3", "0.5000", "0.6500", "0.7000", "g0", "i1",
+                              "0.200", "-", "-", "12.5"]
+  assert lines[3].split() == ["loss=rwbc", "?", "2", "0.5000", "0.5500", "0.5500", "g0", "i1",
+                              "0.200", "-", "-", "8.0"]
   assert lines[4] == f"wrote {out_png}"
   with open(out_png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -70,6 +70,7 @@ def load_summaries(workdirs: Sequence[str]) -> dict[str, dict]:
     except (KeyError, IndexError, TypeError, ValueError) as e:
       raise RestJaxError(f"{path} is not a rest_jax summary ({e!r}); it needs "
                          '{"rows": [...], "wall_time_s": ...} as reporting.py writes it.') from e
+    summary.setdefault("reward", _reward_name(wd))
     out[label] = summary
   return out
 
@@ -97,6 +98,14 @@ def seed_groups(workdirs: Sequence[str]) -> dict[str, list[str]]:
       groups[name] = []
     groups[keys[key]].append(label)
   return groups
+
+
+def _reward_name(wd: Workdir) -> str:
+  """The run's RunConfig.reward, from its run_config.json ("?" if unreadable)."""
+  try:
+    return str(storage.read_json(wd.path(RUN_CONFIG))["reward"])
+  except (RestJaxError, OSError, KeyError, TypeError, ValueError):
+    return "?"
 
 
 def _phase(row: Mapping) -> str:
@@ -161,20 +170,27 @@ def format_seed_statistics(statistics: Sequence[Mapping]) -> str:
 
 
 def format_comparison(summaries: Mapping[str, dict]) -> str:
-  """One line per run: BC, final and best validation reward (and where), final exact match,
-  final test reward ("-" without a test split) and wall time."""
+  """One line per run: its reward, the BC, final and best validation reward (and where), the
+  final exact match, the final independent metric (the reward-hacking monitor) and the final
+  test reward ("-" without a test split)."""
   width = max(len("run"), *(len(k) for k in summaries))
-  head = (f"{'run':{width}} {'phases':>6} {'bc':>7} {'final':>7} {'best':>7} {'best at':>8} "
-          f"{'exact':>6} {'test':>7} {'wall s':>8}")
-  lines = [head, "-" * len(head)]
+  rwidth = max(len("reward"), *(len(str(s.get("reward", "?"))) for s in summaries.values()))
+  head = (f"{'run':{width}} {'reward':{rwidth}} {'phases':>6} {'bc':>7} {'final':>7} "
+          f"{'best':>7} {'best at':>8} {'exact':>6} {'monitor':>14} {'test':>7} {'wall s':>8}")
+  lines = ["validation (D_eval) mean of each run's own reward, greedy decodes; exact: exact "
+           "match; monitor: the independent metric, final phase; test: final phase on the test "
+           "split", head, "-" * len(head)]
   for label, summary in summaries.items():
     rows = summary["rows"]
     best = max(rows, key=lambda r: r["eval_reward"])
-    test = rows[-1].get("test_reward")
-    lines.append(f"{label:{width}} {len(rows):>6} {rows[0]['eval_reward']:>7.4f} "
-                 f"{rows[-1]['eval_reward']:>7.4f} {best['eval_reward']:>7.4f} "
-                 f"{_phase(best):>8} {rows[-1]['eval_exact_match']:>6.3f} "
-                 f"{_number(math.nan if test is None else test, 7)} "
+    last = rows[-1]
+    monitor = (f"{last.get('independent_metric')} {last['eval_independent']:.4f}"
+               if last.get("eval_independent") is not None else "-")
+    test = last.get("test_reward")
+    lines.append(f"{label:{width}} {str(summary.get('reward', '?')):{rwidth}} {len(rows):>6} "
+                 f"{rows[0]['eval_reward']:>7.4f} {last['eval_reward']:>7.4f} "
+                 f"{best['eval_reward']:>7.4f} {_phase(best):>8} {last['eval_exact_match']:>6.3f} "
+                 f"{monitor:>14} {_number(math.nan if test is None else test, 7)} "
                  f"{summary.get('wall_time_s', 0.0):>8.1f}")
   return "\n".join(lines)
 
@@ -203,8 +219,9 @@ def plot_comparison(summaries: Mapping[str, dict], out: str,
                       color=line.get_color(), alpha=0.2)
   kinds = {s["metric"] for s in statistics}
   ax.set_xticks(range(len(longest)), longest)
-  ax.set_ylabel(f"{kinds.pop()} reward" if len(kinds) == 1 else
-                "test reward (validation where missing)")
+  rewards = ", ".join(sorted({str(s.get("reward", "?")) for s in summaries.values()}))
+  ax.set_ylabel(f"{kinds.pop()} reward ({rewards})" if len(kinds) == 1 else
+                f"test reward, validation where missing ({rewards})")
   ax.set_title("Reward across BC, Grow (g) and Improve (i) steps")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

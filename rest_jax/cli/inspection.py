@@ -1,7 +1,8 @@
 """`rest-jax inspect`: what the Grow steps of a workdir produced, as text or JSON lines.
 
-The reward is a proxy (REST.md section 5): looking at the best- and worst-scored samples next to
-the reward histogram is the quickest way to notice a reward that is being gamed.
+The reward is a proxy (docs/method.md, "Reward-hacking monitor"): looking at the best- and
+worst-scored samples next to the reward histogram is the quickest way to notice a reward that is
+being gamed.
 """
 
 from __future__ import annotations

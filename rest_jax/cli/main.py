@@ -4,7 +4,7 @@
   rest-jax inspect W [--num_examples K] [--jsonl PATH]
   rest-jax import --from hf|t5x|orbax|auto SRC --to ORBAX_DIR [--preset P | --config JSON]
   rest-jax export --from CHECKPOINT --to hf|t5x|orbax OUT [--preset P | --config JSON]
-  rest-jax best-of-n --workdir W --phase bc,final [--n 1,2,4,8,16] [--output F.json]
+  rest-jax best-of-n W --phase bc,final [--n 1,2,4,8,16] [--output F.json]
   rest-jax compile-check --topology v5e:16x16 --gin_file F [--gin.X=V ...]
   rest-jax sweep --root R --gin_file F --sweep X=V1,V2 [...] [--seeds K]
                  [--launcher L --dry-run -- OPTS]
@@ -24,9 +24,11 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
+from rest_jax.cli import parser, quiet  # pylint: disable=g-import-not-at-top
 from rest_jax.errors import RestJaxError  # pylint: disable=g-import-not-at-top
+
+# Before anything imports TensorFlow.
+quiet.set_quiet_env(not any(a.upper() in ("DEBUG", "--LOG_LEVEL=DEBUG") for a in sys.argv))
 
 REPO_GIN_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "gin")
@@ -51,12 +53,59 @@ def _split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, bindings
 
 
+def _tolerate_namespace_packages(gin) -> None:
+  """Makes gin's package-path reader skip folders that are not packages.
+
+  gin tries an include such as 'runs/base.gin' as a file of the Python package ``runs``; a
+  plain ``runs/`` folder in the current directory (a namespace package) made it crash.
+  """
+  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+  readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "__name__", "") == "system_path_file_exists":
+      def tolerant(path: str, exists=exists) -> bool:
+        try:
+          return exists(path)
+        except TypeError:  # spec.origin is None: a folder, not a package.
+          return False
+      tolerant.__name__ = "tolerant_system_path_file_exists"
+      readers[i] = (reader, tolerant)
+  del gin
+
+
+_GIN_ERRORS = (ValueError, KeyError, NameError, SyntaxError, ImportError, TypeError)
+_LITERAL_START = tuple("0123456789-+.[({'\"@%") + ("True", "False", "None")
+
+
+def binding_error(binding: str, e: BaseException) -> RestJaxError:
+  """A one-line error for a ``--gin.NAME=VALUE`` binding gin could not parse or apply."""
+  name, _, value = (part.strip() for part in binding.partition("="))
+  cause = one_line(str(e))
+  unreadable = any(w in cause for w in ("Unable to parse", "Failed to parse", "malformed node",
+                                        "EOL", "unterminated", "invalid syntax"))
+  if unreadable:
+    text = value.strip("'\"")
+    fix = (f"strings need quotes inside the shell's: --gin.{name}=\"'{text}'\""
+           if not value.startswith(_LITERAL_START) or value[:1] in "'\""
+           else "write a Python literal (number, True/False, 'string', [list])")
+    return RestJaxError(f"--gin.{name}={value}: gin cannot read the value {value}; {fix}.")
+  return RestJaxError(f"--gin.{name}={value}: {cause}; check the name against the dataclasses "
+                      "in rest_jax/config.py (e.g. config.RunConfig.seed, "
+                      "bc/config.TrainConfig.num_steps) or the macros of your gin files.")
+
+
 def parse_run_config(gin_files: list[str], bindings: list[str]):
-  """Parses gin files and bindings into a RunConfig; returns (config, operative config text)."""
+  """Parses gin files and bindings into a RunConfig; returns (config, operative config text).
+
+  Raises:
+    RestJaxError: a missing file, or a file or binding gin cannot parse (the error names the
+      binding and how to fix it), or a config the dataclasses refuse.
+  """
   import gin  # pylint: disable=g-import-not-at-top
   from rest_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   gin.clear_config()
+  _tolerate_namespace_packages(gin)
   for path in (os.getcwd(), REPO_GIN_DIR):
     gin.add_config_file_search_path(path)
   for path in gin_files:
@@ -64,22 +113,44 @@ def parse_run_config(gin_files: list[str], bindings: list[str]):
       raise RestJaxError(f"gin file {path!r} does not exist; pass a path to a .gin file "
                          f"(the shipped ones are under {REPO_GIN_DIR}).")
   try:
-    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
-  except (ValueError, KeyError, NameError, SyntaxError, ImportError) as e:
-    raise RestJaxError(f"bad gin config: {_first_line(e)}. Check the spelling of the binding "
-                       "against the dataclasses in rest_jax/config.py and the gin files "
-                       "under gin/.") from e
+    gin.parse_config_files_and_bindings(gin_files, [], finalize_config=False)
+  except _GIN_ERRORS as e:
+    raise RestJaxError(f"bad gin config: {one_line(str(e))}; check the spelling against the "
+                       "dataclasses in rest_jax/config.py and the gin files under gin/.") from e
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except _GIN_ERRORS as e:
+      raise binding_error(binding, e) from e
   try:
     run_config = gin.get_configurable(config_lib.RunConfig)()
-  except RestJaxError:
-    raise
+  except RestJaxError as e:
+    raise RestJaxError(one_line(str(e))) from e
   except (TypeError, ValueError) as e:
-    raise RestJaxError(f"bad gin config: {_first_line(e)}.") from e
+    raise RestJaxError(f"bad gin config: {one_line(str(e))}.") from e
   return run_config, gin.config_str()
 
 
-def _first_line(e: BaseException) -> str:
-  return " ".join(str(e).split())[:600]
+def one_line(message: str) -> str:
+  """``message`` as one line: gin's context lines ("In call to configurable 'X'", "In file F,
+  line N" and the statement under it) are folded into a short suffix."""
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  if not lines:
+    return ""
+  head, where, skip_next = [lines[0]], [], False
+  for line in lines[1:]:
+    if skip_next:
+      skip_next = False
+    elif line.startswith("In call to configurable"):
+      name = line.split("'")[1] if line.count("'") >= 2 else line
+      where.append(f"in {name}")
+    elif line.startswith(("In file", "In bindings string")):
+      where.append(line[3:].replace('"', ""))
+      skip_next = True
+    else:
+      head.append(line)
+  text = " ".join(" ".join(head).split())[:600]
+  return f"{text} ({'; '.join(dict.fromkeys(where))})" if where else text
 
 
 def _run(args: argparse.Namespace, bindings: list[str]) -> None:
@@ -92,11 +163,15 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> None:
   config, text = parse_run_config(args.gin_file, bindings)
   # Before anything touches a jax backend.
   distributed.initialize(settings)
+  quiet.start_quietly(quiet=args.log_level != "DEBUG", jax_backend=True)
   if not distributed.is_host0():  # Logs come from host 0; other hosts report only problems.
     logging.getLogger("rest_jax").setLevel(logging.WARNING)
   from rest_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
+  from rest_jax.pipeline import reporting  # pylint: disable=g-import-not-at-top
   with distributed.collective_errors():
-    pipeline.run(config, args.workdir, config_text=text, progress=not args.no_progress)
+    result = pipeline.run(config, args.workdir, config_text=text, progress=not args.no_progress)
+  if distributed.is_host0():  # Results on stdout; logs went to stderr.
+    print(reporting.format_result(result, args.workdir), flush=True)
 
 
 def _compile_check(args: argparse.Namespace, bindings: list[str]) -> None:
@@ -157,8 +232,12 @@ def _best_of_n(args: argparse.Namespace) -> None:
   from rest_jax import storage  # pylint: disable=g-import-not-at-top
   from rest_jax.cli import bestofn  # pylint: disable=g-import-not-at-top
 
+  workdir = args.workdir or args.workdir_flag
+  if not workdir:
+    raise RestJaxError("best-of-n needs a workdir: rest-jax best-of-n WORKDIR [--phase ...].")
+  quiet.start_quietly(quiet=args.log_level != "DEBUG", jax_backend=True)
   ns = bestofn.parse_ns(args.n)
-  results = [bestofn.run_best_of_n(args.workdir, phase=phase.strip(), ns=ns,
+  results = [bestofn.run_best_of_n(workdir, phase=phase.strip(), ns=ns,
                                    num_examples=args.num_examples,
                                    temperature=args.temperature, seed=args.seed)
              for phase in args.phase.split(",") if phase.strip()]
@@ -175,85 +254,22 @@ def _quiet_gin_search(record: logging.LogRecord) -> bool:
               ("Path not found" in message or "system_path_file_exists" in message))
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="rest-jax", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  run = sub.add_parser("run", help="run or resume a ReST experiment")
-  run.add_argument("--workdir", required=True, help="experiment directory (resumable)")
-  run.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  run.add_argument("--no_progress", action="store_true", help="hide progress bars")
-  run.add_argument("--log_level", default="INFO")
-  cc = sub.add_parser("compile-check", help="compile Grow and Improve steps for a TPU/GPU "
-                      "topology ahead of time and print per-device memory against HBM")
-  cc.add_argument("--topology", action="append", required=True,
-                  help="e.g. v5e:16x16, v4:2x2x2, v5p:4x4x4, h100:4x8 (repeatable)")
-  cc.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  cc.add_argument("--log_level", default="WARNING")
-  sw = sub.add_parser("sweep", help="one run per combination of swept gin bindings")
-  sw.add_argument("--root", required=True, help="sweep directory; run i goes to ROOT/<name>")
-  sw.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  sw.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
-                  help="a gin binding and its values (repeatable; cartesian product)")
-  sw.add_argument("--seeds", default=None, metavar="K",
-                  help="also sweep config.RunConfig.seed over 0..K-1 (runs named ...,seed=N)")
-  sw.add_argument("--launcher", default="local", choices=("local", "tpu", "xpk", "slurm"))
-  sw.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                  help="print the launcher commands, run nothing")
-  sw.add_argument("launcher_args", nargs="*", help="after --: the launcher's options")
-  sw.add_argument("--log_level", default="WARNING")
-  cmp = sub.add_parser("compare", help="table + plot of several runs' summary.json (mean and "
-                       "95%% interval across runs that differ only by seed)")
-  cmp.add_argument("workdirs", nargs="+", help="run workdirs, or sweep roots")
-  cmp.add_argument("--out", default="", help="write the comparison plot (PNG) here")
-  cmp.add_argument("--log_level", default="WARNING")
-  multi = run.add_argument_group(
-      "multi-host", "run the same command on every host; without these (or the REST_JAX_* "
-      "environment variables) a TPU VM / SLURM cluster is detected, else one process runs")
-  multi.add_argument("--coordinator_address", default=None, help="host 0's HOST:PORT "
-                     "(env REST_JAX_COORDINATOR)")
-  multi.add_argument("--num_processes", type=int, default=None,
-                     help="number of processes (env REST_JAX_NUM_PROCESSES)")
-  multi.add_argument("--process_id", type=int, default=None,
-                     help="this process, 0..num_processes-1 (env REST_JAX_PROCESS_ID)")
-  multi.add_argument("--heartbeat_timeout_s", type=int, default=None,
-                     help="declare a silent host dead after this long (default 100; env "
-                     "REST_JAX_HEARTBEAT_TIMEOUT_S)")
-  multi.add_argument("--barrier_timeout_s", type=float, default=None,
-                     help="longest wait for the other hosts at a barrier (default 1800)")
-  ins = sub.add_parser("inspect", help="print Grow datasets' stats and examples")
-  ins.add_argument("workdir")
-  ins.add_argument("--num_examples", type=int, default=3)
-  ins.add_argument("--jsonl", default=None, help="also export every record to this JSONL file")
-  ins.add_argument("--log_level", default="WARNING")
-  from rest_jax.cli import convert as convert_cli  # pylint: disable=g-import-not-at-top
-  convert_cli.add_parsers(sub)
-  bon = sub.add_parser("best-of-n", help="best-of-N reward of saved policies on D_eval")
-  bon.add_argument("--workdir", required=True, help="a `rest-jax run` workdir (read only)")
-  bon.add_argument("--phase", default="bc,final",
-                   help="comma-separated phases: bc, final, or gG_iI (e.g. g2_i2)")
-  bon.add_argument("--n", default="1,2,4,8,16", help="comma-separated N values")
-  bon.add_argument("--num_examples", type=int, default=0,
-                   help="D_eval prompts (0: EvalConfig.num_examples of the run)")
-  bon.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default: the run's Grow temperature)")
-  bon.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
-  bon.add_argument("--output", default=None, help="also write the results as JSON here")
-  bon.add_argument("--log_level", default="WARNING")
-  from rest_jax.cli import rewards as reward_commands  # pylint: disable=g-import-not-at-top
-  reward_commands.add_parsers(sub)
-  return parser
-
-
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; returns the process exit code (2 for user errors, printed without traceback)."""
   argv = sys.argv[1:] if argv is None else argv
   try:
     rest, bindings = _split_gin_flags(argv)
-    args = build_parser().parse_args(rest)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-      logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parser.build_parser().parse_args(rest)
+    args.log_level = args.log_level.upper()
+    logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    if args.log_level != "DEBUG":
+      for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ("import", "export", "compile-check", "train-reward", "serve-reward",
+                        "inspect"):  # They import TensorFlow; run and best-of-n do below.
+      quiet.start_quietly(quiet=args.log_level != "DEBUG", jax_backend=False)
     for handler in logging.getLogger().handlers:
       handler.addFilter(_quiet_gin_search)
     if bindings and args.command not in ("run", "compile-check", "sweep"):
@@ -278,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       _inspect(args)
   except RestJaxError as e:
-    print(f"rest-jax: error: {e}", file=sys.stderr)
+    print(f"rest-jax: error: {one_line(str(e))}", file=sys.stderr)
     if "jax" in sys.modules:  # A multi-host run ends now, not after waiting for dead hosts.
       from rest_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
       distributed.exit_now_if_multihost(2)

@@ -11,7 +11,8 @@ Two levels, so that the tools use exactly what a run uses:
   reporter and starting params of a real run. ``rest-jax best-of-n`` uses
   ``build_eval`` (the same task, reward and samplers) on a finished run.
 
-``validate(config)`` checks every name before the workdir is touched.
+``validate(config)`` checks every name, the vocabulary size and the task kind against the model
+before the workdir is touched; ``run`` records the config only after ``build`` succeeded.
 """
 
 from __future__ import annotations
@@ -116,8 +117,14 @@ def make_reward(config: RunConfig, layout: Layout) -> RewardCall:
 
 
 def validate(config: RunConfig) -> None:
-  """Fails fast, before the workdir is touched, on an unknown name or an impossible setting."""
-  task = tasks.get_task(config.task)
+  """Fails fast, before the workdir is touched, on an unknown name or an impossible setting.
+
+  Checks the task (name, splits, vocabulary size and kind against the model), the reward, the
+  independent metric, the losses and the threshold schedule. Batch sizes (which need the
+  devices) and the starting checkpoint's shapes are checked by ``build``, which ``run`` also
+  calls before it writes anything.
+  """
+  task, _ = task_and_vocab(config)
   for split in ("train", "validation", config.grow.unlabeled_split):
     if split and split not in task.splits:
       raise RestJaxError(f"task {config.task!r} has no split {split!r} (it has "
@@ -184,14 +191,40 @@ def _base_params(parts: Parts, vocab: seqio.Vocabulary) -> nnx.State:
   return params
 
 
+def task_kind(task: seqio.Task) -> str:
+  """"encdec" when the task's prompts end with EOS (encoder-decoder tasks), else "decoder"."""
+  return "encdec" if task.output_features["inputs"].add_eos else "decoder"
+
+
+def _vocab_fix(config: RunConfig) -> str:
+  if config.init_checkpoint:
+    return ("use the checkpoint's tokenizer: pass the model.gin that `rest-jax import` wrote "
+            "after the experiment's gin files, or set FileTaskConfig.vocabulary = "
+            "'hf:CHECKPOINT_DIR/tokenizer.json' (spm:PATH for SentencePiece models)")
+  return "raise the model's vocab_size (e.g. --gin.models.get_preset.vocab_size=N)"
+
+
 def task_and_vocab(config: RunConfig) -> tuple[seqio.Task, seqio.Vocabulary]:
-  """The prompt task and its target vocabulary (checked against the model's vocab_size)."""
+  """The prompt task and its target vocabulary, checked against the model.
+
+  Raises:
+    RestJaxError: an unknown task, a vocabulary larger than the model's vocab_size, or a task
+      kind ("encdec" / "decoder") other than the model's.
+  """
   task = tasks.get_task(config.task)
   vocab = task.output_features["targets"].vocabulary
-  if vocab.vocab_size > config.model.vocab_size:
-    raise RestJaxError(f"task {config.task!r} has a vocabulary of {vocab.vocab_size} tokens but the "
-                       f"model has vocab_size={config.model.vocab_size}; raise the model's "
-                       "vocab_size.")
+  model = config.model
+  if vocab.vocab_size > model.vocab_size:
+    raise RestJaxError(f"task {config.task!r} has a vocabulary of {vocab.vocab_size} tokens but "
+                       f"the model has vocab_size={model.vocab_size}; {_vocab_fix(config)}.")
+  kind = task_kind(task)
+  if kind != model.kind:
+    family = "a decoder-only" if model.kind == "decoder" else "an encoder-decoder"
+    raise RestJaxError(
+        f"task {config.task!r} is of kind {kind!r} but the model is {family} model "
+        f"(kind {model.kind!r}); give the task kind {model.kind!r} (FileTaskConfig.kind / "
+        f"TfdsTaskConfig.kind, e.g. --gin.config.FileTaskConfig.kind=\"'{model.kind}'\") or "
+        f"use a model of kind {kind!r}.")
   return task, vocab
 
 
@@ -236,7 +269,8 @@ def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
   test_fn = num_test and make_eval_fn(
       eval_set=eval_set(config, task, num_test, split=tasks.TEST_SPLIT), prefix="test",
       **evaluation)
-  reporter = Reporter(workdir, enabled=jax.process_index() == 0)
+  reporter = Reporter(workdir, enabled=jax.process_index() == 0,
+                      monitor_tolerance=config.eval.monitor_tolerance)
   return Run(parts=parts, workdir=workdir, task=task, vocab=vocab, reward=reward,
              eval_fn=eval_fn, reporter=reporter, base_params=base_params, progress=progress,
              test_fn=test_fn or None)

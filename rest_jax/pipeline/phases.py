@@ -70,6 +70,7 @@ def row(run: Run, *, phase: str, grow_step: int = 0, improve_step: int = 0,
                      eval_reward=metrics["eval_reward"],
                      eval_exact_match=metrics["eval_exact_match"],
                      eval_independent=metrics.get("eval_independent"),
+                     eval_independent_se=metrics.get("eval_independent_se"),
                      independent_metric=independent_metric_name(c.reward,
                                                                 c.eval.independent_metric),
                      test={k: v for k, v in metrics.items() if k.startswith("test_")})

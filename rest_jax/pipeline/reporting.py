@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -13,6 +14,7 @@ from rest_jax.pipeline.workdir import Workdir
 
 logger = logging.getLogger("rest_jax")
 
+MONITOR_NOISE_SIGMAS = 2.0  # The auto tolerance: this many standard errors of the difference.
 ROW_KEYS = ("phase", "grow_step", "improve_step", "threshold", "train_examples", "eval_reward",
             "eval_exact_match")
 
@@ -24,14 +26,16 @@ def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: flo
                 train_examples: int, eval_reward: float, eval_exact_match: float,
                 eval_independent: float | None = None,
                 independent_metric: str | None = None,
+                eval_independent_se: float | None = None,
                 test: Mapping[str, float] | None = None) -> dict:
   """One row of ``summary.json`` (the shape tools rely on).
 
   "eval_*" are the validation split's metrics (what every selection used). With the
   reward-hacking monitor on, the row also has "eval_independent" (the independent metric's mean
-  on D_eval) and "independent_metric" (its name). With a test split, ``test`` adds
-  "test_reward", "test_exact_match" (and "test_independent"): the phase's chosen params
-  evaluated once on the test split, which nothing selects on.
+  on D_eval), "eval_independent_se" (the standard error of that mean over the eval set) and
+  "independent_metric" (its name). With a test split, ``test`` adds "test_reward",
+  "test_exact_match" (and "test_independent"): the phase's chosen params evaluated once on the
+  test split, which nothing selects on.
   """
   row = {"phase": phase, "grow_step": int(grow_step), "improve_step": int(improve_step),
          "threshold": None if threshold is None else float(threshold),
@@ -39,6 +43,8 @@ def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: flo
          "eval_exact_match": float(eval_exact_match)}
   if eval_independent is not None:
     row.update(eval_independent=float(eval_independent), independent_metric=independent_metric)
+    if eval_independent_se is not None:
+      row["eval_independent_se"] = float(eval_independent_se)
   unknown = set(test or {}) - set(TEST_KEYS)
   if unknown:
     raise ValueError(f"summary_row: unknown test metrics {sorted(unknown)}; use {TEST_KEYS}.")
@@ -50,30 +56,55 @@ def _label(row: Mapping[str, Any]) -> str:
   return "BC" if row["phase"] == "bc" else f"g{row['grow_step']} i{row['improve_step']}"
 
 
-def reward_hacking_events(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-  """Consecutive phases where the eval reward rose while the independent metric fell.
+def monitor_tolerance(a: Mapping[str, Any], b: Mapping[str, Any], setting: float = -1.0) -> float:
+  """How far the independent metric may fall from row ``a`` to ``b`` before it counts.
+
+  ``setting`` >= 0 is used as is; < 0 (auto) gives MONITOR_NOISE_SIGMAS x sqrt(se_a^2 + se_b^2),
+  the eval-set noise of the difference of the two means (rows without
+  "eval_independent_se" count as noiseless).
+  """
+  if setting >= 0:
+    return float(setting)
+  se_a, se_b = (float(r.get("eval_independent_se") or 0.0) for r in (a, b))
+  return float(MONITOR_NOISE_SIGMAS * np.hypot(se_a, se_b))
+
+
+def reward_hacking_events(rows: Sequence[Mapping[str, Any]], tolerance: float = -1.0
+                          ) -> list[dict]:
+  """Consecutive phases where the eval reward rose while the independent metric fell by more
+  than the tolerance (``monitor_tolerance``; < 0: auto, from the eval noise).
 
   Returns:
     one dict per such pair: {"from", "to" (phase labels), "reward_change", "metric_change",
-    "metric"}; rows without "eval_independent" are skipped.
+    "metric", "tolerance"}; rows without "eval_independent" are skipped.
   """
   rows = [r for r in rows if r.get("eval_independent") is not None]
   events = []
   for a, b in zip(rows, rows[1:]):
     d_reward = b["eval_reward"] - a["eval_reward"]
     d_metric = b["eval_independent"] - a["eval_independent"]
-    if d_reward > 0 and d_metric < 0:
+    tol = monitor_tolerance(a, b, tolerance)
+    if d_reward > 0 and d_metric < -tol:
       events.append({"from": _label(a), "to": _label(b), "reward_change": float(d_reward),
-                     "metric_change": float(d_metric), "metric": b.get("independent_metric")})
+                     "metric_change": float(d_metric), "metric": b.get("independent_metric"),
+                     "tolerance": tol})
   return events
+
+
+def describe_tolerance(setting: float) -> str:
+  """The monitor's tolerance in words, for the summary and the plot."""
+  if setting >= 0:
+    return f"a drop of more than {setting:g}"
+  return f"a drop of more than {MONITOR_NOISE_SIGMAS:g} standard errors (eval-set noise)"
 
 
 class Reporter:
   """TensorBoard scalars and the end-of-run report; does nothing on hosts other than 0."""
 
-  def __init__(self, workdir: Workdir, *, enabled: bool = True):
+  def __init__(self, workdir: Workdir, *, enabled: bool = True, monitor_tolerance: float = -1.0):
     self.workdir = workdir
     self.enabled = enabled
+    self.monitor_tolerance = monitor_tolerance
     self._writer = None
 
   def _tb(self):
@@ -91,20 +122,27 @@ class Reporter:
       if np.ndim(value) == 0:
         writer.add_scalar(f"{tag_prefix}/{name}", float(value), step)
 
-  def write_summary(self, rows: Sequence[dict], wall_time_s: float) -> None:
-    """Writes summary.json; with the monitor on it also records "reward_hacking" (the
-    ``reward_hacking_events``, each logged as a WARNING) and "reward_hacking_suspected"."""
-    if not self.enabled:
-      return
+  def summary(self, rows: Sequence[dict], wall_time_s: float) -> dict:
+    """The summary dict: rows, wall time and, with the monitor on, "reward_hacking" (the
+    ``reward_hacking_events``), "reward_hacking_suspected" and "reward_hacking_tolerance"."""
     summary = {"rows": list(rows), "wall_time_s": float(wall_time_s)}
     if any(r.get("eval_independent") is not None for r in rows):
-      events = reward_hacking_events(rows)
-      for e in events:
-        logger.warning("possible reward hacking from %s to %s: eval reward %+.4f while the "
-                       "independent metric %s changed %+.4f", e["from"], e["to"],
-                       e["reward_change"], e["metric"], e["metric_change"])
-      summary.update(reward_hacking=events, reward_hacking_suspected=bool(events))
+      events = reward_hacking_events(rows, self.monitor_tolerance)
+      summary.update(reward_hacking=events, reward_hacking_suspected=bool(events),
+                     reward_hacking_tolerance=describe_tolerance(self.monitor_tolerance))
+    return summary
+
+  def write_summary(self, rows: Sequence[dict], wall_time_s: float) -> dict:
+    """Writes summary.json (``summary``), logs each monitor event as a WARNING; returns it."""
+    summary = self.summary(rows, wall_time_s)
+    if not self.enabled:
+      return summary
+    for e in summary.get("reward_hacking", ()):
+      logger.warning("possible reward hacking from %s to %s: eval reward %+.4f while the "
+                     "independent metric %s changed %+.4f (tolerance %.4f)", e["from"], e["to"],
+                     e["reward_change"], e["metric"], e["metric_change"], e["tolerance"])
     storage.write_json(self.workdir.summary_path, summary)
+    return summary
 
   def write_plots(self, rows: Sequence[dict], grow_stats: Mapping[int, dict],
                   thresholds: Mapping[int, Sequence[float]]) -> list[str]:
@@ -129,8 +167,10 @@ class Reporter:
       metric = next(r["independent_metric"] for r in rows if r.get("eval_independent") is not None)
       ax.plot(x, [r.get("eval_independent", np.nan) for r in rows], "^-.",
               label=f"independent: {metric}")
-      for e in reward_hacking_events(rows):
-        ax.axvspan(labels.index(e["to"]) - 1, labels.index(e["to"]), color="C3", alpha=0.12)
+      for n, e in enumerate(reward_hacking_events(rows, self.monitor_tolerance)):
+        ax.axvspan(labels.index(e["to"]) - 1, labels.index(e["to"]), color="C3", alpha=0.12,
+                   label=None if n else f"possible reward hacking: {metric} fell by more "
+                   "than its tolerance while the reward rose")
     ax.set_xticks(x, labels)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("held-out score")
@@ -178,18 +218,47 @@ def _cell(value: float | None, width: int, digits: int) -> str:
   return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
-def format_table(rows: Sequence[dict]) -> str:
-  """A plain-text table of summary rows, for logs and the README: validation reward and exact
-  match, then (when any row has them) test reward and exact match ("-" where a row has none)."""
+def format_table(rows: Sequence[dict], tolerance: float = -1.0) -> str:
+  """A plain-text table of summary rows: validation reward and exact match; with the monitor
+  on, the independent metric, carrying "!" where the monitor flags the phase; then (when any
+  row has them) test reward and exact match ("-" where a row has none)."""
+  metric = next((r.get("independent_metric") for r in rows
+                 if r.get("eval_independent") is not None), None)
+  flagged = {e["to"] for e in reward_hacking_events(rows, tolerance)}
   test = any(r.get("test_reward") is not None for r in rows)
   head = f"{'phase':8} {'g':>2} {'i':>2} {'tau':>6} {'examples':>9} {'reward':>7} {'exact':>6}"
+  if metric:
+    head += f" {metric[:8]:>9}"
   head += f" {'test':>7} {'t.exact':>7}" if test else ""
   lines = [head, "-" * len(head)]
   for r in rows:
     tau = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
     line = (f"{r['phase']:8} {r['grow_step']:>2} {r['improve_step']:>2} {tau:>6} "
             f"{r['train_examples']:>9} {r['eval_reward']:>7.4f} {r['eval_exact_match']:>6.3f}")
+    if metric:
+      flag = "!" if _label(r) in flagged else " "
+      line += (f" {r['eval_independent']:>8.4f}{flag}" if r.get("eval_independent") is not None
+               else f" {'-':>8} ")
     if test:
       line += f" {_cell(r.get('test_reward'), 7, 4)} {_cell(r.get('test_exact_match'), 7, 3)}"
     lines.append(line)
+  return "\n".join(lines)
+
+
+def format_result(result: Mapping[str, Any], workdir: str) -> str:
+  """What ``rest-jax run`` prints on stdout at the end: the table, the monitor's verdict, where
+  the summary and plots are, and the wall time."""
+  rows = result["rows"]
+  lines = [format_table(rows, result.get("monitor_tolerance", -1.0)), ""]
+  if "reward_hacking_suspected" in result:
+    metric = next(r["independent_metric"] for r in rows if r.get("eval_independent") is not None)
+    events = result["reward_hacking"]
+    verdict = (f"SUSPECTED at {', '.join(e['to'] for e in events)} (marked !)" if events
+               else "not suspected")
+    lines.append(f"reward hacking: {verdict}; independent metric {metric}, flagged on "
+                 f"{result['reward_hacking_tolerance']} while the reward rises.")
+  lines.append(f"summary: {os.path.join(workdir, 'summary.json')}; plots: "
+               f"{os.path.join(workdir, 'report')}; TensorBoard: tensorboard --logdir "
+               f"{os.path.join(workdir, 'tb')} (pip install -e \".[tensorboard]\")")
+  lines.append(f"wall time: {result['wall_time_s']:.0f} s")
   return "\n".join(lines)

@@ -17,7 +17,6 @@ from rest_jax.errors import RestJaxError
 from rest_jax.grow import dataset as growdata
 from rest_jax.parallel import distributed
 from rest_jax.pipeline import build, phases
-from rest_jax.pipeline.reporting import format_table
 from rest_jax.pipeline.workdir import Workdir, phase_name
 
 logger = logging.getLogger("rest_jax")
@@ -64,7 +63,8 @@ def check_workdir(workdir: Workdir, config: RunConfig) -> None:
 
 
 def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: bool = True) -> dict:
-  """Runs (or resumes) a whole ReST experiment in ``workdir``; returns the summary dict.
+  """Runs (or resumes) a whole ReST experiment in ``workdir``; returns the summary dict (as in
+  summary.json, plus "monitor_tolerance": ``EvalConfig.monitor_tolerance``).
 
   The workdir is written only after the whole run has been built, so a config that cannot
   start (unknown name, bad size, vocabulary mismatch) leaves it untouched.
@@ -79,8 +79,11 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   distributed.barrier("workdir recorded")
   previous_wall = wd.previous_wall_time()
 
+  # A rerun of a finished run does no work and adds nothing to wall_time_s.
+  worked = not wd.is_finished()
+
   def save_state(phase: str) -> None:
-    if distributed.is_host0():
+    if distributed.is_host0() and worked:
       wd.write_state(phase, previous_wall + time.time() - start)
 
   policies = phases.Policies(run_)
@@ -120,8 +123,9 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   save_state("done")
   distributed.barrier("done")
   wall = wd.previous_wall_time()
-  run_.reporter.write_summary(rows, wall)
+  summary = run_.reporter.write_summary(rows, wall)
   run_.reporter.write_plots(rows, grow_stats, taus)
   run_.reporter.close()
-  logger.info("summary (%s):\n%s", wd.summary_path, format_table(rows))
-  return {"rows": rows, "wall_time_s": wall}
+  logger.info("wrote %s (rest_jax.pipeline.reporting.format_result prints it as a table)",
+              wd.summary_path)
+  return {**summary, "monitor_tolerance": config.eval.monitor_tolerance}

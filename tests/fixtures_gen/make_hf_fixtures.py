@@ -3,6 +3,12 @@
 Needs torch and transformers (the tests that read the fixtures need neither):
 
   PYTHONPATH=. python tests/fixtures_gen/make_hf_fixtures.py [--check_only]
+  PYTHONPATH=. python tests/fixtures_gen/make_hf_fixtures.py --tokenizers_only  # tokenizers only
+
+``--tokenizers_only`` (which needs only the ``tokenizers`` package) writes the ``tokenizer.json``
+of the layouts in TOKENIZER_LAYOUTS: a 64-token BPE over the text of examples/numbers/ with
+``<pad>`` = 0 and ``</s>`` = 1 (the fixtures' pad / eos ids), so that ``rest-jax import`` of
+these checkpoints writes a model.gin that runs on the README's own-data example.
 
 For every layout it (1) builds a tiny random model with ``transformers`` (float32, CPU),
 (2) saves it with ``save_pretrained`` (config.json + model.safetensors), (3) stores in
@@ -20,51 +26,89 @@ import shutil
 import sys
 import tempfile
 
+import json
+
 import numpy as np
-import torch
-import transformers
+
+try:  # Only the model fixtures need torch / transformers; --tokenizers_only does not.
+  import torch
+  import transformers
+except ImportError:
+  torch = transformers = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "testdata", "hf")
 DECODE_STEPS = 20
 
-_COMMON = dict(pad_token_id=0, eos_token_id=1, bos_token_id=0)
-_T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4, feed_forward_proj="gated-gelu",
-           tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
-           pad_token_id=0, eos_token_id=1)
-_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              rms_norm_eps=1e-5, **_COMMON)
+TOKENIZER_LAYOUTS = ("llama_gqa", "t5_v1_1")  # One decoder-only, one T5.
+TOKENIZER_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: the fixtures' pad / eos.
+TOKENIZER_TEXT = os.path.join(ROOT, "examples", "numbers")
 
-LAYOUTS = {
-    # T5.1.1 / Flan-T5 layout.
-    "t5_v1_1": (transformers.T5ForConditionalGeneration,
-                transformers.T5Config(num_layers=2, num_decoder_layers=2, **_T5)),
-    # mT5 class, ByT5-like unequal depths, non-default relative-position buckets.
-    "mt5_byt5": (transformers.MT5ForConditionalGeneration,
-                 transformers.MT5Config(num_layers=3, num_decoder_layers=1,
-                                        relative_attention_num_buckets=16,
-                                        relative_attention_max_distance=32,
-                                        **dict(_T5, vocab_size=96))),
-    # Original-T5-style tied, rescaled (d_model ** -0.5) output layer, on a gated-GELU model.
-    "t5_tied_scaled": (transformers.T5ForConditionalGeneration,
-                       transformers.T5Config(num_layers=1, num_decoder_layers=2,
-                                             **dict(_T5, tie_word_embeddings=True))),
-    # Llama 2 style with grouped-query attention (4 query heads, 2 kv heads).
-    "llama_gqa": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**_LLAMA)),
-    # Llama 3 RoPE scaling; original context 16 so every frequency band matters at short lengths.
-    "llama3_rope": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        **dict(_LLAMA, num_attention_heads=2, num_key_value_heads=1, rope_theta=500000.0,
-               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))),
-    # Qwen2: q/k/v biases, tied embeddings.
-    "qwen2_tied": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
-        **dict(_LLAMA, tie_word_embeddings=True, rms_norm_eps=1e-6))),
-    # Mistral with linear RoPE scaling and one kv head.
-    "mistral_linear": (transformers.MistralForCausalLM, transformers.MistralConfig(
-        **dict(_LLAMA, num_key_value_heads=1, sliding_window=None,
-               rope_scaling={"rope_type": "linear", "factor": 2.0}))),
-}
+
+def _layouts() -> dict:
+  _COMMON = dict(pad_token_id=0, eos_token_id=1, bos_token_id=0)
+  _T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4, feed_forward_proj="gated-gelu",
+             tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
+             pad_token_id=0, eos_token_id=1)
+  _LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rms_norm_eps=1e-5, **_COMMON)
+
+  LAYOUTS = {
+      # T5.1.1 / Flan-T5 layout.
+      "t5_v1_1": (transformers.T5ForConditionalGeneration,
+                  transformers.T5Config(num_layers=2, num_decoder_layers=2, **_T5)),
+      # mT5 class, ByT5-like unequal depths, non-default relative-position buckets.
+      "mt5_byt5": (transformers.MT5ForConditionalGeneration,
+                   transformers.MT5Config(num_layers=3, num_decoder_layers=1,
+                                          relative_attention_num_buckets=16,
+                                          relative_attention_max_distance=32,
+                                          **dict(_T5, vocab_size=96))),
+      # Original-T5-style tied, rescaled (d_model ** -0.5) output layer, on a gated-GELU model.
+      "t5_tied_scaled": (transformers.T5ForConditionalGeneration,
+                         transformers.T5Config(num_layers=1, num_decoder_layers=2,
+                                               **dict(_T5, tie_word_embeddings=True))),
+      # Llama 2 style with grouped-query attention (4 query heads, 2 kv heads).
+      "llama_gqa": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**_LLAMA)),
+      # Llama 3 RoPE scaling; original context 16 so every frequency band matters at short lengths.
+      "llama3_rope": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+          **dict(_LLAMA, num_attention_heads=2, num_key_value_heads=1, rope_theta=500000.0,
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))),
+      # Qwen2: q/k/v biases, tied embeddings.
+      "qwen2_tied": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+          **dict(_LLAMA, tie_word_embeddings=True, rms_norm_eps=1e-6))),
+      # Mistral with linear RoPE scaling and one kv head.
+      "mistral_linear": (transformers.MistralForCausalLM, transformers.MistralConfig(
+          **dict(_LLAMA, num_key_value_heads=1, sliding_window=None,
+                 rope_scaling={"rope_type": "linear", "factor": 2.0}))),
+  }
+  return LAYOUTS
+
+
+def write_tokenizers() -> None:
+  """Writes tokenizer.json into each TOKENIZER_LAYOUTS fixture (64 tokens: the models' vocab)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  lines = []
+  for name in sorted(os.listdir(TOKENIZER_TEXT)):
+    with open(os.path.join(TOKENIZER_TEXT, name), encoding="utf-8") as f:
+      for line in f:
+        row = json.loads(line)
+        lines += [row["prompt"], row["reference"]]
+  for layout in TOKENIZER_LAYOUTS:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=64, special_tokens=TOKENIZER_SPECIALS, show_progress=False))
+    assert tokenizer.get_vocab_size() <= 64, tokenizer.get_vocab_size()
+    path = os.path.join(OUT, layout, "tokenizer.json")
+    tokenizer.save(path)
+    print(f"{layout:15s} tokenizer.json: {tokenizer.get_vocab_size()} tokens -> {path}")
+
+
+def _no_grad(fn):
+  return torch.no_grad()(fn) if torch is not None else fn
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -120,7 +164,7 @@ def _inputs(rng: np.random.Generator, vocab: int, *, input_len: int, lengths: li
   return inputs, targets
 
 
-@torch.no_grad()
+@_no_grad
 def _reference_encdec(model, inputs, targets):
   ids, mask = torch.tensor(inputs, dtype=torch.long), torch.tensor(inputs != 0, dtype=torch.long)
   dec = torch.tensor(np.pad(targets[:, :-1], ((0, 0), (1, 0))), dtype=torch.long)
@@ -136,7 +180,7 @@ def _reference_encdec(model, inputs, targets):
   return logits, tokens[:, 1:].numpy().astype(np.int32), min(margins)
 
 
-@torch.no_grad()
+@_no_grad
 def _reference_decoder(model, inputs, targets):
   logits, decodes, margins = [], [], []
   for row in range(len(inputs)):
@@ -172,7 +216,7 @@ def _ours(path: str, inputs: np.ndarray, targets: np.ndarray):
   return config, params, logits, np.stack(tokens, axis=1)
 
 
-@torch.no_grad()
+@_no_grad
 def _export_check(config, params, hf_model, kind: str, inputs, targets) -> float:
   """Our export loaded by transformers: max |logit diff| against the original HF model."""
   from rest_jax.checkpoints.convert import save_hf  # pylint: disable=g-import-not-at-top
@@ -196,11 +240,16 @@ def _export_check(config, params, hf_model, kind: str, inputs, targets) -> float
 def main() -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("--check_only", action="store_true", help="do not rewrite the fixtures")
+  parser.add_argument("--tokenizers_only", action="store_true",
+                      help="only (re)write the tokenizer.json files (needs no torch)")
   args = parser.parse_args()
+  if args.tokenizers_only:
+    write_tokenizers()
+    return 0
   torch.manual_seed(0)
   worst = 0.0
   ok = True
-  for index, (layout, (cls, config)) in enumerate(LAYOUTS.items()):
+  for index, (layout, (cls, config)) in enumerate(_layouts().items()):
     path = os.path.join(OUT, layout)
     if args.check_only:
       model = cls.from_pretrained(path).eval()
@@ -234,6 +283,8 @@ def main() -> int:
     print(f"{layout:15s} import: max|logit diff| {diff:.2e}, greedy {DECODE_STEPS} tokens "
           f"identical: {same} (smallest top-2 margin {margin:.3f}); export -> transformers: "
           f"max|logit diff| {export_diff:.2e}")
+  if not args.check_only:
+    write_tokenizers()
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
   print(f"worst max|diff| {worst:.2e}; fixtures {size / 1e6:.2f} MB; "
         f"torch {torch.__version__}, transformers {transformers.__version__}")

@@ -33,8 +33,8 @@ def _safetensors():
     import safetensors.numpy  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise RestJaxError("reading or writing Hugging Face checkpoints needs the `safetensors` "
-                       "package; install it with `pip install rest_jax[hf]` (or `pip install "
-                       "safetensors`).") from e
+                       "package; install it with `pip install -e \".[hf]\"` in the rest_jax "
+                       "checkout (or `pip install safetensors`).") from e
   return safetensors
 
 
