@@ -173,8 +173,8 @@ def test_compare_seed_groups_means_and_intervals(tmp_path, capsys):
   out_png = str(tmp_path / "cmp.png")
   assert main.main(["compare", root, "--out", out_png]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert lines[2].split()[-2:] == ["0.5000", "1.0"]  # The final test reward of each run ...
-  assert lines[6].split()[-2:] == ["-", "1.0"]  # ... or "-" without one.
+  assert lines[3].split()[-2:] == ["0.5000", "1.0"]  # The final test reward of each run ...
+  assert lines[7].split()[-2:] == ["-", "1.0"]  # ... or "-" without one.
   table = lines[lines.index("") + 1:-1]
   assert table[1].split() == ["group", "phase", "metric", "n", "mean", "se", "95%", "low", "95%",
                               "high"]

@@ -19,7 +19,7 @@ ROW_KEYS = ("phase", "grow_step", "improve_step", "threshold", "train_examples",
             "eval_exact_match")
 
 
-TEST_KEYS = ("test_reward", "test_exact_match", "test_independent")
+TEST_KEYS = ("test_reward", "test_exact_match", "test_independent", "test_independent_se")
 
 
 def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: float | None,
