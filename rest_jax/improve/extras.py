@@ -9,7 +9,7 @@ entry, so it stays the same for every loss.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 from flax import nnx

@@ -13,7 +13,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

@@ -1,23 +1,16 @@
-"""Frozen, validated configuration dataclasses. Gin binds them (in main.py); the library reads them."""
+"""The run's configuration: a ``RunConfig`` of frozen dataclasses (mesh, Grow, training, Improve,
+evaluation, reward), validated once when built."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
-from rest_jax.errors import RestJaxError
+from rest_jax.config.checks import one_of, require
+from rest_jax.config.losses import BvmpoConfig, GoldConfig, OacConfig, RaftPpConfig, ValueConfig
 from rest_jax.models.base import ModelConfig
 
 PAPER_THRESHOLDS = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)
-
-
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise RestJaxError(message)
-
-
-def _one_of(what: str, value: str, choices: tuple[str, ...]) -> None:
-  _require(value in choices, f"{what} {value!r} is unknown; use one of {choices}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +35,10 @@ class MeshConfig:
   def __post_init__(self):
     for what, sizes in (("", (self.data, self.fsdp, self.tensor)),
                         ("dcn_", (self.dcn_data, self.dcn_fsdp, self.dcn_tensor))):
-      _require(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
+      require(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
                f"MeshConfig {what}sizes {sizes}: each must be >= 1, and at most one may be -1.")
     rule_sets = ("2d", "fsdp", "tensor", "data")
-    _one_of("MeshConfig.rules", self.rules, rule_sets)
+    one_of("MeshConfig.rules", self.rules, rule_sets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +53,14 @@ class SamplingConfig:
   batch_size: int = 32  # Prompts per sampler call (global, across hosts).
 
   def __post_init__(self):
-    _require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}.")
-    _require(self.temperature > 0 and math.isfinite(self.temperature),
+    require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}.")
+    require(self.temperature > 0 and math.isfinite(self.temperature),
              f"temperature must be a positive number, got {self.temperature}; "
              "use greedy decoding for temperature 0.")
-    _require(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
-    _require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}.")
-    _require(self.max_decode_len >= 1, "max_decode_len must be >= 1.")
-    _require(self.batch_size >= 1, "SamplingConfig.batch_size must be >= 1.")
+    require(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+    require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}.")
+    require(self.max_decode_len >= 1, "max_decode_len must be >= 1.")
+    require(self.batch_size >= 1, "SamplingConfig.batch_size must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,104 +75,7 @@ class GrowConfig:
   unlabeled_split: str = ""
 
   def __post_init__(self):
-    _require(self.chunk_size >= 1, "GrowConfig.chunk_size must be >= 1.")
-
-
-@dataclasses.dataclass(frozen=True)
-class GoldConfig:
-  """GOLD (Pang and He, 2021): importance-weighted policy gradient with returns from the frozen BC
-  policy. ``reward``: "prob" (r_t = pi_BC(y_t | s_t), GOLD-p) or "logprob"
-  (r_t = log pi_BC(y_t | s_t) - log_reward_baseline, GOLD-s); each r_t is clipped below at
-  ``reward_min``; Q_t sums the next ``horizon`` rewards (from t on) discounted by ``discount``."""
-
-  horizon: int = 5
-  discount: float = 1.0
-  weight_floor: float = 0.1  # u in w_t = stopgrad(max(pi_theta(y_t | s_t), u)).
-  reward: str = "prob"
-  log_reward_baseline: float = -5.0
-  reward_min: float = 0.0
-
-  def __post_init__(self):
-    _require(self.horizon >= 1, f"GoldConfig.horizon must be >= 1, got {self.horizon}.")
-    _require(0.0 < self.discount <= 1.0, f"GoldConfig.discount must be in (0, 1], got "
-             f"{self.discount}.")
-    _require(0.0 <= self.weight_floor <= 1.0,
-             f"GoldConfig.weight_floor must be in [0, 1], got {self.weight_floor}.")
-    _one_of("GoldConfig.reward", self.reward, ("prob", "logprob"))
-
-
-@dataclasses.dataclass(frozen=True)
-class BvmpoConfig:
-  """Behaviour V-MPO: top-``top_fraction`` advantages, temperature eta (bound ``eps_eta``), KL trust
-  region to the phase's starting policy (multiplier alpha, bound ``eps_alpha``), both multipliers
-  learned with Adam at ``multiplier_lr``; plus lambda * KL(pi_behaviour || pi_theta) with lambda
-  annealed geometrically from ``kl_start`` to ``kl_end`` over the phase's steps."""
-
-  top_fraction: float = 0.5
-  eps_eta: float = 0.1
-  eps_alpha: float = 0.01
-  init_eta: float = 1.0
-  init_alpha: float = 1.0
-  multiplier_lr: float = 1e-2
-  kl_start: float = 1.0
-  kl_end: float = 1e-5
-
-  def __post_init__(self):
-    _require(0.0 < self.top_fraction <= 1.0,
-             f"BvmpoConfig.top_fraction must be in (0, 1], got {self.top_fraction}.")
-    for name in ("eps_eta", "eps_alpha", "init_eta", "init_alpha", "multiplier_lr", "kl_start",
-                 "kl_end"):
-      _require(getattr(self, name) > 0, f"BvmpoConfig.{name} must be > 0, got "
-               f"{getattr(self, name)}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class OacConfig:
-  """Offline actor-critic: -stopgrad(A_t) log pi(y_t | s_t), A_t = return_t - V(s_t)."""
-
-  normalize_advantages: bool = False  # Divide A by its standard deviation over the batch tokens.
-
-
-
-
-@dataclasses.dataclass(frozen=True)
-class RaftPpConfig:
-  """RAFT++: BC weighted by rho = pi_theta / pi_behaviour (Grow's stored log-probs), per "token"
-  or per "sequence"; ``clip`` "ppo": no gradient where rho > 1 + clip_high (clip_low unread),
-  "truncate": weight clip(rho, 1 - clip_low, 1 + clip_high). See improve/losses/raft_pp.py."""
-
-  ratio: str = "token"
-  clip: str = "ppo"
-  clip_low: float = 0.2  # The ratio range is [1 - clip_low, 1 + clip_high].
-  clip_high: float = 0.2
-
-  def __post_init__(self):
-    _one_of("RaftPpConfig.ratio", self.ratio, ("token", "sequence"))
-    _one_of("RaftPpConfig.clip", self.clip, ("ppo", "truncate"))
-    _require(0.0 <= self.clip_low < 1.0 and math.isfinite(self.clip_low),
-             f"RaftPpConfig.clip_low must be in [0, 1) (the lowest ratio is 1 - clip_low), got "
-             f"{self.clip_low}.")
-    _require(self.clip_high >= 0.0 and math.isfinite(self.clip_high),
-             f"RaftPpConfig.clip_high must be a finite number >= 0 (the highest ratio is "
-             f"1 + clip_high), got {self.clip_high}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class ValueConfig:
-  """The behaviour value network of BVMPO / OAC: the policy's architecture with a scalar head,
-  regressed on the Monte-Carlo returns discount**(T - t) * R of each Grow dataset D_g."""
-
-  discount: float = 1.0
-  learning_rate: float = 1e-3
-  num_steps: int = 200
-  batch_size: int = 64
-  init_from_policy: bool = True  # Start the trunk from the BC policy's weights.
-
-  def __post_init__(self):
-    _require(0.0 < self.discount <= 1.0, f"ValueConfig.discount must be in (0, 1], got "
-             f"{self.discount}.")
-    _require(self.learning_rate > 0 and self.num_steps >= 1 and self.batch_size >= 1,
-             "ValueConfig.learning_rate must be > 0, num_steps and batch_size >= 1.")
+    require(self.chunk_size >= 1, "GrowConfig.chunk_size must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,13 +98,13 @@ class TrainConfig:
   raft_pp: RaftPpConfig = RaftPpConfig()  # Read by loss "raft_pp" only.
 
   def __post_init__(self):
-    _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
-    _require(self.num_steps >= 1, "num_steps must be >= 1.")
-    _require(self.batch_size >= 1, "batch_size must be >= 1.")
-    _require(self.eval_every >= 1, "eval_every must be >= 1.")
-    _require(0 <= self.warmup_steps < self.num_steps,
+    require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
+    require(self.num_steps >= 1, "num_steps must be >= 1.")
+    require(self.batch_size >= 1, "batch_size must be >= 1.")
+    require(self.eval_every >= 1, "eval_every must be >= 1.")
+    require(0 <= self.warmup_steps < self.num_steps,
              f"warmup_steps ({self.warmup_steps}) must be in [0, num_steps={self.num_steps}).")
-    _require(self.patience >= 0, "patience must be >= 0.")
+    require(self.patience >= 0, "patience must be >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,14 +144,14 @@ class ImproveConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-    _require(len(self.thresholds) >= 1, "ImproveConfig.thresholds is empty.")
-    _require(all(0.0 <= t <= 1.0 for t in self.thresholds),
+    require(len(self.thresholds) >= 1, "ImproveConfig.thresholds is empty.")
+    require(all(0.0 <= t <= 1.0 for t in self.thresholds),
              f"thresholds {self.thresholds} must lie in [0, 1] (rewards are normalised).")
-    _require(all(b > a for a, b in zip(self.thresholds, self.thresholds[1:])),
+    require(all(b > a for a, b in zip(self.thresholds, self.thresholds[1:])),
              f"thresholds {self.thresholds} must be strictly increasing.")
-    _require(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}.")
-    _require(self.max_per_prompt >= 0, "max_per_prompt must be >= 0.")
-    _require(self.mix_previous_grows >= 0, "mix_previous_grows must be >= 0.")
+    require(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}.")
+    require(self.max_per_prompt >= 0, "max_per_prompt must be >= 0.")
+    require(self.mix_previous_grows >= 0, "mix_previous_grows must be >= 0.")
     # The schedule name and its parameters are checked by rest_jax.improve.schedules.from_config
     # (before the workdir is touched), not here: the config imports no library logic.
 
@@ -281,12 +177,12 @@ class EvalConfig:
   monitor_tolerance: float = -1.0
 
   def __post_init__(self):
-    _require(self.num_examples >= 1 and self.batch_size >= 1,
+    require(self.num_examples >= 1 and self.batch_size >= 1,
              "EvalConfig.num_examples and batch_size must be >= 1.")
-    _require(math.isfinite(self.monitor_tolerance),
+    require(math.isfinite(self.monitor_tolerance),
              f"EvalConfig.monitor_tolerance must be a number (< 0: auto), got "
              f"{self.monitor_tolerance}.")
-    _require(self.num_test_examples is None or self.num_test_examples >= 0,
+    require(self.num_test_examples is None or self.num_test_examples >= 0,
              f"EvalConfig.num_test_examples must be >= 0 (0 turns the test evaluation off) or "
              f"None (as many as num_examples), got {self.num_test_examples}.")
 
@@ -315,14 +211,14 @@ class RewardConfig:
 
   def __post_init__(self):
     rng = tuple(self.range)
-    _require(len(rng) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in rng)
+    require(len(rng) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in rng)
              and rng[0] < rng[1],
              f"RewardConfig.range must be two finite numbers lo < hi, got {self.range}.")
     object.__setattr__(self, "range", (float(rng[0]), float(rng[1])))
-    _require(self.timeout_s > 0, f"RewardConfig.timeout_s must be > 0, got {self.timeout_s}.")
-    _require(self.max_retries >= 0, "RewardConfig.max_retries must be >= 0.")
-    _require(self.backoff_s >= 0, "RewardConfig.backoff_s must be >= 0.")
-    _require(self.max_concurrency >= 1 and self.request_batch_size >= 1 and self.batch_size >= 1,
+    require(self.timeout_s > 0, f"RewardConfig.timeout_s must be > 0, got {self.timeout_s}.")
+    require(self.max_retries >= 0, "RewardConfig.max_retries must be >= 0.")
+    require(self.backoff_s >= 0, "RewardConfig.backoff_s must be >= 0.")
+    require(self.max_concurrency >= 1 and self.request_batch_size >= 1 and self.batch_size >= 1,
              "RewardConfig.max_concurrency, request_batch_size and batch_size must be >= 1.")
 
 
@@ -352,70 +248,12 @@ class RunConfig:
   run_bc: bool = True
 
   def __post_init__(self):
-    _require(self.run_bc or bool(self.init_checkpoint),
+    require(self.run_bc or bool(self.init_checkpoint),
              "run_bc=False needs RunConfig.init_checkpoint (a supervised checkpoint to start "
              "from); set it or keep run_bc=True.")
-    _require(self.num_grow_steps >= 0, "num_grow_steps must be >= 0.")
-    _require(self.num_improve_steps >= 0, "num_improve_steps must be >= 0.")
-    _require(0 <= self.seed < 2**31, f"seed must be in [0, 2**31), got {self.seed}.")
-    _require(self.grow.sampling.max_decode_len <= self.target_len,
+    require(self.num_grow_steps >= 0, "num_grow_steps must be >= 0.")
+    require(self.num_improve_steps >= 0, "num_improve_steps must be >= 0.")
+    require(0 <= self.seed < 2**31, f"seed must be in [0, 2**31), got {self.seed}.")
+    require(self.grow.sampling.max_decode_len <= self.target_len,
              f"grow max_decode_len ({self.grow.sampling.max_decode_len}) exceeds target_len "
              f"({self.target_len}); raise target_len or lower max_decode_len.")
-
-
-_TASK_KINDS = ("encdec", "decoder")
-
-
-@dataclasses.dataclass(frozen=True)
-class FileTaskConfig:
-  """A task over local JSONL / TSV files; ``tasks.from_config`` registers it under ``name``.
-
-  Each line (JSONL) or row (TSV with a header line) holds a prompt, an optional reference
-  (the demonstration BC trains on) and an optional answer (metadata only a reward needs, e.g. a
-  verifiable final answer); the target text is the reference, else the answer. Rows of
-  ``train``, ``validation`` and ``test`` need one of them; ``unlabeled`` rows need only a
-  prompt.
-  """
-
-  name: str = ""
-  train: str = ""
-  validation: str = ""
-  unlabeled: str = ""  # Optional: prompts for Grow only (GrowConfig.unlabeled_split).
-  test: str = ""  # Optional: the reported test split (never selected on); rows need a target.
-  format: str = ""  # "jsonl" or "tsv"; "" guesses from the file extension.
-  vocabulary: str = "byte"  # "byte" | "spm:/path/model" | "hf:/path/tokenizer.json[?pad=..]".
-  kind: str = "encdec"  # The model family: "decoder" prompts get no EOS.
-  prompt_field: str = "prompt"
-  reference_field: str = "reference"
-  answer_field: str = "answer"
-  id_field: str = ""  # Optional int64 example ids; "" numbers the lines.
-  prompt_template: str = "{prompt}"  # e.g. "<s>Question: {prompt}\nAnswer:".
-
-  def __post_init__(self):
-    _require(bool(self.name), "FileTaskConfig.name is empty; name the task (RunConfig.task).")
-    _require(bool(self.train) and bool(self.validation),
-             f"FileTaskConfig {self.name!r}: train and validation files are required.")
-    _one_of("FileTaskConfig.format ('' guesses from the file name)", self.format,
-            ("", "jsonl", "tsv"))
-    _one_of("FileTaskConfig.kind", self.kind, _TASK_KINDS)
-    _require("{prompt}" in self.prompt_template,
-             f"FileTaskConfig.prompt_template {self.prompt_template!r} must contain {{prompt}}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class TfdsTaskConfig:
-  """A TFDS-backed task (rest_jax/tasks/tfds_tasks.py lists ``dataset``'s sources)."""
-
-  name: str = ""
-  dataset: str = ""  # "iwslt14_de_en" | "wmt20_zh_en" | "gsm8k".
-  vocabulary: str = "byte"
-  kind: str = "encdec"
-  data_dir: str = ""  # TFDS data_dir; "" = TFDS's default (~/tensorflow_datasets).
-  download: bool = False  # True lets TFDS download and prepare the dataset on first use.
-  prompt_template: str = "{prompt}"
-
-  def __post_init__(self):
-    _require(bool(self.name), "TfdsTaskConfig.name is empty; name the task (RunConfig.task).")
-    _one_of("TfdsTaskConfig.kind", self.kind, _TASK_KINDS)
-    _require("{prompt}" in self.prompt_template,
-             f"TfdsTaskConfig.prompt_template {self.prompt_template!r} must contain {{prompt}}.")
