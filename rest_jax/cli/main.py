@@ -90,7 +90,7 @@ def binding_error(binding: str, e: BaseException) -> RestJaxError:
            else "write a Python literal (number, True/False, 'string', [list])")
     return RestJaxError(f"--gin.{name}={value}: gin cannot read the value {value}; {fix}.")
   return RestJaxError(f"--gin.{name}={value}: {cause}; check the name against the dataclasses "
-                      "in rest_jax/config.py (e.g. config.RunConfig.seed, "
+                      "in rest_jax/config/ (e.g. config.RunConfig.seed, "
                       "bc/config.TrainConfig.num_steps) or the macros of your gin files.")
 
 
@@ -116,7 +116,7 @@ def parse_run_config(gin_files: list[str], bindings: list[str]):
     gin.parse_config_files_and_bindings(gin_files, [], finalize_config=False)
   except _GIN_ERRORS as e:
     raise RestJaxError(f"bad gin config: {one_line(str(e))}; check the spelling against the "
-                       "dataclasses in rest_jax/config.py and the gin files under gin/.") from e
+                       "dataclasses in rest_jax/config/ and the gin files under gin/.") from e
   for binding in bindings:
     try:
       gin.parse_config(binding)
