@@ -94,6 +94,11 @@ def _pure(params):
   return jax.device_get(nnx.to_pure_dict(params))
 
 
+def _leaves(tree) -> list[np.ndarray]:
+  return [np.asarray(x) for x in
+          jax.tree.leaves(_pure(tree) if isinstance(tree, nnx.State) else jax.device_get(tree))]
+
+
 def _assert_same(a, b, **tol):
   a, b = _pure(a) if isinstance(a, nnx.State) else a, _pure(b) if isinstance(b, nnx.State) else b
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
@@ -156,11 +161,9 @@ def real_tiny():
     targets[1::2, 3:] = 0
     batches.append({"inputs": rng.integers(2, 260, size=(8, 6)).astype(np.int32),
                     "targets": targets, "reward": rng.uniform(size=8).astype(np.float32)})
-  # make_optimizer's structure (clip, then AdamW) with a large epsilon: with Adam's default 1e-8,
-  # a gradient that is 0 in exact arithmetic (e.g. attention over a single key) is float32 noise
-  # of either sign, and Adam turns it into a +-lr step; the test would compare that noise.
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adamw(1e-2, eps=1e-3, weight_decay=0.1))
+  # The production optimizer (make_optimizer: clip to 1.0, then AdamW with optax's defaults,
+  # eps=1e-8), at a larger learning rate so that two steps move the params visibly.
+  optimizer = make_optimizer(TrainConfig(learning_rate=1e-2, weight_decay=0.1))
 
   def run(layout):
     traces = []
@@ -185,16 +188,25 @@ def real_tiny():
   return params, run, reference
 
 
+@pytest.mark.default_xla
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (2, 1, 4)])
 def test_sharded_train_step_matches_one_device(real_tiny, mesh):
   params, run, (_, ref_state, ref_losses) = real_tiny
   trainer, state, losses = run(mesh_layout(*mesh))
   assert ref_losses[0] != ref_losses[2]
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)  # Loss and grad norm, 2 steps.
-  _assert_same(state.params, ref_state.params, atol=1e-5, rtol=1e-5)
   moments, ref_moments = state.opt_state[1][0], ref_state.opt_state[1][0]
-  _assert_same(moments.mu, ref_moments.mu, atol=1e-7, rtol=1e-5)
-  _assert_same(moments.nu, ref_moments.nu, atol=1e-10, rtol=1e-5)
+  diffs = {name: max(float(np.max(np.abs(x - y))) for x, y in zip(_leaves(a), _leaves(b)))
+           for name, a, b in (("params", state.params, ref_state.params),
+                              ("mu", moments.mu, ref_moments.mu),
+                              ("nu", moments.nu, ref_moments.nu))}
+  diffs["loss_grad_norm"] = float(np.max(np.abs(np.subtract(losses, ref_losses))))
+  print(f"\n{mesh}: max |diff| " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+  # Not bit-identical: sharded reductions sum in another order. Measured max |diff| at XLA's
+  # default level, production AdamW (eps=1e-8), 2 steps at lr 1e-2, over the three meshes:
+  # params 3.8e-6, mu 4.3e-9, nu 5.5e-12, loss / grad norm 4.8e-7 (level 0: 2.1e-6, 6.1e-9,
+  # 6.4e-12, 2.4e-7). Tolerances: about 3x the largest (docs/multihost.md states them).
+  tolerances = {"params": 1e-5, "mu": 2e-8, "nu": 2e-11, "loss_grad_norm": 2e-6}
+  assert all(diffs[k] <= tol for k, tol in tolerances.items()), (diffs, tolerances)
   delta = jax.tree.map(lambda a, b: np.abs(a - b).max(), _pure(ref_state.params), _pure(params))
   assert max(jax.tree.leaves(delta)) > 1e-3  # The params did move.
   assert int(state.step) == 2

@@ -4,7 +4,7 @@ One reference run (1 process x 4 CPU devices) and one 2-process run (2 processes
 DCN data axis over the processes) of the same tiny config. The 2-process run is killed (process
 1, SIGKILL) right after BC: process 0 must stop with an error on its own, and rerunning the same
 command on both processes resumes to exactly the reference's Grow records and eval rewards, and
-final parameters equal within float tolerance.
+final parameters equal within float tolerance (numbers: docs/multihost.md, "Determinism").
 """
 
 import glob
@@ -54,8 +54,11 @@ ARGS = [
 
 def _env(num_devices: int) -> dict:
   env = dict(os.environ)
+  # XLA's default optimisation level, as in production (conftest.py sets level 0 for the rest of
+  # the suite): the equality claims below are measured at it.
   flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+           if not f.startswith(("--xla_force_host_platform_device_count",
+                                "--xla_backend_optimization_level"))]
   env.update(XLA_FLAGS=" ".join(flags), JAX_NUM_CPU_DEVICES=str(num_devices),
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   return env
@@ -173,7 +176,12 @@ def test_two_processes_write_the_reference_grow_records(runs):
     m = multi[key]
     assert list(r.targets) == list(m.targets), key
     assert r.reward == m.reward, key
-    np.testing.assert_allclose(r.behaviour_logprobs, m.behaviour_logprobs, atol=1e-5)
+    # Targets and rewards bit-identical; log-probs within 1e-5 (measured max 1.9e-6 at XLA's
+    # default level: the 2-process mesh sums in another order).
+    np.testing.assert_allclose(r.behaviour_logprobs, m.behaviour_logprobs, atol=1e-5, rtol=0)
+  diff = max(float(np.max(np.abs(r.behaviour_logprobs - multi[k].behaviour_logprobs)))
+             for k, r in ref.items())
+  print(f"grow records: {len(ref)} equal, max |behaviour logprob diff| {diff:.3g}")
   files = growdata.chunk_files(os.path.join(runs["multi"], "grow", "g001"))
   assert {f[:len("chunk-h000")] for f in files} == {"chunk-h000", "chunk-h001"}
   assert len(files) == 4  # 16 prompts per host, 8 per chunk.
@@ -186,4 +194,6 @@ def test_two_processes_end_with_the_reference_evals_and_params(runs):
     assert ref.keys() == multi.keys() and len(ref) > 10
     diff = max(float(np.max(np.abs(ref[k] - multi[k]))) for k in ref)
     print(f"{phase}: {len(ref)} arrays, max |param diff| {diff:.3g}")
+    # Measured at XLA's default level with the production optimizer: 9.1e-7 after BC, 3.8e-6
+    # after Improve (level 0: 3.9e-7, 8.2e-7); tolerance 1e-5.
     assert diff < 1e-5, phase

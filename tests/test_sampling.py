@@ -239,6 +239,7 @@ def test_sample_logits_rows_are_independent():
   np.testing.assert_allclose(one_logprob[0], logprobs[4], atol=1e-6)
 
 
+@pytest.mark.default_xla
 def test_same_samples_for_batch_sizes_1_3_8_and_padding():
   graphdef, state = fake_state()
   pairs = [(3, 0), (5, 4), (0, 2), (6, 7), (2, 3), (4, 5), (7, 6), (1, 1)]
@@ -257,9 +258,11 @@ def test_same_samples_for_batch_sizes_1_3_8_and_padding():
   ref = results["one", 8]
   assert ref[0].shape == (24, 9)
   np.testing.assert_array_equal(ref[2], np.repeat(ids, 3))
+  # Bit-identical, tokens and log-probs (measured at XLA's default level and at level 0): the
+  # per-row computation does not depend on the batch it shares a call with.
   for key, (tokens, logprobs, example_ids) in results.items():
     np.testing.assert_array_equal(tokens, ref[0], err_msg=str(key))
-    np.testing.assert_allclose(logprobs, ref[1], atol=1e-6, err_msg=str(key))
+    np.testing.assert_array_equal(logprobs, ref[1], err_msg=str(key))
     np.testing.assert_array_equal(example_ids, ref[2])
 
 
@@ -293,6 +296,7 @@ def test_score_teacher_forced_logprobs():
 # decoder-only one at temperature 1, where behaviour log-probs must equal teacher forcing.
 # Mesh (8, 1, 1) (pure data parallelism, batch padding) is covered with the fake model above:
 # each real-model compile costs several CPU seconds.
+@pytest.mark.default_xla
 @pytest.mark.parametrize("preset,options", [
     ("tiny", dict(temperature=0.9, top_k=100, top_p=0.95)),
     ("tiny_decoder", dict(temperature=1.0)),
@@ -315,11 +319,15 @@ def test_real_model_sharded_samples_equal_one_device(preset, options):
     scored = sampler.score(state, np.repeat(inputs, 2, axis=0), ref.tokens)
     mask = ref.tokens != 0
     np.testing.assert_allclose(scored[mask], ref.logprobs[mask], atol=1e-5)
+  # Tokens and lengths bit-identical; log-probs not (sharded matmuls over "tensor" / "fsdp" sum
+  # in another order): measured max |diff| 1.4e-6 at XLA's default level (2.4e-6 at level 0),
+  # tolerance 1e-5. With float32 on CPU no near-tie flips a token here; see docs/multihost.md.
   for mesh in ((2, 2, 2), (2, 1, 4)):
     _, got = run(mesh_layout(*mesh))
+    print(f"\n{preset} {mesh}: max |logprob diff| {np.max(np.abs(got.logprobs - ref.logprobs)):.3g}")
     np.testing.assert_array_equal(got.tokens, ref.tokens, err_msg=str(mesh))
     np.testing.assert_array_equal(got.lengths, ref.lengths, err_msg=str(mesh))
-    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, err_msg=str(mesh))
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0, err_msg=str(mesh))
 
 
 def test_user_errors():
