@@ -214,7 +214,7 @@ def _truncate_data(directory):
 
 
 def test_truncated_checkpoint_names_the_phase_and_the_fix(tmp_path):
-  trainer, params = _trainer(make_layout(2, 2, 2))
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
   abstract = trainer.abstract_params(params)
   directory = tmp_path / "checkpoints" / "g001_i02"
   with ckpt.PhaseCheckpoints(directory) as phase:

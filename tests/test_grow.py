@@ -9,7 +9,7 @@ from rest_jax.grow.step import run_grow
 from rest_jax.rewards import ExactMatch, score
 from rest_jax.grow.fake import FakeSampler
 from rest_jax.grow.sampler import Sampler
-from rest_jax.parallel.layout import make_layout
+from conftest import mesh_layout
 from rest_jax.tasks import BYTE_VOCAB
 
 
@@ -68,7 +68,7 @@ def test_grow_resumes_at_the_first_missing_chunk(tmp_path):
 
 
 def test_both_samplers_implement_the_protocol():
-  layout = make_layout(devices=jax.devices()[:1])
+  layout = mesh_layout(devices=jax.devices()[:1])
   assert isinstance(Sampler(None, layout, num_samples=2, max_decode_len=4), base.Sampler)
   assert isinstance(FakeSampler(), base.Sampler)
 
