@@ -16,6 +16,8 @@ Commit semantics (what a reader may rely on):
   killed writer is recognised by ``temp_target`` (and never read as data).
 * Markers: write data first and the marker last; readers trust only what a marker or a manifest
   names.
+* A full disk or quota (ENOSPC / EDQUOT) while writing is one ``RestJaxError`` naming the file
+  and saying to free space and rerun; the temporary is removed and committed files are untouched.
 
 No other module calls ``os.replace``, ``os.rename``, ``tf.io.gfile.rename`` or opens a workdir
 file for writing.
@@ -24,6 +26,7 @@ file for writing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -36,6 +39,48 @@ from rest_jax.errors import RestJaxError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether ``error`` (or an exception it was raised from) says the disk or quota is full:
+  an ``OSError`` with ENOSPC / EDQUOT, or a TensorFlow / TensorStore error whose message says so."""
+  seen: set[int] = set()
+  e: BaseException | None = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+      return True
+    if any(text in str(e) for text in _FULL_TEXTS):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def disk_full_error(path: str, error: BaseException) -> RestJaxError:
+  """The one-line error for a write to ``path`` that failed with a full disk or quota."""
+  reason = "disk quota exceeded" if (isinstance(error, OSError) and
+                                     error.errno == errno.EDQUOT) else "no space left on device"
+  return RestJaxError(f"could not write {path}: {reason}. Free space (or raise the quota) on "
+                      "that file system and rerun the same command: the run resumes from what "
+                      "it had committed.")
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(path: str) -> Iterator[None]:
+  """Turns a full disk or quota while writing ``path`` into one RestJaxError (see
+  ``disk_full_error``); any other exception passes unchanged."""
+  try:
+    yield
+  except RestJaxError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if is_disk_full(e):
+      raise disk_full_error(path, e) from None
+    raise
 
 
 def is_local(path: str) -> bool:
@@ -70,7 +115,8 @@ def makedirs(path: str) -> None:
   p = epath.Path(path)
   if is_local(path) and p.exists() and not p.is_dir():
     raise RestJaxError(f"{path} exists and is a file, not a folder; choose another path.")
-  p.mkdir(parents=True, exist_ok=True)
+  with disk_full_is_user_error(path):
+    p.mkdir(parents=True, exist_ok=True)
 
 
 def listdir(path: str) -> list[str]:
@@ -145,19 +191,21 @@ def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
     raise RestJaxError(f"{path} already exists and is never rewritten; delete it to write it "
                        "again.")
   if not is_local(path):
-    yield path
+    with disk_full_is_user_error(path):
+      yield path
     return
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
   tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
   try:
-    yield tmp
-    _fsync(tmp)
-    if overwrite:
-      os.replace(tmp, path)
-    else:
-      _commit_new(tmp, path)
-    _fsync(folder)
+    with disk_full_is_user_error(path):
+      os.makedirs(folder, exist_ok=True)
+      yield tmp
+      _fsync(tmp)
+      if overwrite:
+        os.replace(tmp, path)
+      else:
+        _commit_new(tmp, path)
+      _fsync(folder)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -190,20 +238,21 @@ def atomic_dir(path: str) -> Iterator[str]:
     raise RestJaxError(f"{path} already exists; choose a new path or delete it.")
   if not is_local(path):
     makedirs(path)
-    yield path
+    with disk_full_is_user_error(path):
+      yield path
     return
   parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}."
                      f"{uuid.uuid4().hex[:8]}.tmp")
-  os.makedirs(tmp)
   try:
-    yield tmp
-    if os.path.exists(path):
-      raise RestJaxError(f"{path} appeared while it was being written; another process writes "
-                         "the same folder. Run one writer per folder.")
-    os.rename(tmp, path)
-    _fsync(parent)
+    with disk_full_is_user_error(path):
+      os.makedirs(tmp)
+      yield tmp
+      if os.path.exists(path):
+        raise RestJaxError(f"{path} appeared while it was being written; another process "
+                           "writes the same folder. Run one writer per folder.")
+      os.rename(tmp, path)
+      _fsync(parent)
   finally:
     if os.path.exists(tmp):
       rmtree(tmp)

@@ -6,7 +6,8 @@ Restores take an abstract tree whose leaves are ``jax.ShapeDtypeStruct`` with ``
 each array is read straight onto its sharding (no host copy of the whole model). All processes
 call every function here (orbax coordinates multi-host writes). Writes are atomic: orbax writes
 ``<step>.orbax-checkpoint-tmp-<t>`` and renames it when complete, so a crashed write leaves the
-older complete checkpoint readable.
+older complete checkpoint readable. A full disk or quota during a save is one RestJaxError naming
+the checkpoint (free space and rerun: the phase resumes from its last complete checkpoint).
 
 A phase directory (``PhaseCheckpoints``) holds::
 
@@ -108,7 +109,7 @@ def save_pytree(path: PathLike, tree: Any) -> None:
   path = epath.Path(storage.absolute(os.fspath(path)))
   if path.exists():
     raise RestJaxError(f"checkpoint path {path} already exists; choose a new path or delete it.")
-  with ocp.StandardCheckpointer() as checkpointer:
+  with storage.disk_full_is_user_error(str(path)), ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, to_pure(tree))
     checkpointer.wait_until_finished()
 
@@ -180,11 +181,12 @@ class PhaseCheckpoints:
     self.directory = epath.Path(storage.absolute(os.fspath(directory)))  # orbax: absolute.
     common = dict(max_to_keep=1, create=True, enable_async_checkpointing=False,
                   cleanup_tmp_directories=True)
-    self._latest = ocp.CheckpointManager(
-        self.directory / "latest", options=ocp.CheckpointManagerOptions(**common))
-    self._best = ocp.CheckpointManager(
-        self.directory / "best", options=ocp.CheckpointManagerOptions(
-            best_fn=_best_score, best_mode="max", **{**common, "max_to_keep": 2}))
+    with storage.disk_full_is_user_error(str(self.directory)):
+      self._latest = ocp.CheckpointManager(
+          self.directory / "latest", options=ocp.CheckpointManagerOptions(**common))
+      self._best = ocp.CheckpointManager(
+          self.directory / "best", options=ocp.CheckpointManagerOptions(
+              best_fn=_best_score, best_mode="max", **{**common, "max_to_keep": 2}))
 
   def _reading(self, which: str) -> contextlib.AbstractContextManager:
     phase = self.directory.name
@@ -215,9 +217,10 @@ class PhaseCheckpoints:
     """
     if step in self._latest.all_steps():
       self._latest.delete(step)
-    self._latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_pure(state)), meta=ocp.args.JsonSave(_jsonable(meta))))
-    self._latest.wait_until_finished()
+    with storage.disk_full_is_user_error(str(self.directory / "latest" / str(step))):
+      self._latest.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(to_pure(state)), meta=ocp.args.JsonSave(_jsonable(meta))))
+      self._latest.wait_until_finished()
     best = self.best_step()
     for s in self._best.all_steps():
       if s != best:
@@ -253,10 +256,11 @@ class PhaseCheckpoints:
     metrics = _jsonable(dict(metrics))
     if step in self._best.all_steps():
       self._best.delete(step)
-    self._best.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(to_pure(params)), metrics=ocp.args.JsonSave(metrics)),
-        metrics=metrics)
-    self._best.wait_until_finished()
+    with storage.disk_full_is_user_error(str(self.directory / "best" / str(step))):
+      self._best.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(to_pure(params)), metrics=ocp.args.JsonSave(metrics)),
+          metrics=metrics)
+      self._best.wait_until_finished()
 
   def best_step(self) -> int | None:
     self._best.reload()
