@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 
 import pytest
 
@@ -114,3 +116,27 @@ def test_join_and_absolute_of_urls():
   assert storage.is_local("relative/path")
   assert storage.absolute("gs://bucket/run/") == "gs://bucket/run"
   assert storage.absolute("rel") == os.path.abspath("rel")
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+    (RuntimeError("TensorStore: write failed: No space left on device [OS error]"),
+     "no space left on device"),
+])
+def test_full_disk_is_one_error_and_leaves_no_temporary(tmp_path, error, reason):
+  path = str(tmp_path / "chunk.tfrecord")
+  storage.write_bytes(path, b"committed")
+  with pytest.raises(RestJaxError, match=f"could not write {re.escape(path)}: {reason}. Free "
+                     "space"):
+    with storage.atomic_path(path) as tmp:
+      open(tmp, "wb").write(b"half")
+      raise error
+  assert os.listdir(tmp_path) == ["chunk.tfrecord"]
+  assert open(path, "rb").read() == b"committed"
+
+
+def test_other_write_errors_pass_unchanged(tmp_path):
+  with pytest.raises(PermissionError):
+    with storage.atomic_path(str(tmp_path / "f")):
+      raise PermissionError(errno.EACCES, "Permission denied")
