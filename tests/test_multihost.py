@@ -197,3 +197,36 @@ def test_two_processes_end_with_the_reference_evals_and_params(runs):
     # Measured at XLA's default level with the production optimizer: 9.1e-7 after BC, 3.8e-6
     # after Improve (level 0: 3.9e-7, 8.2e-7); tolerance 1e-5.
     assert diff < 1e-5, phase
+
+
+@pytest.mark.slow
+def test_killed_coordinator_stops_the_other_host_in_bounded_time(tmp_path):
+  # Host 0 runs the coordination service: killing it leaves process 1 with no one to talk to.
+  # It must not hang: a collective or barrier fails (our error, exit 2) or the heartbeat to the
+  # coordinator fails (jax.distributed ends it, SIGABRT). Measured: exit 2 after 0.2 s (a Gloo
+  # all-gather saw the connection reset); the bound, 120 s, is generous beyond the 15 s heartbeat.
+  # 42 s in all on 2 shared cores, hence slow.
+  multi = tmp_path / "multi"
+  procs = _launch(multi, 2, 2)
+  marker = multi / "phases" / "bc.json"
+  deadline = time.time() + 1800
+  while not marker.exists() and all(p.poll() is None for p in procs):
+    assert time.time() < deadline, "BC did not finish"
+    time.sleep(0.05)
+  assert all(p.poll() is None for p in procs), _tail(f"{multi}.p0.log")
+  killed_at = time.time()
+  procs[0].send_signal(signal.SIGKILL)
+  code = _wait(procs[1:], timeout=300)[0]  # A hang fails here, not blocks forever.
+  time_to_error = time.time() - killed_at
+  procs[0].wait()
+  log = _tail(f"{multi}.p1.log")
+  print(f"\nkilled process 0 (the coordinator) after BC; process 1 exited with {code} after "
+        f"{time_to_error:.1f} s:\n{log}")
+  if code == 2:
+    assert ("rest-jax: error: a computation across the 2 processes failed" in log or
+            "not every one of the 2 processes arrived" in log), log
+    assert "rerun the same command on every host to resume" in log
+  else:
+    assert code == -signal.SIGABRT, log
+    assert "JAX distributed service detected fatal errors" in log or "coordination" in log, log
+  assert time_to_error < 120, time_to_error
