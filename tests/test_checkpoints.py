@@ -191,6 +191,32 @@ def test_crashed_write_leaves_older_checkpoint_readable(tmp_path):
   assert sorted(p.name for p in latest_dir.iterdir()) == ["6"]
 
 
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    ValueError("Error writing local file \"/w/d/1a2b\": [OS error 28: No space left on device]"),
+])
+def test_full_disk_during_a_save_is_one_error_and_keeps_the_older_checkpoint(
+    tmp_path, monkeypatch, error):
+  trainer, params = _trainer(mesh_layout(2, 2, 2))
+  state = trainer.init(params)
+  with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
+    phase.save_latest(4, state, {"step": 4})
+
+  def full(self, step, *args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "save", full)
+  with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
+    with pytest.raises(RestJaxError, match=r"could not write .*phase/latest/6: no space left on "
+                       r"device\. Free space .* rerun the same command"):
+      phase.save_latest(6, state, {"step": 6})
+    with pytest.raises(RestJaxError, match=r"could not write .*phase/best/6: no space left"):
+      phase.save_best(6, params, {"eval_reward": 0.5})
+  monkeypatch.undo()
+  with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
+    assert phase.latest() == (4, {"step": 4})
+
+
 def test_relative_phase_directory_works(tmp_path, monkeypatch):
   """orbax needs absolute paths; a relative workdir (as in the README command) must work."""
   import jax.numpy as jnp

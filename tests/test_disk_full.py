@@ -1,6 +1,9 @@
 """A full disk (an injected ENOSPC) during a Grow chunk, a checkpoint and a phase marker: each
 is one clear error naming the file (exit 2, no traceback), nothing committed changes, and the
-rerun after space is freed resumes to exactly the uninterrupted run."""
+rerun after space is freed resumes to exactly the uninterrupted run.
+
+Slow (61 s on 2 idle cores: five runs); the fast unit tests of the same errors are in
+test_storage.py and test_checkpoints.py."""
 
 import errno
 import hashlib
@@ -9,6 +12,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from rest_jax import storage
 from rest_jax.cli import main as cli
@@ -72,6 +76,7 @@ def _check_failure(code: int, err: str, work: str, path: str, committed: dict) -
   assert not [p for p in after if p.endswith(".tmp") and "orbax" not in p]
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_error_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
   ref = str(tmp_path / "ref")
   assert _run(ref, capsys)[0] == 0
