@@ -35,6 +35,7 @@ from flax import nnx
 
 from rest_jax import storage
 from rest_jax.errors import RestJaxError
+from rest_jax.parallel import distributed
 
 PathLike = str | os.PathLike
 BEST_METRIC = "eval_reward"
@@ -221,10 +222,14 @@ class PhaseCheckpoints:
       self._latest.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(to_pure(state)), meta=ocp.args.JsonSave(_jsonable(meta))))
       self._latest.wait_until_finished()
+    # Every host reads best/ before any host prunes it (a host listing best/ while another
+    # deletes a step there fails on the vanished step), and all wait for the pruning to end.
     best = self.best_step()
+    distributed.barrier(f"{self.directory} best read at step {step}")
     for s in self._best.all_steps():
       if s != best:
         self._best.delete(s)
+    distributed.barrier(f"{self.directory} best pruned at step {step}")
 
   def latest(self) -> tuple[int, dict[str, Any]] | None:
     """``(step, meta)`` of the newest complete TrainState checkpoint, or None."""
@@ -290,6 +295,9 @@ class PhaseCheckpoints:
 
   def discard_best_after(self, step: int) -> None:
     """Deletes best checkpoints newer than ``step`` (left by a run that crashed after them)."""
-    for s in self._best.all_steps():
-      if s > step:
-        self._best.delete(s)
+    self._best.reload()
+    newer = [s for s in self._best.all_steps() if s > step]
+    distributed.barrier(f"{self.directory} best read before discarding after {step}")
+    for s in newer:
+      self._best.delete(s)
+    distributed.barrier(f"{self.directory} best discarded after {step}")
