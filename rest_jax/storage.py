@@ -106,6 +106,14 @@ def exists(path: str) -> bool:
   return epath.Path(path).exists()
 
 
+def require_file(path: str, missing: str) -> str:
+  """``path`` if it is an existing file; else RestJaxError(``missing``), which names the fix."""
+  p = epath.Path(path)
+  if not p.exists() or p.is_dir():
+    raise RestJaxError(missing)
+  return path
+
+
 def isdir(path: str) -> bool:
   return epath.Path(path).is_dir()
 

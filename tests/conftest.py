@@ -34,6 +34,17 @@ def mesh_layout(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None,
   return layout_from_config(MeshConfig(data, fsdp, tensor, rules=rules), devices=devices)
 
 
+def committed_files(workdir: str) -> list[str]:
+  """Paths (relative to ``workdir``) of every committed file: temporaries, ours and orbax's,
+  left out."""
+  out = []
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = [d for d in dirs if not d.endswith(".tmp") and "orbax-checkpoint-tmp" not in d]
+    out += [os.path.relpath(os.path.join(root, n), workdir) for n in files
+            if not n.endswith(".tmp")]
+  return out
+
+
 def pytest_addoption(parser):
   parser.addoption("--run_slow", action="store_true", default=False,
                    help="also run tests marked slow (e.g. the README's full smoke run)")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import committed_files
 from rest_jax.cli import main as cli
 from rest_jax.grow import dataset as growdata
 from rest_jax.pipeline import build
@@ -57,15 +58,7 @@ def _start(workdir: str, log: str) -> subprocess.Popen:
 
 def _committed_files(workdir: str) -> list[tuple[float, str]]:
   """(mtime, path relative to workdir) of every committed file (no temporaries), by mtime."""
-  out = []
-  for root, dirs, files in os.walk(workdir):
-    dirs[:] = [d for d in dirs if not d.endswith(".tmp") and "orbax-checkpoint-tmp" not in d]
-    for name in files:
-      if name.endswith(".tmp"):
-        continue
-      path = os.path.join(root, name)
-      out.append((os.path.getmtime(path), os.path.relpath(path, workdir)))
-  return sorted(out)
+  return sorted((os.path.getmtime(os.path.join(workdir, p)), p) for p in committed_files(workdir))
 
 
 def _milestones(workdir: str, t0: float) -> list[tuple[float, str]]:

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import committed_files
 from rest_jax import storage
 from rest_jax.cli import main as cli
 from rest_jax.grow import dataset as growdata
@@ -36,15 +37,8 @@ def _full() -> OSError:
 
 def _snapshot(workdir: str) -> dict[str, str]:
   """sha256 of every committed file (temporaries, ours and orbax's, left out)."""
-  out = {}
-  for root, dirs, files in os.walk(workdir):
-    dirs[:] = [d for d in dirs if not d.endswith(".tmp") and "orbax-checkpoint-tmp" not in d]
-    for name in files:
-      if name.endswith(".tmp"):
-        continue
-      path = os.path.join(root, name)
-      out[os.path.relpath(path, workdir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-  return out
+  return {p: hashlib.sha256(open(os.path.join(workdir, p), "rb").read()).hexdigest()
+          for p in committed_files(workdir)}
 
 
 def _run(workdir: str, capsys) -> tuple[int, str]:

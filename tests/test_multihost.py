@@ -103,13 +103,8 @@ def _tail(path: str) -> str:
   return "\n".join(lines[-8:])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  base = tmp_path_factory.mktemp("multihost")
-  ref, multi = base / "ref", base / "multi"
-  codes = _wait(_launch(ref, 1, 4))
-  assert codes == [0], _tail(f"{ref}.p0.log")
-
+def _launch_until_bc(multi) -> list:
+  """Starts the 2-process run in ``multi``; returns its processes once BC has finished."""
   procs = _launch(multi, 2, 2)
   marker = multi / "phases" / "bc.json"
   deadline = time.time() + 1800
@@ -117,6 +112,17 @@ def runs(tmp_path_factory):
     assert time.time() < deadline, "BC did not finish"
     time.sleep(0.05)
   assert all(p.poll() is None for p in procs), _tail(f"{multi}.p0.log")
+  return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("multihost")
+  ref, multi = base / "ref", base / "multi"
+  codes = _wait(_launch(ref, 1, 4))
+  assert codes == [0], _tail(f"{ref}.p0.log")
+
+  procs = _launch_until_bc(multi)
   killed_at = time.time()
   procs[1].send_signal(signal.SIGKILL)
   survivor_code = _wait(procs[:1], timeout=300)[0]  # A hang fails here, not blocks forever.
@@ -207,13 +213,7 @@ def test_killed_coordinator_stops_the_other_host_in_bounded_time(tmp_path):
   # all-gather saw the connection reset); the bound, 120 s, is generous beyond the 15 s heartbeat.
   # 42 s in all on 2 shared cores, hence slow.
   multi = tmp_path / "multi"
-  procs = _launch(multi, 2, 2)
-  marker = multi / "phases" / "bc.json"
-  deadline = time.time() + 1800
-  while not marker.exists() and all(p.poll() is None for p in procs):
-    assert time.time() < deadline, "BC did not finish"
-    time.sleep(0.05)
-  assert all(p.poll() is None for p in procs), _tail(f"{multi}.p0.log")
+  procs = _launch_until_bc(multi)
   killed_at = time.time()
   procs[0].send_signal(signal.SIGKILL)
   code = _wait(procs[1:], timeout=300)[0]  # A hang fails here, not blocks forever.

@@ -69,10 +69,9 @@ def save_reward_model(directory: str, params: nnx.State, *, model: ModelConfig, 
 
 def read_meta(directory: str) -> dict[str, Any]:
   """reward_model.json of a reward-model directory."""
-  path = storage.join(directory, META)
-  if not storage.exists(path):
-    raise RestJaxError(f"{directory} is not a reward-model directory (no {META}); train one with "
-                       "`rest-jax train-reward --output_dir DIR` and use reward = 'learned:DIR'.")
+  path = storage.require_file(
+      storage.join(directory, META), f"{directory} is not a reward-model directory (no {META}); "
+      "train one with `rest-jax train-reward --output_dir DIR` and use reward = 'learned:DIR'.")
   return storage.read_json(path, keys=("model", "vocabulary", "input_len", "target_len"),
                            fix="restore it, or retrain with `rest-jax train-reward`.")
 

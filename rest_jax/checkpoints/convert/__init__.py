@@ -76,10 +76,10 @@ def model_config_from_dict(fields: dict) -> ModelConfig:
 
 def read_model_config(path: str) -> ModelConfig:
   """The ModelConfig stored in an orbax checkpoint directory (or a model_config.json file)."""
-  file = path if path.endswith(".json") else os.path.join(path, MODEL_CONFIG_FILE)
-  if not storage.exists(file) or storage.isdir(file):
-    raise RestJaxError(f"no {MODEL_CONFIG_FILE} at {path}; pass a directory written by "
-                       "`rest-jax import` / convert.save_orbax.")
+  file = storage.require_file(
+      path if path.endswith(".json") else os.path.join(path, MODEL_CONFIG_FILE),
+      f"no {MODEL_CONFIG_FILE} at {path}; pass a directory written by `rest-jax import` / "
+      "convert.save_orbax.")
   fields = storage.read_json(file, keys=(), fix="restore it, or import the checkpoint again "
                              "with `rest-jax import`.")
   try:

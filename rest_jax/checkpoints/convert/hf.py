@@ -40,10 +40,9 @@ def _safetensors():
 
 def read_hf_config(path: str) -> dict[str, Any]:
   """The ``config.json`` dict of an HF checkpoint directory."""
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise RestJaxError(f"no {CONFIG_FILE} in {path}; pass a Hugging Face model directory "
-                       "(config.json + model.safetensors), e.g. one saved by save_pretrained.")
+  config_path = storage.require_file(
+      os.path.join(path, CONFIG_FILE), f"no {CONFIG_FILE} in {path}; pass a Hugging Face model "
+      "directory (config.json + model.safetensors), e.g. one saved by save_pretrained.")
   return storage.read_json(config_path, keys=(), fix="restore it from the model's source.")
 
 

@@ -34,12 +34,10 @@ def _tensorstore():
 
 
 def _read_msgpack(path: str) -> dict[str, Any]:
-  file = os.path.join(path, CHECKPOINT_FILE)
-  if not os.path.isfile(file):
-    raise RestJaxError(f"no T5X `{CHECKPOINT_FILE}` file in {path}; pass a t5x checkpoint "
-                       "directory such as .../checkpoint_200.")
-  with open(file, "rb") as f:
-    tree = serialization.msgpack_restore(f.read())
+  file = storage.require_file(
+      os.path.join(path, CHECKPOINT_FILE), f"no T5X `{CHECKPOINT_FILE}` file in {path}; pass a "
+      "t5x checkpoint directory such as .../checkpoint_200.")
+  tree = serialization.msgpack_restore(storage.read_bytes(file))
   if not isinstance(tree, Mapping) or "target" not in (tree.get("optimizer") or {}):
     raise RestJaxError(f"{file} is not a legacy T5X checkpoint (no optimizer/target); only the "
                        "t5x Checkpointer format (msgpack + zarr) is supported.")
