@@ -166,6 +166,8 @@ def test_full_pool_answers_503_and_the_client_honours_retry_after(serve, monkeyp
     delays.append(seconds)
     release.set()
     first.join()
+    while server.stats.get("connections", 0) < 1:  # The server frees the slot after answering.
+      time.sleep(0.01)
 
   monkeypatch.setattr(remote_lib, "time", types.SimpleNamespace(sleep=fake_sleep))
   np.testing.assert_array_equal(_client(url)(SOURCES, HYPS, REFS), np.ones(4))

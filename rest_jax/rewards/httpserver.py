@@ -203,8 +203,8 @@ class PooledHTTPServer(socketserver.TCPServer):
       finally:
         self.deadlines.disarm(request)
         linger_close(request)
-        self.count("connections")
         self._slots.release()
+        self.count("connections")  # After the release: a counted connection's slot is free.
 
   def _reject_loop(self) -> None:
     while True:
