@@ -48,13 +48,33 @@ def committed_files(workdir: str) -> list[str]:
 def pytest_addoption(parser):
   parser.addoption("--run_slow", action="store_true", default=False,
                    help="also run tests marked slow (e.g. the README's full smoke run)")
+  parser.addoption("--error_log", default=None, metavar="PATH",
+                   help="append every RestJaxError raised in this process to PATH as JSON lines "
+                   "{test, message} (docs/errors.md is built from it)")
 
 
 def pytest_configure(config):
+  if config.getoption("--error_log"):
+    _log_user_errors(config.getoption("--error_log"))
   config.addinivalue_line("markers", "slow: long end-to-end test; runs only with --run_slow")
   config.addinivalue_line(
       "markers", "default_xla: an equality claim; runs in a fresh process at XLA's default "
       "optimisation level (see tests/conftest.py)")
+
+
+def _log_user_errors(path: str) -> None:
+  """Records each RestJaxError this process creates, with the test that was running."""
+  from rest_jax import errors  # pylint: disable=import-outside-toplevel
+
+  original = errors.RestJaxError.__init__
+
+  def logged(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"test": test, "message": str(self)}) + "\n")
+
+  errors.RestJaxError.__init__ = logged
 
 
 @pytest.hookimpl(trylast=True)  # After -k / -m deselection.
