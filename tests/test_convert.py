@@ -196,13 +196,13 @@ def test_reorder_vocab_moves_token_rows_and_output_columns():
   """An imported table is re-indexed to a vocabulary that swaps tokenizer ids (PAD 0 / EOS 1)."""
   path = os.path.join(DATA, "hf", "llama_gqa")
   config, params = load_checkpoint(f"hf:{path}")
-  embed = np.asarray(params["embed"]["embedding"].value)
-  head = np.asarray(params["lm_head"]["kernel"].value)
+  embed = np.asarray(params["embed"]["embedding"][...])
+  head = np.asarray(params["lm_head"]["kernel"][...])
   perm = np.arange(60)
   perm[[1, 2]] = [2, 1]  # Tokenizer: <s> 1, </s> 2 -> model EOS 1 is the tokenizer's 2.
   out = convert.reorder_vocab(config, params, perm)
   full = np.concatenate([perm, np.arange(60, config.vocab_size)])
-  np.testing.assert_array_equal(np.asarray(out["embed"]["embedding"].value), embed[full])
-  np.testing.assert_array_equal(np.asarray(out["lm_head"]["kernel"].value), head[:, full])
+  np.testing.assert_array_equal(np.asarray(out["embed"]["embedding"][...]), embed[full])
+  np.testing.assert_array_equal(np.asarray(out["lm_head"]["kernel"][...]), head[:, full])
   with pytest.raises(RestJaxError, match="tokenizer has 65 tokens"):
     convert.reorder_vocab(config, params, np.arange(65))

@@ -176,9 +176,9 @@ def reorder_vocab(config: ModelConfig, params: nnx.State, model_to_source: Any) 
     node = params
     for key in path:
       node = node[key]
-    value = node.value
-    node.value = jax.jit(lambda x, axis=axis: jnp.take(x, perm, axis=axis),
-                         out_shardings=value.sharding)(value)
+    value = node[...]
+    node[...] = jax.jit(lambda x, axis=axis: jnp.take(x, perm, axis=axis),
+                        out_shardings=value.sharding)(value)
   return params
 
 
