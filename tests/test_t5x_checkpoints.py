@@ -207,3 +207,70 @@ def _leaves(tree, prefix=""):
       yield from _leaves(value, prefix + key + ".")
     else:
       yield prefix + key
+
+
+TWO_HOSTS = """
+import json, sys
+import jax
+import numpy as np
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from rest_jax.checkpoints.convert import load_t5x, t5x
+from rest_jax.checkpoints.convert.params import host_arrays
+from rest_jax.config import MeshConfig
+from rest_jax.models import ModelConfig
+from rest_jax.parallel.meshes import layout_from_config
+reads = []
+real = t5x.read_domain
+def recording(source, index):
+  reads.append((source.kvstore.path, [[s.start, s.stop] for s in index]))
+  return real(source, index)
+t5x.read_domain = recording
+config = ModelConfig(**json.loads(sys.argv[4]))
+layout = layout_from_config(MeshConfig(data=1, fsdp=2, tensor=2, dcn_fsdp=2))
+params = load_t5x(sys.argv[3], config=config, layout=layout)
+full = dict(host_arrays(params))  # Gathered across both processes.
+with open(sys.argv[5], "w") as f:
+  json.dump({"reads": reads, "full": {k: v.tolist() for k, v in full.items()}}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_hosts_read_only_their_blocks(tmp_path, reference):
+  """2 processes x 4 CPU devices, fsdp across the processes: each process reads only the blocks
+  its own devices hold (half of every fsdp-sharded tensor), and the gathered params are exact."""
+  import json, socket, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+             XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  fields = {"kind": "encdec", "vocab_size": 64, "d_model": 32, "num_heads": 4, "num_kv_heads": 4,
+            "head_dim": 8, "mlp_dim": 64, "num_encoder_layers": 2, "num_decoder_layers": 2}
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, f"127.0.0.1:{port}", str(i), CKPT,
+                             json.dumps(fields), str(tmp_path / f"p{i}.json")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"p{i}.log", "w"))  # pylint: disable=consider-using-with
+           for i in range(2)]
+  try:
+    codes = [p.wait(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  logs = "".join((tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(2))
+  assert codes == [0, 0], logs
+  results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+  query = "target.encoder.layers_0.attention.query.kernel/"
+  per_host = []
+  for result in results:
+    for key, value in result["full"].items():
+      np.testing.assert_array_equal(np.asarray(value, np.float32), reference[key], err_msg=key)
+    domains = [tuple(map(tuple, d)) for path, d in result["reads"] if path.endswith(query)]
+    assert len(domains) == len(set(domains)) == 4  # Its 2 fsdp x 2 tensor devices' blocks.
+    per_host.append(set(domains))
+    read = sum(int(np.prod([b - a for a, b in d])) for _, d in result["reads"])
+    # Half of each tensor split over fsdp; both relpos tables ([4, 32], tensor only) whole.
+    assert read == (53_888 - 2 * 128) // 2 + 2 * 128
+  assert not per_host[0] & per_host[1]  # The two hosts read different blocks...
+  rows = sorted({d[0] for d in per_host[0] | per_host[1]})
+  assert rows == [(0, 8), (8, 16), (16, 24), (24, 32)]  # ... that cover the tensor.
