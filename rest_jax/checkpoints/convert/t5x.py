@@ -42,6 +42,7 @@ VERSION = 3
 _GCS_URL = re.compile(r"^gs://([^/]+)/*(.*)$", re.DOTALL)
 _DRIVERS = ("file", "gfile", "gcs")
 _CHUNK_BYTES = 64 * 2**20  # t5x's target zarr chunk size.
+_CACHE_BYTES = 2**30
 # t5x.adafactor.Adafactor defaults: factor the two largest axes when the smaller is >= 128.
 MIN_DIM_SIZE_TO_FACTOR = 128
 
@@ -103,13 +104,13 @@ def _is_spec(leaf: Any) -> bool:
   return isinstance(leaf, Mapping) and "driver" in leaf and "kvstore" in leaf
 
 
-def _open(ckpt_dir: str, leaf: Any) -> Any:
+def _open(ckpt_dir: str, leaf: Any, context: Any = None) -> Any:
   """An inline array as numpy, or the TensorStore its spec names (opened, nothing read)."""
   if not _is_spec(leaf):
     return np.asarray(leaf)
   spec = resolve_spec(ckpt_dir, leaf)
   try:
-    return _tensorstore().open(spec, open=True, read=True).result()
+    return _tensorstore().open(spec, open=True, read=True, context=context).result()
   except ValueError as e:
     raise RestJaxError(f"cannot open T5X array {spec['kvstore']} ({e}); check that the "
                        "checkpoint directory is complete and readable.") from None
@@ -179,10 +180,14 @@ def load_t5x(path: str, *, config: ModelConfig, layout: Layout | None = None) ->
   ckpt_dir = checkpoint_dir(path)
   target = _read_msgpack(ckpt_dir)["optimizer"]["target"]
   opened: dict[str, Any] = {}
+  # Decoded chunks, shared by this host's blocks of a tensor: a chunk is decoded once, not once
+  # per block (4x faster for 4 blocks of one-chunk tensors), at most _CACHE_BYTES of memory.
+  context = _tensorstore().Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}})
 
   def source(name: str, shape: tuple[int, ...]) -> Any:
     if name in opened:
       return opened[name]
+    opened.clear()  # place_blocks reads one tensor after another.
     node: Any = target
     for key in name.split("."):
       if not isinstance(node, Mapping) or key not in node:
@@ -190,7 +195,7 @@ def load_t5x(path: str, *, config: ModelConfig, layout: Layout | None = None) ->
                            "the model config does not match it (check num layers, "
                            "logits_via_embedding=False).")
       node = node[key]
-    opened[name] = _open(ckpt_dir, node)
+    opened[name] = _open(ckpt_dir, node, context)
     stored = tuple(opened[name].shape)
     if stored != _t5x_shape(name, shape):
       raise RestJaxError(f"T5X tensor target.{name} has shape {stored}; the model config "
