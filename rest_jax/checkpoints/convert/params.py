@@ -89,3 +89,52 @@ def check_names(config: ModelConfig, params: nnx.State) -> dict[str, np.ndarray]
     raise RestJaxError(f"params do not match the model config (missing {missing[:5]}, extra "
                        f"{extra[:5]}); pass the ModelConfig the params were built with.")
   return arrays
+
+
+ReadBlock = Callable[[str, tuple[int, ...], tuple[slice, ...]], np.ndarray]
+
+
+def _block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """A device's index (slices, ``slice(None)`` for a whole axis) as ``((start, stop), ...)``."""
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def place_blocks(config: ModelConfig, read: ReadBlock, *, layout: Layout | None = None
+                 ) -> nnx.State:
+  """Builds the params state of ``build_model(config)`` reading only this host's blocks.
+
+  Like ``place_params``, but for sources that can read part of a tensor (TensorStore): for
+  each tensor, each distinct block that this process's devices hold under the Layout's
+  sharding is read once and put on those devices; replicated tensors are read whole. A host
+  of a multi-host mesh never reads the blocks only other hosts hold.
+
+  Args:
+    config: the architecture.
+    read: ``(dotted_name, shape, index) -> np.ndarray``: the block ``tensor[index]`` of the
+      tensor ``dotted_name`` of our ``shape``; ``index`` is one ``slice(start, stop)`` per axis.
+      Any float dtype (cast to ``config.param_dtype``).
+    layout: shardings from its training rules (default: ``layout_from_config(MeshConfig())``).
+  Returns:
+    an ``nnx.State`` like ``nnx.split(build_model(config))[1]`` of ``jax.Array``s.
+  """
+  layout = layout or layout_from_config(MeshConfig())
+  flat = nnx.to_flat_state(abstract_params(config))
+  for path, var in flat:
+    name = ".".join(str(k) for k in path)
+    leaf = var.get_value()
+    shape = tuple(leaf.shape)
+    names = var.get_metadata().get("out_sharding") or (None,) * len(shape)
+    sharding = layout.sharding(names, shape)
+    blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+      key = _block_key(index, shape)
+      if key not in blocks:
+        block = np.asarray(read(name, shape, tuple(slice(a, b) for a, b in key)))
+        if block.shape != tuple(b - a for a, b in key):
+          raise RestJaxError(f"checkpoint block {key} of {name} has shape {block.shape}; the "
+                             "checkpoint does not match the model config.")
+        blocks[key] = block.astype(leaf.dtype)
+      shards.append(jax.device_put(blocks[key], device))
+    var.set_value(jax.make_array_from_single_device_arrays(shape, sharding, shards))
+  return nnx.from_flat_state(flat)
