@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import os
+
+from rest_jax.config import RunConfig
 from rest_jax.grow import memory
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
@@ -82,3 +85,37 @@ def test_sampler_splits_a_batch_that_does_not_fit_into_calls_with_the_same_sampl
   for name in ("tokens", "logprobs", "lengths", "example_ids", "sample_idx"):
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
   assert b.tokens.shape == (10, 8)
+
+
+def test_compile_check_names_the_step_the_excess_and_the_knobs():
+  from rest_jax.pipeline import compile_check  # pylint: disable=import-outside-toplevel
+  from rest_jax.parallel.topology import parse_topology  # pylint: disable=import-outside-toplevel
+  config = RunConfig(model=get_preset("tiny"))
+  gib = 2**30
+  steps = (compile_check.StepMemory("grow_sample", gib, gib, 0, 0, 0),
+           compile_check.StepMemory("improve_train", 10 * gib, 9 * gib, gib, gib, 0))
+  result = compile_check.CheckResult(parse_topology("v5e:2x2"), "tpu", {"data": 4}, 1, steps,
+                                     knobs=compile_check.knobs(config))
+  text = compile_check.format_result(result)
+  assert "grow_sample does not fit" not in text
+  assert ("improve_train does not fit: 19.000 GiB per device, 3.000 GiB over the 16 GiB of a "
+          "v5e chip. Turn ModelConfig.remat_policy (now 'none'") in text
+  assert "MeshConfig.fsdp (now 1" in text and "TrainConfig.batch_size (now 64)" in text
+
+
+def test_run_refuses_before_bc_when_a_step_cannot_fit(tmp_path, monkeypatch, capsys):
+  from rest_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
+  from rest_jax.pipeline import build  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.chdir(repo)
+  monkeypatch.setattr(build, "device_memory_bytes", lambda devices: 2_000_000)
+  base = ["run", "--workdir", str(tmp_path / "w"), "--no_progress", "--gin_file",
+          os.path.join(repo, "gin", "experiments", "smoke_cpu.gin")]
+  assert cli.main(base + ["--gin.bc/config.TrainConfig.batch_size=4096"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "the bc train step cannot fit" in err and "GiB over the" in err
+  assert "MeshConfig.fsdp" in err and len(err.splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+  monkeypatch.setattr(build, "device_memory_bytes", lambda devices: 1000)
+  assert cli.main(base) == 2
+  assert "Grow sampling does not fit" in capsys.readouterr().err

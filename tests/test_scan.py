@@ -151,3 +151,36 @@ def test_t5x_import_scanned_matches_unscanned():
   b = _by_name(scanned)
   for key in plain:
     np.testing.assert_array_equal(plain[key], b[key], err_msg=key)
+
+
+# -- Mixed precision ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param_dtype,moment_dtype", [("float32", ""), ("bfloat16", "float32")])
+def test_bf16_step_keeps_float32_master_weights_or_moments(param_dtype, moment_dtype):
+  """bf16 activations and matmuls; float32 master weights and moments (or bf16 weights with
+  float32 moments); the loss is that of the float32 model to bf16 precision."""
+  from rest_jax.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve.losses import bc_loss, plain_loss  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve.trainer import Trainer, make_optimizer  # pylint: disable=import-outside-toplevel
+  layout = mesh_layout(devices=jax.devices()[:1])
+  batch = {"inputs": np.asarray(INPUTS), "targets": np.asarray(TARGETS)}
+  losses = []
+  for dtype, pdtype in (("float32", "float32"), ("bfloat16", param_dtype)):
+    graphdef, params = _split("tiny_decoder", dtype=dtype, param_dtype=pdtype, scan_layers=True)
+    cfg = TrainConfig(learning_rate=1e-2, moment_dtype=moment_dtype if dtype != "float32" else "")
+    trainer = Trainer(graphdef, layout, plain_loss(bc_loss), optimizer=make_optimizer(cfg))
+    state, metrics = trainer.train_step(trainer.init(params), batch)
+    losses.append(float(metrics["loss"]))
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(param_dtype)}
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim >= 1]
+  assert moments and {x.dtype for x in moments} == {jnp.dtype("float32")}
+  assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) <= 0.05 * abs(losses[0])
+
+
+def test_bf16_model_samples_in_bf16_with_float32_logits():
+  graphdef, params = _split("tiny", dtype="bfloat16")
+  model = nnx.merge(graphdef, params)
+  logits, cache = model.prefill(INPUTS, 3)
+  assert logits.dtype == jnp.float32  # Log-probs are computed from float32 logits.
+  assert {x.dtype for x in jax.tree.leaves(cache["layers"])} == {jnp.dtype("bfloat16")}

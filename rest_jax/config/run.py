@@ -92,6 +92,9 @@ class TrainConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   decay_to_zero: bool = True  # Linear decay from the peak to 0 over num_steps.
+  # dtype of the Adam moments: "" keeps the params' dtype (float32 master weights give float32
+  # moments); "float32" with bfloat16 params (ModelConfig.param_dtype) keeps float32 moments.
+  moment_dtype: str = ""
   gold: GoldConfig = GoldConfig()  # Read by loss "gold" only.
   bvmpo: BvmpoConfig = BvmpoConfig()  # Read by loss "bvmpo" only.
   oac: OacConfig = OacConfig()  # Read by loss "oac" only.
@@ -105,6 +108,8 @@ class TrainConfig:
     require(0 <= self.warmup_steps < self.num_steps,
              f"warmup_steps ({self.warmup_steps}) must be in [0, num_steps={self.num_steps}).")
     require(self.patience >= 0, "patience must be >= 0.")
+    require(self.moment_dtype in ("", "float32", "bfloat16"),
+            f"moment_dtype must be '', 'float32' or 'bfloat16', got {self.moment_dtype!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,17 +125,22 @@ class Sampler:
     """Puts params on the sampling shardings (a no-op for arrays already placed there)."""
     return jax.device_put(params_state, self.param_shardings(params_state))
 
-  def memory_plan(self, params_state: Any, input_len: int, batch: int) -> memory.MemoryPlan:
-    """The memory plan of a ``generate`` call on ``batch`` (padded) prompts of ``input_len``."""
+  def memory_plan(self, params_state: Any, input_len: int, batch: int, *,
+                  available: int | None = None) -> memory.MemoryPlan:
+    """The memory plan of a ``generate`` call on ``batch`` (padded) prompts of ``input_len``.
+
+    ``available``: bytes per device (default: ``memory_bytes``, else the devices' own)."""
     key = (input_len, batch)
     if key not in self._plans:
-      available = self.memory_bytes
+      available = available or self.memory_bytes
       if available is None:
         available = memory.device_memory_bytes(list(self.layout.mesh.devices.flat))
+      shardings = self.param_shardings(params_state)
       self._plans[key] = memory.plan_sampling(
           self.graphdef, params_state, num_samples=self.num_samples, input_len=input_len,
           max_decode_len=self.max_decode_len, requested_batch=batch,
-          available_bytes=available, num_batch_shards=self.layout.num_batch_shards)
+          available_bytes=available, num_batch_shards=self.layout.num_batch_shards,
+          params_bytes=memory.sharded_bytes(params_state, shardings))
     return self._plans[key]
 
   def _padded_batch(self, batch: int) -> int:
