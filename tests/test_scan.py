@@ -184,3 +184,10 @@ def test_bf16_model_samples_in_bf16_with_float32_logits():
   logits, cache = model.prefill(INPUTS, 3)
   assert logits.dtype == jnp.float32  # Log-probs are computed from float32 logits.
   assert {x.dtype for x in jax.tree.leaves(cache["layers"])} == {jnp.dtype("bfloat16")}
+  from rest_jax.grow.sampler import Sampler  # pylint: disable=import-outside-toplevel
+  sampler = Sampler(graphdef, mesh_layout(data=2, fsdp=2, tensor=2), num_samples=2,
+                    max_decode_len=4, param_dtype="bfloat16")
+  placed = sampler.place_params(params)  # float32 master weights -> bf16 sampling weights.
+  assert {x.dtype for x in jax.tree.leaves(placed)} == {jnp.dtype("bfloat16")}
+  out = sampler.generate(params, np.asarray(INPUTS), np.arange(2), seed=0, grow_step=0)
+  assert out.logprobs.dtype == np.float32 and out.tokens.shape == (4, 4)

@@ -51,6 +51,9 @@ class SamplingConfig:
   top_p: float = 1.0  # 1.0 disables nucleus sampling.
   max_decode_len: int = 64
   batch_size: int = 32  # Prompts per sampler call (global, across hosts).
+  # "" samples with the trained params' dtype; "bfloat16" casts float32 master weights once
+  # per Grow step (half the weight memory; logits and log-probs stay float32).
+  param_dtype: str = ""
 
   def __post_init__(self):
     require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}.")
@@ -61,6 +64,9 @@ class SamplingConfig:
     require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}.")
     require(self.max_decode_len >= 1, "max_decode_len must be >= 1.")
     require(self.batch_size >= 1, "SamplingConfig.batch_size must be >= 1.")
+    require(self.param_dtype in ("", "float32", "bfloat16"),
+            f"SamplingConfig.param_dtype must be '', 'float32' or 'bfloat16', got "
+            f"{self.param_dtype!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
