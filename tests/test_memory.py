@@ -119,3 +119,26 @@ def test_run_refuses_before_bc_when_a_step_cannot_fit(tmp_path, monkeypatch, cap
   monkeypatch.setattr(build, "device_memory_bytes", lambda devices: 1000)
   assert cli.main(base) == 2
   assert "Grow sampling does not fit" in capsys.readouterr().err
+
+
+def test_8b_train_state_bytes_per_device_match_a_hand_count():
+  """Llama 3 8B (scanned, float32 master weights) on fsdp 8: each device holds 1/8 of the
+  params and of both Adam moments, 3 x 4 bytes x 8,030,261,248 / 8 (plus the step counters)."""
+  from rest_jax.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve import memory as train_memory  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve.losses import bc_loss, plain_loss  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve.trainer import Trainer, make_optimizer  # pylint: disable=import-outside-toplevel
+  from rest_jax.models import abstract_model, count_params  # pylint: disable=import-outside-toplevel
+  config = get_preset("llama3_8b", scan_layers=True, dtype="bfloat16")
+  model = abstract_model(config)
+  assert count_params(model) == 8_030_261_248
+  graphdef, params = nnx.split(model)
+  layout = mesh_layout(data=1, fsdp=8, tensor=1)
+  state = Trainer(graphdef, layout, plain_loss(bc_loss),
+                  make_optimizer(TrainConfig())).abstract_state(params)
+  hand = 3 * 4 * 8_030_261_248 // 8
+  assert hand <= train_memory.shard_bytes(state) <= hand + 64
+  floor = train_memory.train_floor(config, layout, layout.abstract_state(params), moment_dtype="",
+                                   batch_size=8, input_len=1024, target_len=1024)
+  assert floor.state == hand and floor.grads == hand // 3
+  assert floor.logits == 1024 * 128_256 * 4  # One sequence per device, float32 logits.
