@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import os
+
+from rest_jax.config import RunConfig
 from rest_jax.grow import memory
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
@@ -82,3 +85,60 @@ def test_sampler_splits_a_batch_that_does_not_fit_into_calls_with_the_same_sampl
   for name in ("tokens", "logprobs", "lengths", "example_ids", "sample_idx"):
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
   assert b.tokens.shape == (10, 8)
+
+
+def test_compile_check_names_the_step_the_excess_and_the_knobs():
+  from rest_jax.pipeline import compile_check  # pylint: disable=import-outside-toplevel
+  from rest_jax.parallel.topology import parse_topology  # pylint: disable=import-outside-toplevel
+  config = RunConfig(model=get_preset("tiny"))
+  gib = 2**30
+  steps = (compile_check.StepMemory("grow_sample", gib, gib, 0, 0, 0),
+           compile_check.StepMemory("improve_train", 10 * gib, 9 * gib, gib, gib, 0))
+  result = compile_check.CheckResult(parse_topology("v5e:2x2"), "tpu", {"data": 4}, 1, steps,
+                                     knobs=compile_check.knobs(config))
+  text = compile_check.format_result(result)
+  assert "grow_sample does not fit" not in text
+  assert ("improve_train does not fit: 19.000 GiB per device, 3.000 GiB over the 16 GiB of a "
+          "v5e chip. Turn ModelConfig.remat_policy (now 'none'") in text
+  assert "MeshConfig.fsdp (now 1" in text and "TrainConfig.batch_size (now 64)" in text
+
+
+def test_run_refuses_before_bc_when_a_step_cannot_fit(tmp_path, monkeypatch, capsys):
+  from rest_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
+  from rest_jax.pipeline import build  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.chdir(repo)
+  monkeypatch.setattr(build, "device_memory_bytes", lambda devices: 2_000_000)
+  base = ["run", "--workdir", str(tmp_path / "w"), "--no_progress", "--gin_file",
+          os.path.join(repo, "gin", "experiments", "smoke_cpu.gin")]
+  assert cli.main(base + ["--gin.bc/config.TrainConfig.batch_size=4096"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "the bc train step cannot fit" in err and "GiB over the" in err
+  assert "MeshConfig.fsdp" in err and len(err.splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+  monkeypatch.setattr(build, "device_memory_bytes", lambda devices: 1000)
+  assert cli.main(base) == 2
+  assert "Grow sampling does not fit" in capsys.readouterr().err
+
+
+def test_8b_train_state_bytes_per_device_match_a_hand_count():
+  """Llama 3 8B (scanned, float32 master weights) on fsdp 8: each device holds 1/8 of the
+  params and of both Adam moments, 3 x 4 bytes x 8,030,261,248 / 8 (plus the step counters)."""
+  from rest_jax.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve import memory as train_memory  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve.losses import bc_loss, plain_loss  # pylint: disable=import-outside-toplevel
+  from rest_jax.improve.trainer import Trainer, make_optimizer  # pylint: disable=import-outside-toplevel
+  from rest_jax.models import abstract_model, count_params  # pylint: disable=import-outside-toplevel
+  config = get_preset("llama3_8b", scan_layers=True, dtype="bfloat16")
+  model = abstract_model(config)
+  assert count_params(model) == 8_030_261_248
+  graphdef, params = nnx.split(model)
+  layout = mesh_layout(data=1, fsdp=8, tensor=1)
+  state = Trainer(graphdef, layout, plain_loss(bc_loss),
+                  make_optimizer(TrainConfig())).abstract_state(params)
+  hand = 3 * 4 * 8_030_261_248 // 8
+  assert hand <= train_memory.shard_bytes(state) <= hand + 64
+  floor = train_memory.train_floor(config, layout, layout.abstract_state(params), moment_dtype="",
+                                   batch_size=8, input_len=1024, target_len=1024)
+  assert floor.state == hand and floor.grads == hand // 3
+  assert floor.logits == 1024 * 128_256 * 4  # One sequence per device, float32 logits.

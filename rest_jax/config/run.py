@@ -51,6 +51,9 @@ class SamplingConfig:
   top_p: float = 1.0  # 1.0 disables nucleus sampling.
   max_decode_len: int = 64
   batch_size: int = 32  # Prompts per sampler call (global, across hosts).
+  # "" samples with the trained params' dtype; "bfloat16" casts float32 master weights once
+  # per Grow step (half the weight memory; logits and log-probs stay float32).
+  param_dtype: str = ""
 
   def __post_init__(self):
     require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}.")
@@ -61,6 +64,9 @@ class SamplingConfig:
     require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}.")
     require(self.max_decode_len >= 1, "max_decode_len must be >= 1.")
     require(self.batch_size >= 1, "SamplingConfig.batch_size must be >= 1.")
+    require(self.param_dtype in ("", "float32", "bfloat16"),
+            f"SamplingConfig.param_dtype must be '', 'float32' or 'bfloat16', got "
+            f"{self.param_dtype!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +98,9 @@ class TrainConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   decay_to_zero: bool = True  # Linear decay from the peak to 0 over num_steps.
+  # dtype of the Adam moments: "" keeps the params' dtype (float32 master weights give float32
+  # moments); "float32" with bfloat16 params (ModelConfig.param_dtype) keeps float32 moments.
+  moment_dtype: str = ""
   gold: GoldConfig = GoldConfig()  # Read by loss "gold" only.
   bvmpo: BvmpoConfig = BvmpoConfig()  # Read by loss "bvmpo" only.
   oac: OacConfig = OacConfig()  # Read by loss "oac" only.
@@ -105,6 +114,8 @@ class TrainConfig:
     require(0 <= self.warmup_steps < self.num_steps,
              f"warmup_steps ({self.warmup_steps}) must be in [0, num_steps={self.num_steps}).")
     require(self.patience >= 0, "patience must be >= 0.")
+    require(self.moment_dtype in ("", "float32", "bfloat16"),
+            f"moment_dtype must be '', 'float32' or 'bfloat16', got {self.moment_dtype!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,13 @@ def tree_bytes(tree: Any) -> int:
              if hasattr(x, "shape"))
 
 
+def sharded_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of ``tree`` placed on ``shardings`` (a matching tree)."""
+  shapes = jax.tree.leaves(tree)
+  return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x, s in zip(shapes, jax.tree.leaves(shardings)))
+
+
 def cache_bytes_per_row(graphdef: Any, params: Any, *, input_len: int,
                         max_decode_len: int) -> tuple[int, int]:
   """Bytes of one sequence's decode cache and the vocabulary size (``prefill`` traced on
@@ -76,7 +83,7 @@ def device_memory_bytes(devices: Sequence[jax.Device] | None = None) -> int | No
 def plan_sampling(graphdef: Any, params: Any, *, num_samples: int, input_len: int,
                   max_decode_len: int, requested_batch: int,
                   available_bytes: int | None, num_batch_shards: int = 1,
-                  safety: float = 0.9) -> MemoryPlan:
+                  safety: float = 0.9, params_bytes: int | None = None) -> MemoryPlan:
   """The prompts per sampler call that fit in ``available_bytes`` of each device.
 
   Args:
@@ -88,6 +95,7 @@ def plan_sampling(graphdef: Any, params: Any, *, num_samples: int, input_len: in
     available_bytes: device memory per device; None (unknown, e.g. CPU) trusts the request.
     num_batch_shards: devices the batch is split over (each holds 1/shards of the rows).
     safety: the fraction of ``available_bytes`` the plan may fill.
+    params_bytes: the weights' bytes per device (default: all of ``params``, unsplit).
   Returns:
     the MemoryPlan; ``batch_size`` is the request if it fits, else the largest that does.
   Raises:
@@ -99,7 +107,7 @@ def plan_sampling(graphdef: Any, params: Any, *, num_samples: int, input_len: in
                 + 4 * vocab_size * LOGIT_COPIES  # Sampling work space (float32 logits).
                 + 2 * 4 * max_decode_len + 16)  # Token / log-prob buffers, length, key.
   per_prompt = num_samples * rows_bytes + 4 * input_len
-  params_bytes = tree_bytes(params)
+  params_bytes = tree_bytes(params) if params_bytes is None else params_bytes
   if available_bytes is None:
     return MemoryPlan(per_prompt, params_bytes, None, None, requested_batch)
   budget = int(available_bytes * safety) - params_bytes
@@ -111,7 +119,8 @@ def plan_sampling(graphdef: Any, params: Any, *, num_samples: int, input_len: in
         f"{max_decode_len} generated tokens and sampling buffers) on top of {params_bytes:,} "
         f"bytes of weights, but {available_bytes:,} bytes are available per device "
         f"({safety:.0%} usable). Lower SamplingConfig.num_samples or max_decode_len, shorten "
-        "the prompts, or use devices with more memory.")
+        "the prompts, raise MeshConfig.tensor (decoding splits the weights over tensor only), "
+        "or use devices with more memory.")
   max_prompts = per_shard * num_batch_shards
   return MemoryPlan(per_prompt, params_bytes, available_bytes, max_prompts,
                     min(requested_batch, max_prompts))

@@ -78,12 +78,16 @@ class Sampler:
     cache_segment: decode in segments whose KV cache holds ``cache_segment``, then twice,
       four times ... as many tokens (up to ``max_decode_len``), so a step attends to at most
       twice the tokens generated so far; None decodes on the full-length cache throughout.
+    param_dtype: "" samples with the params as given; "bfloat16" casts the floating params
+      once, when they are placed (half the weight memory of float32 master weights; matmuls of
+      a bfloat16 model read bfloat16 weights anyway). Logits and log-probs stay float32.
   """
 
   def __init__(self, graphdef: Any, layout: Layout, *, num_samples: int, max_decode_len: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                batch_size: int | None = None, eos_id: int = EOS_ID,
-               memory_bytes: int | None = None, cache_segment: int | None = 32):
+               memory_bytes: int | None = None, cache_segment: int | None = 32,
+               param_dtype: str = ""):
     # Validates exactly as the config does (one place for the rules and messages).
     SamplingConfig(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                    max_decode_len=max_decode_len, batch_size=batch_size or 1)
@@ -100,6 +104,7 @@ class Sampler:
     if cache_segment is not None and cache_segment < 2:
       raise RestJaxError(f"Sampler: cache_segment must be >= 2 (or None), got {cache_segment}.")
     self.cache_segment = cache_segment
+    self.param_dtype = jnp.dtype(param_dtype) if param_dtype else None
     self._plans: dict[tuple, memory.MemoryPlan] = {}
     self._compiled: dict[tuple, Callable] = {}
     self._param_shardings: tuple[Any, Any] | None = None
@@ -109,7 +114,8 @@ class Sampler:
     """A Sampler with the distribution, N, length and batch size of a ``SamplingConfig``."""
     return cls(graphdef, layout, num_samples=config.num_samples,
                max_decode_len=config.max_decode_len, temperature=config.temperature,
-               top_k=config.top_k, top_p=config.top_p, batch_size=config.batch_size)
+               top_k=config.top_k, top_p=config.top_p, batch_size=config.batch_size,
+               param_dtype=config.param_dtype)
 
   # -- placement -------------------------------------------------------------------------------
 
@@ -121,21 +127,42 @@ class Sampler:
                                self.layout.state_shardings(params_state, sampling=True))
     return self._param_shardings[1]
 
-  def place_params(self, params_state: Any) -> Any:
-    """Puts params on the sampling shardings (a no-op for arrays already placed there)."""
-    return jax.device_put(params_state, self.param_shardings(params_state))
+  def _dtype(self, x: Any) -> Any:
+    """The dtype a params leaf is sampled with (``param_dtype`` for floating leaves)."""
+    if self.param_dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x.dtype
+    return self.param_dtype
 
-  def memory_plan(self, params_state: Any, input_len: int, batch: int) -> memory.MemoryPlan:
-    """The memory plan of a ``generate`` call on ``batch`` (padded) prompts of ``input_len``."""
+  def place_params(self, params_state: Any) -> Any:
+    """Puts params on the sampling shardings in the sampling dtype (a no-op for arrays already
+    placed so)."""
+    shardings = self.param_shardings(params_state)
+    if all(x.dtype == self._dtype(x) for x in jax.tree.leaves(params_state)):
+      return jax.device_put(params_state, shardings)
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(self._dtype(x)), tree)
+    return jax.jit(cast, out_shardings=shardings)(params_state)
+
+  def sampling_abstract(self, params_state: Any) -> Any:
+    """``params_state`` as sharded ``jax.ShapeDtypeStruct``s in the sampling dtype."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, self._dtype(x), sharding=s),
+                        params_state, self.param_shardings(params_state))
+
+  def memory_plan(self, params_state: Any, input_len: int, batch: int, *,
+                  available: int | None = None) -> memory.MemoryPlan:
+    """The memory plan of a ``generate`` call on ``batch`` (padded) prompts of ``input_len``.
+
+    ``available``: bytes per device (default: ``memory_bytes``, else the devices' own)."""
     key = (input_len, batch)
     if key not in self._plans:
-      available = self.memory_bytes
+      available = available or self.memory_bytes
       if available is None:
         available = memory.device_memory_bytes(list(self.layout.mesh.devices.flat))
+      abstract = self.sampling_abstract(params_state)
       self._plans[key] = memory.plan_sampling(
-          self.graphdef, params_state, num_samples=self.num_samples, input_len=input_len,
+          self.graphdef, abstract, num_samples=self.num_samples, input_len=input_len,
           max_decode_len=self.max_decode_len, requested_batch=batch,
-          available_bytes=available, num_batch_shards=self.layout.num_batch_shards)
+          available_bytes=available, num_batch_shards=self.layout.num_batch_shards,
+          params_bytes=memory.sharded_bytes(abstract, self.param_shardings(params_state)))
     return self._plans[key]
 
   def _padded_batch(self, batch: int) -> int:
@@ -246,8 +273,7 @@ class Sampler:
     rows = padded * self.num_samples
     abstract = lambda shape, dtype: jax.ShapeDtypeStruct(
         shape, dtype, sharding=self.layout.batch_sharding(shape))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          params_state, self.param_shardings(params_state))
+    params = self.sampling_abstract(params_state)
     return self._generate_jit(params_state, padded, input_len), (
         params, abstract((padded, input_len), jnp.int32), abstract((padded,), jnp.bool_),
         abstract((rows, 2), jnp.uint32))

@@ -59,14 +59,36 @@ def make_optimizer(cfg: TrainConfig, *, lr_scale: float = 1.0) -> optax.Gradient
   """AdamW on ``make_schedule``, after global-norm clipping to ``cfg.grad_clip`` (0 = off).
 
   Weight decay ``cfg.weight_decay`` applies to matrices only (not to norm scales or biases).
+  The moments have the params' dtype unless ``cfg.moment_dtype`` names one.
   """
   if not (lr_scale > 0 and math.isfinite(lr_scale)):
     raise RestJaxError(f"lr_scale must be a positive number, got {lr_scale}.")
   adamw = optax.adamw(make_schedule(cfg, lr_scale=lr_scale), weight_decay=cfg.weight_decay,
                       mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params))
+  if cfg.moment_dtype:
+    adamw = with_moment_dtype(adamw, jnp.dtype(cfg.moment_dtype))
   if cfg.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
   return adamw
+
+
+def with_moment_dtype(inner: optax.GradientTransformation,
+                      dtype: Any) -> optax.GradientTransformation:
+  """``inner`` run in ``dtype`` (its moments stored so), whatever the params' dtype.
+
+  Gradients and params are cast to ``dtype`` going in, updates back to the gradients' dtype
+  coming out: bfloat16 weights with float32 Adam moments.
+  """
+  cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
+
+  def init(params):
+    return inner.init(cast(params))
+
+  def update(updates, state, params=None):
+    out, state = inner.update(cast(updates), state, None if params is None else cast(params))
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
+
+  return optax.GradientTransformation(init, update)
 
 
 class Trainer:

@@ -23,6 +23,7 @@ EOS_ID = 1
 
 Cache = dict[str, Any]
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,11 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
+  # How the layers run (not the architecture: checkpoints convert between them). scan_layers:
+  # one stacked module scanned with jax.lax.scan (compile time independent of depth);
+  # remat_policy: per-layer jax.checkpoint while training (models.stack.REMAT_POLICIES).
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   def __post_init__(self):
     if self.kind not in ("encdec", "decoder"):
@@ -73,6 +79,9 @@ class ModelConfig:
       raise RestJaxError("llama3 RoPE scaling needs 0 < rope_low_freq_factor < "
                          f"rope_high_freq_factor, got {self.rope_low_freq_factor} and "
                          f"{self.rope_high_freq_factor}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise RestJaxError(f"remat_policy {self.remat_policy!r} is not supported; use one of "
+                         f"{REMAT_POLICIES}.")
     for name in ("rope_scaling_factor", "rope_original_max_position"):
       if getattr(self, name) <= 0:
         raise RestJaxError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")

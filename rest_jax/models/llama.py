@@ -11,6 +11,10 @@ Parameter tree:
   layers_{i}.mlp_norm.scale, mlp.{gate_proj,up_proj}.kernel [embed, mlp], down_proj [mlp, embed]
   final_norm.scale, lm_head.kernel [embed, vocab] (absent when ``tie_embeddings``)
 
+With ``scan_layers`` the ``layers_{i}`` are one stacked ``layers`` module whose params have a
+leading `[layers]` axis (``layers.attention.q_proj.kernel`` `[layers, embed, heads, kv]`; see
+``models.stack``).
+
 Prompts arrive right-padded `[batch, input_len]`; each is left-aligned so that it ends at
 column ``input_len - 1`` (its last non-pad token). Pad columns are masked as keys and RoPE
 positions count real tokens only (``0 .. prompt_len - 1``), so extra pad columns change
@@ -28,6 +32,7 @@ from rest_jax.models.base import PAD_ID, Cache, ModelConfig
 from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes, apply_rope,
                                     dot_product_attention, pad_length, rope_frequencies,
                                     write_cache)
+from rest_jax.models.stack import build_layers, layer_at, run_layers
 
 KV = tuple[jax.Array, jax.Array]
 
@@ -136,8 +141,8 @@ class LlamaModel(nnx.Module):
     # Tied embeddings double as the output layer: start them small so logits start O(1).
     stddev = config.d_model ** -0.5 if config.tie_embeddings else 1.0
     self.embed = Embed(config.vocab_size, config.d_model, rngs=rngs, stddev=stddev, **kw)
-    for i in range(self.num_layers):
-      setattr(self, f"layers_{i}", Layer(config, rngs=rngs))
+    build_layers(self, lambda: Layer(config, rngs=rngs), self.num_layers,
+                 scan=config.scan_layers)
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
     if not config.tie_embeddings:
       self.lm_head = Dense((config.d_model,), (config.vocab_size,), ("embed", "vocab"),
@@ -151,14 +156,28 @@ class LlamaModel(nnx.Module):
     return self.lm_head(x)
 
   def _layers(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
-              caches: list[KV] | None = None,
-              slot: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
-    kvs = []
-    for i in range(self.num_layers):
-      x, kv = getattr(self, f"layers_{i}")(
-          x, positions, mask=mask, cache=None if caches is None else caches[i], slot=slot)
-      kvs.append(kv)
-    return x, kvs
+              caches: list[KV] | None = None, slot: jax.Array | None = None,
+              keep_kv: bool = True) -> tuple[jax.Array, list[KV | None]]:
+    """Runs every layer on `[batch, len, embed]`; returns it and each layer's keys/values.
+
+    With ``caches`` (decode) the layers run one by one, each updating its own cache in place;
+    without, they run through ``stack.run_layers`` (scanned or not). ``keep_kv=False`` (the
+    teacher-forced forward) drops the keys/values and applies the config's remat policy.
+    """
+    scan = self.config.scan_layers
+    if caches is not None:
+      kvs = []
+      for i in range(self.num_layers):
+        x, kv = layer_at(self, i, scan=scan)(x, positions, mask=mask, cache=caches[i], slot=slot)
+        kvs.append(kv)
+      return x, kvs
+
+    def body(layer, h):
+      h, kv = layer(h, positions, mask=mask)
+      return h, (kv if keep_kv else None)
+
+    return run_layers(self, body, x, num=self.num_layers, scan=scan,
+                      remat="none" if keep_kv else self.config.remat_policy)
 
   @staticmethod
   def _causal_mask(valid: jax.Array) -> jax.Array:
@@ -179,7 +198,8 @@ class LlamaModel(nnx.Module):
     valid = jnp.concatenate([valid, jnp.ones_like(targets[:, :-1], bool)], axis=1)
     target_positions = prompt_len[:, None] + jnp.arange(target_len - 1, dtype=jnp.int32)
     positions = jnp.concatenate([positions, target_positions], axis=1)
-    x, _ = self._layers(self.embed(tokens), positions, mask=self._causal_mask(valid))
+    x, _ = self._layers(self.embed(tokens), positions, mask=self._causal_mask(valid),
+                        keep_kv=False)
     return self._logits(x[:, input_len - 1:])
 
   def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:

@@ -45,6 +45,15 @@ PRESETS: dict[str, ModelConfig] = {
     "decoder_1b": ModelConfig(kind="decoder", vocab_size=32128, d_model=2048, num_heads=16,
                               num_kv_heads=8, head_dim=128, mlp_dim=8192, num_encoder_layers=0,
                               num_decoder_layers=16),
+    # Llama 3 8B shape (Meta-Llama-3-8B config.json): 8,030,261,248 parameters (untied).
+    "llama3_8b": ModelConfig(kind="decoder", vocab_size=128256, d_model=4096, num_heads=32,
+                             num_kv_heads=8, head_dim=128, mlp_dim=14336, num_encoder_layers=0,
+                             num_decoder_layers=32, rope_theta=500000.0, norm_eps=1e-5),
+    # T5.1.1 XL shape (google/t5-v1_1-xl): 24+24 layers, 32 heads x 64, d_ff 5120;
+    # 2,849,757,184 parameters.
+    "t5_xl": ModelConfig(kind="encdec", vocab_size=32128, d_model=2048, num_heads=32,
+                         num_kv_heads=32, head_dim=64, mlp_dim=5120, num_encoder_layers=24,
+                         num_decoder_layers=24),
 }
 
 

@@ -17,6 +17,10 @@ so an importer reshapes them):
                       pre_mlp_layer_norm, mlp}
   decoder.decoder_norm.scale, decoder.logits_dense.kernel   [embed, vocab]
 
+With ``scan_layers`` each ``layers_{i}`` family is one stacked ``layers`` module with a leading
+`[layers]` axis (``encoder.layers.attention.query.kernel`` `[layers, embed, heads, kv]`; see
+``models.stack``).
+
 Attention logits are not scaled by 1/sqrt(head_dim): as in t5x, that factor is folded into the
 initialisation of the query kernel. The decoder input is ``targets`` shifted right with start
 token 0; decoder self-attention is causal only (no target padding mask), so teacher-forced
@@ -34,6 +38,7 @@ from rest_jax.models.base import PAD_ID, Cache, ModelConfig
 from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes,
                                     dot_product_attention, make_param, pad_length,
                                     relative_position_bucket, write_cache)
+from rest_jax.models.stack import build_layers, layer_at, run_layers
 
 KV = tuple[jax.Array, jax.Array]
 
@@ -126,19 +131,21 @@ class Encoder(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.num_layers = config.num_encoder_layers
+    self.scan = config.scan_layers
     self.relpos_bias = RelativePositionBias(config, bidirectional=True, rngs=rngs)
-    for i in range(self.num_layers):
-      setattr(self, f"layers_{i}", EncoderLayer(config, rngs=rngs))
+    build_layers(self, lambda: EncoderLayer(config, rngs=rngs), self.num_layers, scan=self.scan)
     self.encoder_norm = RMSNorm(config.d_model, eps=config.norm_eps,
                                 **activation_dtypes(config))
 
-  def __call__(self, x: jax.Array, input_mask: jax.Array) -> jax.Array:
-    """Embedded inputs `[batch, len, embed]`, bool mask `[batch, len]` -> `[batch, len, embed]`."""
+  def __call__(self, x: jax.Array, input_mask: jax.Array, *, remat: str = "none") -> jax.Array:
+    """Embedded inputs `[batch, len, embed]`, bool mask `[batch, len]` -> `[batch, len, embed]`.
+
+    ``remat``: the per-layer remat policy (``stack.REMAT_POLICIES``)."""
     positions = jnp.arange(x.shape[1])
     bias = self.relpos_bias(positions, positions)
     mask = input_mask[:, None, :]
-    for i in range(self.num_layers):
-      x = getattr(self, f"layers_{i}")(x, mask=mask, bias=bias)
+    x, _ = run_layers(self, lambda layer, h: (layer(h, mask=mask, bias=bias), None), x,
+                      num=self.num_layers, scan=self.scan, remat=remat)
     return self.encoder_norm(x)
 
 
@@ -174,12 +181,13 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
+  """Decoder layers, final norm and output layer; ``T5Model`` runs the layers."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.num_layers = config.num_decoder_layers
+    self.scan = config.scan_layers
     self.relpos_bias = RelativePositionBias(config, bidirectional=False, rngs=rngs)
-    for i in range(self.num_layers):
-      setattr(self, f"layers_{i}", DecoderLayer(config, rngs=rngs))
+    build_layers(self, lambda: DecoderLayer(config, rngs=rngs), self.num_layers, scan=self.scan)
     self.decoder_norm = RMSNorm(config.d_model, eps=config.norm_eps,
                                 **activation_dtypes(config))
     self.logits_dense = Dense((config.d_model,), (config.vocab_size,), ("embed", "vocab"),
@@ -187,27 +195,44 @@ class Decoder(nnx.Module):
                               param_dtype=jnp.dtype(config.param_dtype))
 
   def layer(self, i: int) -> DecoderLayer:
-    return getattr(self, f"layers_{i}")
+    return layer_at(self, i, scan=self.scan)
 
-  def __call__(self, x: jax.Array, *, query_positions: jax.Array, key_positions: jax.Array,
-               self_mask: jax.Array, cross_kvs: list[KV], cross_mask: jax.Array,
-               self_caches: list[KV] | None = None,
-               slot: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
-    """Embedded decoder inputs `[batch, q_len, embed]` -> float32 logits `[batch, q_len, vocab]`.
+  def logits(self, x: jax.Array) -> jax.Array:
+    """`[batch, q_len, embed]` -> float32 logits `[batch, q_len, vocab]`."""
+    return self.logits_dense(self.decoder_norm(x))
 
-    ``query_positions`` `[q_len]` and ``key_positions`` `[k_len]` index the relative
-    position biases; ``self_mask`` is bool `[batch or 1, q_len, k_len]`. Returns the logits and
-    every layer's self-attention keys and values.
+  def __call__(self, x: jax.Array, *, encoded: jax.Array, cross_mask: jax.Array,
+               self_mask: jax.Array, self_bias: jax.Array, keep_kv: bool,
+               remat: str = "none") -> tuple[jax.Array, list[tuple[KV, KV] | None]]:
+    """Embedded decoder inputs `[batch, q_len, embed]` (no cache) -> float32 logits
+    `[batch, q_len, vocab]`, attending to ``encoded`` `[batch, input_len, embed]`.
+
+    Each layer computes its cross-attention keys/values from ``encoded``. Returns the logits
+    and, when ``keep_kv``, every layer's (self K,V, cross K,V) for a decode cache.
     """
+
+    def body(layer, h):
+      cross_kv = layer.encoder_decoder_attention.key_value(encoded)
+      h, self_kv = layer(h, cross_kv=cross_kv, cross_mask=cross_mask, self_mask=self_mask,
+                         self_bias=self_bias)
+      return h, ((self_kv, cross_kv) if keep_kv else None)
+
+    x, kvs = run_layers(self, body, x, num=self.num_layers, scan=self.scan, remat=remat)
+    return self.logits(x), kvs
+
+  def decode(self, x: jax.Array, *, query_positions: jax.Array, key_positions: jax.Array,
+             self_mask: jax.Array, cross_kvs: list[KV], cross_mask: jax.Array,
+             self_caches: list[KV], slot: jax.Array) -> tuple[jax.Array, list[KV]]:
+    """One step `[batch, 1, embed]` on the caches, layer by layer (each cache updated in
+    place); returns float32 logits `[batch, 1, vocab]` and the updated self K,V per layer."""
     bias = self.relpos_bias(query_positions, key_positions)
     new_kvs = []
     for i in range(self.num_layers):
       x, kv = self.layer(i)(
           x, cross_kv=cross_kvs[i], cross_mask=cross_mask, self_mask=self_mask,
-          self_bias=bias, self_cache=None if self_caches is None else self_caches[i],
-          slot=slot)
+          self_bias=bias, self_cache=self_caches[i], slot=slot)
       new_kvs.append(kv)
-    return self.logits_dense(self.decoder_norm(x)), new_kvs
+    return self.logits(x), new_kvs
 
 
 class T5Model(nnx.Module):
@@ -227,24 +252,22 @@ class T5Model(nnx.Module):
     self.encoder = Encoder(config, rngs=rngs)
     self.decoder = Decoder(config, rngs=rngs)
 
-  def _encode(self, inputs: jax.Array) -> tuple[list[KV], jax.Array]:
-    """Inputs `[batch, input_len]` -> per-layer cross-attention K,V and the bool input mask."""
+  def _encode(self, inputs: jax.Array, remat: str = "none") -> tuple[jax.Array, jax.Array]:
+    """Inputs `[batch, input_len]` -> encoded `[batch, input_len, embed]` and the bool mask."""
     input_mask = inputs != PAD_ID
-    encoded = self.encoder(self.token_embedder(inputs), input_mask)
-    cross_kvs = [self.decoder.layer(i).encoder_decoder_attention.key_value(encoded)
-                 for i in range(self.decoder.num_layers)]
-    return cross_kvs, input_mask
+    return self.encoder(self.token_embedder(inputs), input_mask, remat=remat), input_mask
 
   def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel)."""
-    cross_kvs, input_mask = self._encode(inputs)
+    remat = self.config.remat_policy
+    encoded, input_mask = self._encode(inputs, remat)
     decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=PAD_ID)
     positions = jnp.arange(targets.shape[1])
     causal = (positions[None, :] <= positions[:, None])[None]
     logits, _ = self.decoder(
-        self.token_embedder(decoder_inputs), query_positions=positions,
-        key_positions=positions, self_mask=causal, cross_kvs=cross_kvs,
-        cross_mask=input_mask[:, None, :])
+        self.token_embedder(decoder_inputs), encoded=encoded, cross_mask=input_mask[:, None, :],
+        self_mask=causal, self_bias=self.decoder.relpos_bias(positions, positions),
+        keep_kv=False, remat=remat)
     return logits
 
   def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
@@ -254,16 +277,16 @@ class T5Model(nnx.Module):
     ``cross_v`` `[batch, input_len, heads, kv]` and ``self_k``, ``self_v``
     `[batch, max_decode_len, heads, kv]` (slot ``t`` holds decoder position ``t``).
     """
-    cross_kvs, input_mask = self._encode(inputs)
+    encoded, input_mask = self._encode(inputs)
     start = jnp.full((inputs.shape[0], 1), PAD_ID, jnp.int32)
     zero = jnp.zeros((1,), jnp.int32)
-    logits, self_kvs = self.decoder(
-        self.token_embedder(start), query_positions=zero, key_positions=zero,
-        self_mask=jnp.ones((1, 1, 1), bool), cross_kvs=cross_kvs,
-        cross_mask=input_mask[:, None, :])
+    logits, kvs = self.decoder(
+        self.token_embedder(start), encoded=encoded, cross_mask=input_mask[:, None, :],
+        self_mask=jnp.ones((1, 1, 1), bool), self_bias=self.decoder.relpos_bias(zero, zero),
+        keep_kv=True)
     layers = [{"self_k": pad_length(sk, max_decode_len), "self_v": pad_length(sv, max_decode_len),
                "cross_k": ck, "cross_v": cv}
-              for (sk, sv), (ck, cv) in zip(self_kvs, cross_kvs)]
+              for (sk, sv), (ck, cv) in kvs]
     return logits[:, 0], {"encoder_mask": input_mask, "layers": layers}
 
   def decode_step(self, tokens: jax.Array, cache: Cache,
@@ -276,7 +299,7 @@ class T5Model(nnx.Module):
     max_len = layers[0]["self_k"].shape[1] if layers else 1
     slot = jnp.asarray(index, jnp.int32) + 1
     key_positions = jnp.arange(max_len)
-    logits, self_kvs = self.decoder(
+    logits, self_kvs = self.decoder.decode(
         self.token_embedder(tokens[:, None]), query_positions=slot[None],
         key_positions=key_positions, self_mask=(key_positions <= slot)[None, None, :],
         cross_kvs=[(c["cross_k"], c["cross_v"]) for c in layers],

@@ -35,6 +35,7 @@ TRAIN_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("relpos_buckets", None),
+    ("layers", None),  # The stacked layer axis of scanned models: never split.
     ("cache_batch", ("data", "fsdp")),
     ("cache_sequence", None),
     ("cache_heads", "tensor"),

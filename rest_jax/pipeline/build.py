@@ -28,9 +28,11 @@ from rest_jax.checkpoints.phases import PhaseCheckpoints
 from rest_jax.config import RunConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.evaluation import EvalFn, EvalSet, independent_metric_name, make_eval_fn
+from rest_jax.grow.memory import device_memory_bytes
 from rest_jax.grow.sampler import Sampler
 from rest_jax.grow.step import RewardCall
 from rest_jax.improve import losses, schedules
+from rest_jax.improve import memory as train_memory
 from rest_jax.improve.losses import Loss
 from rest_jax.improve.schedules import Schedule
 from rest_jax.models import build_model
@@ -251,9 +253,28 @@ def num_test_prompts(config: RunConfig, task: seqio.Task) -> int:
   return config.eval.test_size
 
 
+def check_memory(parts: Parts, available: int | None) -> None:
+  """Refuses a run whose Grow or train steps cannot fit ``available`` bytes per device (None:
+  the devices do not say, e.g. CPU: no check). Grow: the sampler's memory plan (one prompt per
+  batch shard at least); BC and Improve: the training floor (``improve.memory``)."""
+  if available is None:
+    return
+  config = parts.config
+  parts.grow_sampler.memory_plan(parts.abstract_params, config.input_len,
+                                 config.grow.sampling.batch_size, available=available)
+  params = parts.layout.abstract_state(parts.abstract_params)
+  for step, train in (("bc", config.bc), ("improve", config.improve.train)):
+    floor = train_memory.train_floor(
+        config.model, parts.layout, params, moment_dtype=train.moment_dtype,
+        batch_size=train.batch_size, input_len=config.input_len, target_len=config.target_len)
+    train_memory.check_train_fits(floor, available, step=step, model=config.model,
+                                  layout=parts.layout, batch_size=train.batch_size)
+
+
 def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
   """Everything a run needs, built once (params initialised or loaded, on the Layout)."""
   parts = resolve(config)
+  check_memory(parts, device_memory_bytes(list(parts.layout.mesh.devices.flat)))
   task, vocab = task_and_vocab(config)
   reward = make_reward(config, parts.layout)
   base_params = _base_params(parts, vocab)

@@ -115,9 +115,24 @@ class CheckResult:
   mesh_shape: dict[str, int]
   num_params: int
   steps: tuple[StepMemory, ...]
+  knobs: dict[str, str] = dataclasses.field(default_factory=dict)  # Step -> what to turn.
 
   def fits(self, step: StepMemory) -> bool:
     return step.total <= self.topology.hbm_bytes
+
+
+def knobs(config: RunConfig) -> dict[str, str]:
+  """What to turn, per step, when it does not fit (with the config's current values)."""
+  model, mesh, s = config.model, config.mesh, config.grow.sampling
+  train = (f"ModelConfig.remat_policy (now {model.remat_policy!r}; 'full' keeps only each "
+           f"layer's input), MeshConfig.fsdp (now {mesh.fsdp}; splits weights and Adam moments "
+           f"further), improve TrainConfig.batch_size (now {config.improve.train.batch_size})")
+  return {
+      "grow_sample": (f"SamplingConfig.batch_size (now {s.batch_size}) or num_samples (now "
+                      f"{s.num_samples}), MeshConfig.tensor (now {mesh.tensor}; decoding splits "
+                      "the weights over tensor only), or bfloat16 params (ModelConfig."
+                      f"param_dtype, now {model.param_dtype!r})"),
+      "improve_train": train, "improve_extras": train}
 
 
 def _memory(step: str, compiled: Any) -> StepMemory:
@@ -208,7 +223,7 @@ def check(config: RunConfig, topology: str | Topology) -> CheckResult:
   return CheckResult(topology=topo, mode=mode, mesh_shape=dict(parts.layout.mesh.shape),
                      num_params=models.count_params(nnx.merge(parts.graphdef,
                                                               parts.abstract_params)),
-                     steps=(grow, *improve))
+                     steps=(grow, *improve), knobs=knobs(config))
 
 
 def _gib(n: int) -> str:
@@ -231,4 +246,10 @@ def format_result(result: CheckResult) -> str:
     lines.append(f"{s.step:14} {_gib(s.arguments):>8} {_gib(s.temporaries):>8} "
                  f"{_gib(s.outputs):>8} {_gib(s.aliased):>8} {_gib(s.total):>8} "
                  f"{HBM_GIB[topo.chip]:>7g} {'yes' if result.fits(s) else 'NO':>5}")
+  for s in result.steps:
+    if not result.fits(s):
+      over = (s.total - topo.hbm_bytes) / GIB
+      lines.append(f"{s.step} does not fit: {_gib(s.total)} GiB per device, {over:.3f} GiB over "
+                   f"the {HBM_GIB[topo.chip]:g} GiB of a {topo.chip} chip. Turn "
+                   f"{result.knobs.get(s.step, 'the batch size or the mesh')}.")
   return "\n".join(lines)

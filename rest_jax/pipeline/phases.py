@@ -24,7 +24,6 @@ from flax import nnx
 from rest_jax.config import TrainConfig
 from rest_jax.evaluation import independent_metric_name
 from rest_jax.grow import dataset as growdata
-from rest_jax.grow.sampler import place_params
 from rest_jax.grow.step import run_grow
 from rest_jax.improve import batches as hostdata
 from rest_jax.improve import losses, selection, value
@@ -166,7 +165,7 @@ def grow(run: Run, g: int, params: nnx.State) -> None:
   grow_dir = run.workdir.grow_dir(g)
   prompts = _grow_prompts(run)
   logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts), c.grow.sampling.num_samples)
-  run_grow(sampler=run.parts.grow_sampler, params=place_params(params, run.layout, sampling=True),
+  run_grow(sampler=run.parts.grow_sampler, params=run.parts.grow_sampler.place_params(params),
            prompts=prompts, reward=run.reward, vocab=run.vocab,
            writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
            seed=c.seed, config=c.grow, input_len=c.input_len, target_len=c.target_len,

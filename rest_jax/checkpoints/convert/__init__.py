@@ -20,7 +20,7 @@ from flax import nnx
 
 from rest_jax.checkpoints import phases as checkpoints
 from rest_jax.checkpoints.convert.hf import load_hf, save_hf
-from rest_jax.checkpoints.convert.params import abstract_params, check_names
+from rest_jax.checkpoints.convert.params import abstract_params, check_names, convert_layers
 from rest_jax.checkpoints.convert.t5x import load_t5x, save_t5x
 from rest_jax import storage
 from rest_jax.errors import RestJaxError
@@ -29,7 +29,7 @@ from rest_jax.config import MeshConfig
 from rest_jax.parallel.layout import Layout
 from rest_jax.parallel.meshes import layout_from_config
 
-__all__ = ["detect_format", "load_checkpoint", "load_hf", "load_orbax", "load_t5x",
+__all__ = ["convert_layers", "detect_format", "load_checkpoint", "load_hf", "load_orbax", "load_t5x",
            "parse_spec", "read_model_config", "save_hf", "save_orbax", "save_t5x"]
 
 Format = Literal["auto", "hf", "t5x", "orbax"]
@@ -104,11 +104,17 @@ def save_orbax(path: str, config: ModelConfig, params: nnx.State) -> None:
 
 def load_orbax(path: str, *, config: ModelConfig | None = None,
                layout: Layout | None = None) -> tuple[ModelConfig, nnx.State]:
-  """Reads a ``save_orbax`` directory; params land on the Layout's shardings."""
-  config = config or read_model_config(path)
+  """Reads a ``save_orbax`` directory; params land on the Layout's shardings.
+
+  A checkpoint saved with the other layer layout (``scan_layers``) than ``config`` is restored
+  as saved and converted (``convert_layers``)."""
+  stored = read_model_config(path)
+  config = config or stored
   layout = layout or layout_from_config(MeshConfig())
-  return config, checkpoints.restore_params(os.path.join(path, PARAMS_DIR),
-                                            layout.abstract_state(abstract_params(config)))
+  as_saved = dataclasses.replace(config, scan_layers=stored.scan_layers)
+  params = checkpoints.restore_params(os.path.join(path, PARAMS_DIR),
+                                      layout.abstract_state(abstract_params(as_saved)))
+  return config, convert_layers(config, params, layout=layout)
 
 
 def load_checkpoint(path: str, *, format: Format = "auto",  # pylint: disable=redefined-builtin
@@ -130,10 +136,11 @@ def load_checkpoint(path: str, *, format: Format = "auto",  # pylint: disable=re
     raise RestJaxError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS} or 'auto'.")
   if fmt == "hf":
     loaded, params = load_hf(path, layout=layout,
-                             dtype=None if config is None else config.param_dtype)
+                             dtype=None if config is None else config.param_dtype,
+                             scan_layers=config is not None and config.scan_layers)
     if config is not None:
       check_same_architecture(config, loaded, source=path)
-      loaded = dataclasses.replace(loaded, dtype=config.dtype)
+      loaded = dataclasses.replace(loaded, dtype=config.dtype, remat_policy=config.remat_policy)
     return loaded, params
   if fmt == "t5x":
     if config is None:
@@ -182,11 +189,12 @@ def reorder_vocab(config: ModelConfig, params: nnx.State, model_to_source: Any) 
   return params
 
 
-_DTYPE_FIELDS = ("dtype", "param_dtype")
+# Not the architecture: how the same weights are stored and run (checkpoints convert).
+_DTYPE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
 
 
 def check_same_architecture(expected: ModelConfig, actual: ModelConfig, *, source: str) -> None:
-  """Raises unless the two configs agree on everything but the dtypes."""
+  """Raises unless the two configs agree on everything but the dtypes and the layer layout."""
   diffs = [f"{f.name}: {getattr(expected, f.name)!r} configured, {getattr(actual, f.name)!r} in "
            "the checkpoint" for f in dataclasses.fields(ModelConfig)
            if f.name not in _DTYPE_FIELDS and getattr(expected, f.name) != getattr(actual, f.name)]

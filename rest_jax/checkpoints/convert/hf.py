@@ -8,6 +8,7 @@ at a time, and placed straight onto their shardings (``params.place_params``). S
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -76,8 +77,8 @@ def _read_tensor(file: str, name: str) -> np.ndarray:
       return np.asarray(f.get_tensor(name))
 
 
-def load_hf(path: str, *, layout: Layout | None = None,
-            dtype: str | None = None) -> tuple[ModelConfig, nnx.State]:
+def load_hf(path: str, *, layout: Layout | None = None, dtype: str | None = None,
+            scan_layers: bool = False) -> tuple[ModelConfig, nnx.State]:
   """Reads an HF checkpoint directory into our model.
 
   Args:
@@ -85,11 +86,13 @@ def load_hf(path: str, *, layout: Layout | None = None,
     layout: the shardings to place the params on (default: ``layout_from_config(MeshConfig())``).
     dtype: sets ``dtype`` and ``param_dtype`` of the ModelConfig (e.g. "bfloat16"); None keeps
       the float32 defaults.
+    scan_layers: build the stacked (scanned) layer layout (``ModelConfig.scan_layers``).
   Returns:
     the ModelConfig read from ``config.json`` and the params state of ``build_model(config)``.
   """
   cfg = read_hf_config(path)
-  config = hf_config.config_from_hf(cfg, dtype=dtype)
+  config = dataclasses.replace(hf_config.config_from_hf(cfg, dtype=dtype),
+                               scan_layers=scan_layers)
   files = _weight_files(path)
 
   def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
