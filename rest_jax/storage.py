@@ -102,6 +102,11 @@ def join(*parts: str) -> str:
   return "/".join([str(parts[0]).rstrip("/")] + [str(p).strip("/") for p in parts[1:]])
 
 
+def dirname(path: str) -> str:
+  """The folder of ``path`` (``gs://b/a/x`` -> ``gs://b/a``)."""
+  return os.path.dirname(path) if is_local(path) else str(path).rstrip("/").rsplit("/", 1)[0]
+
+
 def absolute(path: str) -> str:
   """A local path made absolute; URLs unchanged."""
   return os.path.abspath(path) if is_local(path) else str(path).rstrip("/")

@@ -120,7 +120,7 @@ def train_reward(args: argparse.Namespace) -> dict:
                                         output_dir=args.output_dir, init_from=args.init_from,
                                         progress=not args.no_progress)
   print(json.dumps(metrics))
-  print(f"use it with --gin.config.RunConfig.reward=\"'learned:{os.path.abspath(args.output_dir)}'\"")
+  print(f"use it with --gin.config.RunConfig.reward=\"'learned:{storage.absolute(args.output_dir)}'\"")
   return metrics
 
 

@@ -121,14 +121,14 @@ def save_hf(path: str, config: ModelConfig, params: nnx.State) -> None:
   gathered to the host one at a time; only process 0 writes. ``path`` must not exist yet.
   """
   safetensors = _safetensors()
-  if os.path.exists(path):
+  if storage.exists(path):
     raise RestJaxError(f"export path {path} already exists; choose a new path or delete it.")
   hf = hf_config.config_to_hf(config)
   tensors = {hf_config.hf_name(config, name): hf_config.to_hf(name, array)
              for name, array in check_names(config, params).items()}
   if jax.process_index() != 0:
     return
-  with storage.atomic_dir(path) as tmp:
+  with storage.atomic_dir(path, last=(CONFIG_FILE,)) as tmp:
     if any(t.dtype != np.float32 for t in tensors.values()):
       import safetensors.flax  # pylint: disable=g-import-not-at-top
       with jax.default_device(jax.devices("cpu")[0]):
