@@ -386,6 +386,21 @@ def read_json(path: str, *, keys: Sequence[str] | None = None, fix: str = _REBUI
 
 
 @contextlib.contextmanager
+def local_folder(path: str) -> Iterator[str]:
+  """``path`` itself when local; for a URL, a local temporary copy of the files directly in it
+  (for readers that open only local files, e.g. safetensors), removed on exit."""
+  if is_local(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="rest_jax_download_") as tmp:
+    for name in listdir(path):
+      source = epath.Path(join(path, name))
+      if not source.is_dir():
+        source.copy(epath.Path(tmp) / name)
+    yield tmp
+
+
+@contextlib.contextmanager
 def open_read(path: str, mode: str = "rb") -> Iterator[Any]:
   """A file object for reading (any path kind)."""
   with epath.Path(path).open(mode) as f:
