@@ -148,6 +148,10 @@ def test_import_and_export_on_gcs(gcs_root, capsys):
   assert cli.main(["import", "--from", "hf", src, "--to", dst]) == 0
   assert f"tokenizer hf:{dst}/tokenizer.json" in capsys.readouterr().out
   assert vocabularies.get_vocabulary(f"hf:{dst}/tokenizer.json").vocab_size > 0
+  user_smoke = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gin", "experiments",
+                            "user_files_smoke_cpu.gin")
+  config, _ = cli.parse_run_config([user_smoke, storage.join(dst, "model.gin")], [])
+  assert config.init_checkpoint == f"orbax:{dst}"  # Its model.gin, read from the bucket.
   want = dict(host_arrays(load_checkpoint("hf:" + fixture)[1]))
   got = dict(host_arrays(load_checkpoint(dst)[1]))
   assert cli.main(["export", "--from", dst, "--to", "hf", out]) == 0
