@@ -165,10 +165,10 @@ def start(folder: str) -> Emulator:
   try:
     log = os.path.join(folder, "emulator.log")
     with open(log, "wb") as out:
+      binary = _server._get_binary_path()  # pylint: disable=protected-access
       processes.append(subprocess.Popen(
-          [_server._get_binary_path(), "-scheme", "http", "-host", "127.0.0.1",  # pylint: disable=protected-access
-           "-port", str(port), "-backend", "memory", "-external-url",
-           f"http://127.0.0.1:{port}", "-log-level", "warn"],
+          [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
+           "memory", "-external-url", f"http://127.0.0.1:{port}", "-log-level", "warn"],
           stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     _wait_port(port, processes[-1], log)
     proxy_log = os.path.join(folder, "proxy.log")
