@@ -26,11 +26,13 @@ per process).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import http.client
 import json
 import os
+import signal
 import socket
 import socketserver
 import ssl
@@ -142,6 +144,15 @@ class Emulator:
       p.wait()
 
 
+def _die_with_parent() -> None:
+  """In the child: SIGKILL when the process that started it dies (Linux), so a killed test
+  session leaves no emulator behind."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
 def _wait_port(port: int, process: subprocess.Popen, log: str) -> None:
   deadline = time.monotonic() + 30
   while time.monotonic() < deadline:
@@ -169,14 +180,16 @@ def start(folder: str) -> Emulator:
       processes.append(subprocess.Popen(
           [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
            "memory", "-external-url", f"http://127.0.0.1:{port}", "-log-level", "warn"],
-          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+          preexec_fn=_die_with_parent))
     _wait_port(port, processes[-1], log)
     proxy_log = os.path.join(folder, "proxy.log")
     with open(proxy_log, "wb") as out:
+      no_proxy = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
       processes.append(subprocess.Popen(
           [sys.executable, os.path.abspath(__file__), "proxy", str(proxy_port), str(port), cert,
            key], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-          env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()}))
+          preexec_fn=_die_with_parent, env=no_proxy))
     _wait_port(proxy_port, processes[-1], proxy_log)
   except BaseException:
     for p in processes:
