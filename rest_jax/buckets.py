@@ -36,6 +36,8 @@ def check_workdir(path: str, *, timeout_s: float = 30.0) -> None:
   """
   bucket = bucket_of(path)
   if bucket is None:
+    if str(path).startswith("gs:"):  # gs:/b/x would be a local folder named "gs:".
+      raise RestJaxError(f"{path} is not a GCS URL; write gs://BUCKET/path (two slashes).")
     return
   if not bucket:
     raise RestJaxError(f"{path} names no bucket; write gs://BUCKET/path.")

@@ -124,6 +124,8 @@ def test_bucket_check_names_the_bucket_and_the_fix(gcs_root, gcs_emulator, monke
     buckets.check_workdir("gs://no-such-bucket-x/run")
   with pytest.raises(RestJaxError, match="names no bucket"):
     buckets.check_workdir("gs:///run")
+  with pytest.raises(RestJaxError, match="two slashes"):
+    buckets.check_workdir("gs:/bucket/run")
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # Nothing listens there.
   with pytest.raises(RestJaxError, match=f"cannot reach bucket {gcs_root}.*check the network"):
     buckets.check_workdir(gcs_root + "/run")

@@ -114,8 +114,8 @@ def run_import(args: argparse.Namespace) -> None:
   """Reads SRC in any format and writes our orbax directory, its tokenizer and model.gin."""
   from rest_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
   from rest_jax.models import abstract_model, count_params  # pylint: disable=g-import-not-at-top
+  buckets.check_workdir(args.dst)
   dst = storage.absolute(args.dst)
-  buckets.check_workdir(dst)
   if storage.exists(dst):
     raise RestJaxError(f"--to {dst} already exists; choose a new directory or delete it.")
   config, params = convert.load_checkpoint(args.src, format=args.src_format,
@@ -147,7 +147,7 @@ def run_export(args: argparse.Namespace) -> None:
   from rest_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
   config, params = convert.load_checkpoint(args.src, config=_model_config(args))
   save = {"hf": convert.save_hf, "t5x": convert.save_t5x, "orbax": convert.save_orbax}
+  buckets.check_workdir(args.dst)
   dst = storage.absolute(args.dst)
-  buckets.check_workdir(dst)
   save[args.dst_format](dst, config, params)
   print(f"exported {args.src} as {args.dst_format} -> {dst}")

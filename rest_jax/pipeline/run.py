@@ -72,8 +72,8 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   bucket is checked first (``buckets.check_workdir``).
   """
   start = time.time()
+  buckets.check_workdir(workdir)  # A gs:// bucket that cannot be used: one error, before work.
   wd = Workdir(workdir)
-  buckets.check_workdir(wd.root)  # A gs:// bucket that cannot be used: one error, before work.
   build.validate(config)
   check_workdir(wd, config)
   run_ = build.build(config, wd, progress=progress)
