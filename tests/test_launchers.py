@@ -58,9 +58,15 @@ def test_xpk(capsys):
   assert "--device-type=h100-80gb-8 --num-nodes=4 --num-slices=1" in gpu
 
 
+def _slurm_dry_run(extra, capsys):
+  shared = [a.replace("gs://bucket", "/shared") for a in COMMON]  # sbatch needs a shared path.
+  assert launchers.main("slurm", shared + extra + ["--dry-run"]) == 0
+  return capsys.readouterr().out.replace("/shared/run 1", "gs://bucket/run 1")
+
+
 def test_slurm(capsys):
-  out = _dry_run("slurm", ["--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu",
-                           "--explicit_coordinator"], capsys)
+  out = _slurm_dry_run(["--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu",
+                        "--explicit_coordinator"], capsys)
   script = out.split("\n")
   assert script[0] == "# write gs://bucket/run 1/launch.sbatch:"
   assert script[1:11] == [
@@ -77,9 +83,13 @@ def test_slurm(capsys):
                      '"$COORDINATOR" --num_processes "$SLURM_NTASKS" --process_id "$SLURM_PROCID"')
   assert script[13:] == ["# end of gs://bucket/run 1/launch.sbatch",
                          "sbatch 'gs://bucket/run 1/launch.sbatch'", ""]
-  per_node = _dry_run("slurm", ["--per", "node"], capsys)
+  per_node = _slurm_dry_run(["--per", "node"], capsys)
   assert "#SBATCH --ntasks-per-node=1" in per_node and "CUDA_VISIBLE" not in per_node
   assert "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(RUN_LINE) in per_node
+  # A gs:// workdir: sbatch could neither read the script nor write the log there.
+  assert launchers.main("slurm", COMMON + ["--dry-run"]) == 2
+  assert "--launcher slurm needs a workdir on the cluster's shared file system" in \
+      capsys.readouterr().err
 
 
 def test_slurm_script_runs_in_bash(tmp_path):

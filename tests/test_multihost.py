@@ -7,7 +7,6 @@ command on both processes resumes to exactly the reference's Grow records and ev
 final parameters equal within float tolerance (numbers: docs/multihost.md, "Determinism").
 """
 
-import glob
 import os
 import signal
 import socket
@@ -19,7 +18,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
+from rest_jax import storage
 from rest_jax.grow import dataset as growdata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,8 +71,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, num_processes: int, num_devices: int, extra=()) -> list[subprocess.Popen]:
-  """Starts ``rest-jax run`` once per process; stdout+stderr go to WORKDIR.p{i}.log."""
+def _launch(workdir, num_processes: int, num_devices: int, extra=(),
+            logs: str | None = None) -> list[subprocess.Popen]:
+  """Starts ``rest-jax run`` once per process; stdout+stderr go to LOGS.p{i}.log (default
+  WORKDIR.p{i}.log)."""
   argv = [sys.executable, "-c", WRAPPER, "run", "--workdir", str(workdir)] + ARGS + list(extra)
   port = _free_port()
   procs = []
@@ -80,7 +83,7 @@ def _launch(workdir, num_processes: int, num_devices: int, extra=()) -> list[sub
             ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes",
              str(num_processes), "--process_id", str(i), "--heartbeat_timeout_s", "15",
              "--barrier_timeout_s", "900", "--gin.config.MeshConfig.dcn_data=2"])
-    log = open(f"{workdir}.p{i}.log", "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    log = open(f"{logs or workdir}.p{i}.log", "a", encoding="utf-8")  # pylint: disable=consider-using-with
     procs.append(subprocess.Popen(argv + dist, env=_env(num_devices), stdout=log,
                                   stderr=subprocess.STDOUT, cwd=REPO))
   return procs
@@ -116,11 +119,18 @@ def _launch_until_bc(multi) -> list:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  base = tmp_path_factory.mktemp("multihost")
-  ref, multi = base / "ref", base / "multi"
+def reference(tmp_path_factory) -> str:
+  """The workdir of the 1-process run (4 devices), on local disk."""
+  ref = tmp_path_factory.mktemp("multihost_ref") / "ref"
   codes = _wait(_launch(ref, 1, 4))
   assert codes == [0], _tail(f"{ref}.p0.log")
+  return str(ref)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, reference):  # pylint: disable=redefined-outer-name
+  base = tmp_path_factory.mktemp("multihost")
+  ref, multi = reference, base / "multi"
 
   procs = _launch_until_bc(multi)
   killed_at = time.time()
@@ -140,13 +150,15 @@ def runs(tmp_path_factory):
 
 def _records(workdir):
   out = {}
-  for r in growdata.read_records(os.path.join(workdir, "grow", "g001")):
+  for r in growdata.read_records(storage.join(workdir, "grow", "g001")):
     out[(r.example_id, r.sample_idx)] = r
   return out
 
 
 def _params(workdir, phase):
-  (path,) = glob.glob(os.path.join(workdir, "checkpoints", phase, "best", "*", "params"))
+  best = storage.join(workdir, "checkpoints", phase, "best")
+  (step,) = [n for n in storage.listdir(best) if n.isdigit()]
+  path = epath.Path(storage.join(best, step, "params"))
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -156,9 +168,8 @@ def _params(workdir, phase):
 
 
 def _eval_rewards(workdir):
-  import json  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
-    return [(r["phase"], r["eval_reward"], r["eval_exact_match"]) for r in json.load(f)["rows"]]
+  rows = storage.read_json(storage.join(workdir, "summary.json"))["rows"]
+  return [(r["phase"], r["eval_reward"], r["eval_exact_match"]) for r in rows]
 
 
 def test_killed_host_stops_the_others_with_an_error(runs):
@@ -174,8 +185,8 @@ def test_killed_host_stops_the_others_with_an_error(runs):
     assert "JAX distributed service detected fatal errors" in log, log
 
 
-def test_two_processes_write_the_reference_grow_records(runs):
-  ref, multi = _records(runs["ref"]), _records(runs["multi"])
+def _assert_reference_records(ref_dir: str, multi_dir: str) -> None:
+  ref, multi = _records(ref_dir), _records(multi_dir)
   assert len(ref) == 32 * 3  # 32 prompts x (2 samples + the original pair).
   assert sorted(ref) == sorted(multi)
   for key, r in ref.items():
@@ -188,21 +199,43 @@ def test_two_processes_write_the_reference_grow_records(runs):
   diff = max(float(np.max(np.abs(r.behaviour_logprobs - multi[k].behaviour_logprobs)))
              for k, r in ref.items())
   print(f"grow records: {len(ref)} equal, max |behaviour logprob diff| {diff:.3g}")
-  files = growdata.chunk_files(os.path.join(runs["multi"], "grow", "g001"))
+  files = growdata.chunk_files(storage.join(multi_dir, "grow", "g001"))
   assert {f[:len("chunk-h000")] for f in files} == {"chunk-h000", "chunk-h001"}
   assert len(files) == 4  # 16 prompts per host, 8 per chunk.
 
 
-def test_two_processes_end_with_the_reference_evals_and_params(runs):
-  assert _eval_rewards(runs["multi"]) == _eval_rewards(runs["ref"])
+def _assert_reference_evals_and_params(ref_dir: str, multi_dir: str) -> None:
+  assert _eval_rewards(multi_dir) == _eval_rewards(ref_dir)
   for phase in ("bc", "g001_i01"):
-    ref, multi = _params(runs["ref"], phase), _params(runs["multi"], phase)
+    ref, multi = _params(ref_dir, phase), _params(multi_dir, phase)
     assert ref.keys() == multi.keys() and len(ref) > 10
     diff = max(float(np.max(np.abs(ref[k] - multi[k]))) for k in ref)
     print(f"{phase}: {len(ref)} arrays, max |param diff| {diff:.3g}")
     # Measured at XLA's default level with the production optimizer: 9.1e-7 after BC, 3.8e-6
     # after Improve (level 0: 3.9e-7, 8.2e-7); tolerance 1e-5.
     assert diff < 1e-5, phase
+
+
+def test_two_processes_write_the_reference_grow_records(runs):
+  _assert_reference_records(runs["ref"], runs["multi"])
+
+
+def test_two_processes_end_with_the_reference_evals_and_params(runs):
+  _assert_reference_evals_and_params(runs["ref"], runs["multi"])
+
+
+@pytest.mark.slow
+def test_two_processes_with_the_workdir_on_gcs_equal_the_local_run(reference, gcs_root,
+                                                                   tmp_path):
+  # The workdir on the GCS emulator, no local folder shared by the processes (only their logs
+  # are local, for the test): the same records, evals and params as the 1-process local run.
+  multi = gcs_root + "/multi"
+  started = time.time()
+  codes = _wait(_launch(multi, 2, 2, logs=str(tmp_path / "multi")))
+  assert codes == [0, 0], _tail(f"{tmp_path}/multi.p0.log") + _tail(f"{tmp_path}/multi.p1.log")
+  print(f"\n2 processes, workdir {multi} on the emulator: {time.time() - started:.0f} s")
+  _assert_reference_records(reference, multi)
+  _assert_reference_evals_and_params(reference, multi)
 
 
 @pytest.mark.slow

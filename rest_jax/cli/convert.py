@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
-from rest_jax import storage
+from rest_jax import buckets, storage
 from rest_jax.errors import RestJaxError
 
 # Only light imports here: the parser is built on every `rest-jax` call.
@@ -115,6 +114,7 @@ def run_import(args: argparse.Namespace) -> None:
   """Reads SRC in any format and writes our orbax directory, its tokenizer and model.gin."""
   from rest_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
   from rest_jax.models import abstract_model, count_params  # pylint: disable=g-import-not-at-top
+  buckets.check_workdir(args.dst)
   dst = storage.absolute(args.dst)
   if storage.exists(dst):
     raise RestJaxError(f"--to {dst} already exists; choose a new directory or delete it.")
@@ -147,5 +147,7 @@ def run_export(args: argparse.Namespace) -> None:
   from rest_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
   config, params = convert.load_checkpoint(args.src, config=_model_config(args))
   save = {"hf": convert.save_hf, "t5x": convert.save_t5x, "orbax": convert.save_orbax}
-  save[args.dst_format](os.path.abspath(args.dst), config, params)
-  print(f"exported {args.src} as {args.dst_format} -> {os.path.abspath(args.dst)}")
+  buckets.check_workdir(args.dst)
+  dst = storage.absolute(args.dst)
+  save[args.dst_format](dst, config, params)
+  print(f"exported {args.src} as {args.dst_format} -> {dst}")

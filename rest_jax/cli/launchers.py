@@ -88,6 +88,10 @@ def xpk_commands(run: RunSpec, opts: argparse.Namespace) -> list[list[str]]:
 
 def slurm_script(run: RunSpec, opts: argparse.Namespace) -> str:
   """An sbatch script: ``srun`` starts one process per node or per GPU on every node."""
+  if not storage.is_local(run.workdir):
+    raise RestJaxError(f"--launcher slurm needs a workdir on the cluster's shared file system "
+                       f"(sbatch reads its script and writes its log there), not {run.workdir}; "
+                       "pass a shared path, or launch gs:// workdirs on TPU VMs or with xpk.")
   per_gpu = opts.per == "gpu"
   lines = ["#!/bin/bash", f"#SBATCH --job-name={opts.job_name}", f"#SBATCH --nodes={opts.nodes}",
            f"#SBATCH --ntasks-per-node={opts.gpus_per_node if per_gpu else 1}",

@@ -94,6 +94,9 @@ def binding_error(binding: str, e: BaseException) -> RestJaxError:
                       "bc/config.TrainConfig.num_steps) or the macros of your gin files.")
 
 
+_URL_READER: list[bool] = []  # Whether gin reads URLs through rest_jax.storage yet.
+
+
 def parse_run_config(gin_files: list[str], bindings: list[str]):
   """Parses gin files and bindings into a RunConfig; returns (config, operative config text).
 
@@ -103,13 +106,19 @@ def parse_run_config(gin_files: list[str], bindings: list[str]):
   """
   import gin  # pylint: disable=g-import-not-at-top
   from rest_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from rest_jax import storage  # pylint: disable=g-import-not-at-top
 
   gin.clear_config()
   _tolerate_namespace_packages(gin)
   for path in (os.getcwd(), REPO_GIN_DIR):
     gin.add_config_file_search_path(path)
+  if any(not storage.is_local(p) for p in gin_files) and not _URL_READER:
+    # A gin file on gs:// (e.g. the model.gin of `rest-jax import --to gs://...`).
+    gin.config.register_file_reader(lambda p: storage.open_read(p, "r"),
+                                    lambda p: not storage.is_local(p) and storage.exists(p))
+    _URL_READER.append(True)
   for path in gin_files:
-    if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_GIN_DIR, path)):
+    if not storage.exists(path) and not os.path.exists(os.path.join(REPO_GIN_DIR, path)):
       raise RestJaxError(f"gin file {path!r} does not exist; pass a path to a .gin file "
                          f"(the shipped ones are under {REPO_GIN_DIR}).")
   try:

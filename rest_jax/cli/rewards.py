@@ -13,7 +13,7 @@ import json
 import logging
 import os
 
-from rest_jax import storage
+from rest_jax import buckets, storage
 from rest_jax.errors import RestJaxError
 
 logger = logging.getLogger("rest_jax")
@@ -92,6 +92,7 @@ def train_reward(args: argparse.Namespace) -> dict:
   from rest_jax.rewards import training  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
 
+  buckets.check_workdir(args.output_dir)
   if not args.export_arrays and storage.exists(storage.join(args.output_dir,
                                                             "reward_model.json")):
     raise RestJaxError(f"{args.output_dir} already holds a reward model; choose a new "
@@ -120,7 +121,8 @@ def train_reward(args: argparse.Namespace) -> dict:
                                         output_dir=args.output_dir, init_from=args.init_from,
                                         progress=not args.no_progress)
   print(json.dumps(metrics))
-  print(f"use it with --gin.config.RunConfig.reward=\"'learned:{os.path.abspath(args.output_dir)}'\"")
+  learned = f"learned:{storage.absolute(args.output_dir)}"
+  print(f"use it with --gin.config.RunConfig.reward=\"'{learned}'\"")
   return metrics
 
 

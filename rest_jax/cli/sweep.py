@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import os
 import re
 from typing import Callable, Sequence
 
@@ -140,7 +139,7 @@ def plan(root: str, gin_files: Sequence[str], overrides: Sequence[str],
   if not axes:
     raise RestJaxError("no --sweep or --seeds given; e.g. --sweep "
                        "config.SamplingConfig.num_samples=2,4, or --seeds 3.")
-  return [(name, RunSpec(tuple(gin_files), os.path.join(root, name),
+  return [(name, RunSpec(tuple(gin_files), storage.join(root, name),
                          tuple(overrides) + swept)) for name, swept in expand(axes)]
 
 

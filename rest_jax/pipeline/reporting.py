@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -257,8 +256,8 @@ def format_result(result: Mapping[str, Any], workdir: str) -> str:
                else "not suspected")
     lines.append(f"reward hacking: {verdict}; independent metric {metric}, flagged on "
                  f"{result['reward_hacking_tolerance']} while the reward rises.")
-  lines.append(f"summary: {os.path.join(workdir, 'summary.json')}; plots: "
-               f"{os.path.join(workdir, 'report')}; TensorBoard: tensorboard --logdir "
-               f"{os.path.join(workdir, 'tb')} (pip install -e \".[tensorboard]\")")
+  lines.append(f"summary: {storage.join(workdir, 'summary.json')}; plots: "
+               f"{storage.join(workdir, 'report')}; TensorBoard: tensorboard --logdir "
+               f"{storage.join(workdir, 'tb')} (pip install -e \".[tensorboard]\")")
   lines.append(f"wall time: {result['wall_time_s']:.0f} s")
   return "\n".join(lines)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 
+from rest_jax import buckets
 from rest_jax.config import RunConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import dataset as growdata
@@ -67,9 +68,11 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   summary.json, plus "monitor_tolerance": ``EvalConfig.monitor_tolerance``).
 
   The workdir is written only after the whole run has been built, so a config that cannot
-  start (unknown name, bad size, vocabulary mismatch) leaves it untouched.
+  start (unknown name, bad size, vocabulary mismatch) leaves it untouched. A ``gs://`` workdir's
+  bucket is checked first (``buckets.check_workdir``).
   """
   start = time.time()
+  buckets.check_workdir(workdir)  # A gs:// bucket that cannot be used: one error, before work.
   wd = Workdir(workdir)
   build.validate(config)
   check_workdir(wd, config)

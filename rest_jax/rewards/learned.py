@@ -10,7 +10,6 @@ A reward-model directory (written by ``save_reward_model``, read by ``LearnedRew
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -86,20 +85,20 @@ class LearnedReward:
   """RewardFn of a saved reward model; reference-free (references are ignored)."""
 
   def __init__(self, directory: str, *, batch_size: int = 256, layout: Layout | None = None):
-    directory = os.path.abspath(directory)
+    directory = storage.absolute(directory)
     meta = read_meta(directory)
     try:
       self.config = ModelConfig(**meta["model"])
       self.input_len, self.target_len = int(meta["input_len"]), int(meta["target_len"])
     except (TypeError, ValueError) as e:
-      raise RestJaxError(f"{os.path.join(directory, META)} does not describe a reward model "
+      raise RestJaxError(f"{storage.join(directory, META)} does not describe a reward model "
                          f"({e}); restore it, or retrain with `rest-jax train-reward`.") from None
     self.vocab = make_vocabulary(meta["vocabulary"])
     self.metrics = meta.get("metrics", {})
     layout = layout or layout_from_config(MeshConfig())
     shards = layout.num_batch_shards
     self.batch_size = -(-batch_size // shards) * shards
-    params = checkpoints.restore_params(os.path.join(directory, PARAMS),
+    params = checkpoints.restore_params(storage.join(directory, PARAMS),
                                         abstract_params(self.config, layout))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: RewardModel(self.config, rngs=nnx.Rngs(0))))
     self._params = params

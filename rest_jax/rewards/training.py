@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import zlib
 from typing import Any, Sequence
 
@@ -73,15 +72,15 @@ def load_scored_pairs(path: str | Sequence[str], *,
   paths = [path] if isinstance(path, str) else list(path)
   rows: list[tuple[str, str, float, Any]] = []
   for path in paths:
-    if os.path.isdir(path):
+    if storage.isdir(path):
       from rest_jax.grow import dataset as growdata  # pylint: disable=g-import-not-at-top
       from rest_jax.cli import inspection  # pylint: disable=g-import-not-at-top
       steps = inspection.grow_dirs(path)
       for _, directory in steps:
         for r in growdata.read_records(directory):
           rows.append((r.inputs_pretokenized, r.targets_pretokenized, r.reward, r.example_id))
-    elif os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
+    elif storage.exists(path):
+      with storage.open_read(path, "r") as f:
         for line_no, line in enumerate(f, 1):
           if not line.strip():
             continue
@@ -139,8 +138,8 @@ def init_from_policy(params: nnx.State, checkpoint: str, *, model: ModelConfig,
   """
   from rest_jax.checkpoints import phases as checkpoints  # pylint: disable=g-import-not-at-top
   from rest_jax.rewards import learned  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(checkpoint, learned.META)):
-    restored = checkpoints.restore_params(os.path.join(checkpoint, learned.PARAMS),
+  if storage.exists(storage.join(checkpoint, learned.META)):
+    restored = checkpoints.restore_params(storage.join(checkpoint, learned.PARAMS),
                                           learned.abstract_params(model, layout))
     return restored, len(jax.tree.leaves(restored))
   from rest_jax.models.t5 import T5Model  # pylint: disable=g-import-not-at-top

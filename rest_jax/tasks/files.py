@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import seqio
 
+from rest_jax import storage
 from rest_jax.tasks import base
 
 from rest_jax.tasks import vocabularies
@@ -49,13 +50,13 @@ def read_rows(path: str, *, fmt: str = "") -> list[tuple[int, dict[str, Any]]]:
     RestJaxError: the file is missing, a JSON line does not parse or is not an object, or a TSV
       row has another number of columns than the header.
   """
-  if not os.path.isfile(path):
+  if not storage.exists(path) or storage.isdir(path):
     raise RestJaxError(f"data file {path} does not exist; fix the path in FileTaskConfig "
                        "(train / validation / unlabeled / test).")
   fmt = _format(path, fmt)
   rows: list[tuple[int, dict[str, Any]]] = []
   header: list[str] | None = None
-  with open(path, encoding="utf-8") as f:
+  with storage.open_read(path, "r") as f:
     for number, line in enumerate(f, start=1):
       line = line.rstrip("\n").rstrip("\r")
       if not line.strip():

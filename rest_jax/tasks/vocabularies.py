@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import urllib.parse
 from typing import Sequence
 
@@ -32,6 +31,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, PAD_ID
 
@@ -61,11 +61,11 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     except ImportError:
       raise RestJaxError("hf: vocabularies need the `tokenizers` package: "
                          "pip install tokenizers") from None
-    if not os.path.isfile(path):
+    if not storage.exists(path) or storage.isdir(path):
       raise RestJaxError(f"tokenizer file {path} does not exist; point the hf: vocabulary to a "
                          "Hugging Face tokenizer.json.")
     try:
-      self._tokenizer = tokenizers.Tokenizer.from_file(path)
+      self._tokenizer = tokenizers.Tokenizer.from_str(storage.read_text(path))
     except Exception as e:  # tokenizers raises plain Exception subclasses.
       raise RestJaxError(f"cannot read tokenizer {path}: {str(e)[:200]}; it must be a Hugging "
                          "Face tokenizer.json (tokenizers.Tokenizer.save).") from None
@@ -167,11 +167,11 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
 
 def _tokenizer_config(path: str) -> dict[str, str]:
   """pad_token / eos_token of a tokenizer_config.json next to ``path`` (missing -> {})."""
-  config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-  if not os.path.isfile(config_path):
+  config_path = storage.join(storage.dirname(path), "tokenizer_config.json")
+  if not storage.exists(config_path):
     return {}
   try:
-    with open(config_path, encoding="utf-8") as f:
+    with storage.open_read(config_path, "r") as f:
       raw = json.load(f)
   except (OSError, ValueError) as e:
     raise RestJaxError(f"cannot read {config_path}: {e}; fix or remove it (it is only read "
@@ -187,7 +187,7 @@ def _tokenizer_config(path: str) -> dict[str, str]:
 
 
 def _check_spm(path: str, vocab: seqio.SentencePieceVocabulary) -> None:
-  if not os.path.isfile(path):
+  if not storage.exists(path) or storage.isdir(path):
     raise RestJaxError(f"SentencePiece model {path} does not exist; point the spm: vocabulary "
                        "to a .model file.")
   try:

@@ -10,7 +10,6 @@ directory with ``model_config.json`` (the ModelConfig fields) and ``params/`` (a
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Literal
 
 import jax
@@ -54,11 +53,11 @@ def checkpoint_format(spec: str) -> str:
 
 def detect_format(path: str) -> str:
   """"hf" (config.json + safetensors), "t5x" (a ``checkpoint`` msgpack file) or "orbax"."""
-  if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
+  if storage.exists(storage.join(path, MODEL_CONFIG_FILE)):
     return "orbax"
-  if os.path.isfile(os.path.join(path, "checkpoint")):
+  if storage.exists(storage.join(path, "checkpoint")):
     return "t5x"
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if storage.exists(storage.join(path, "config.json")):
     return "hf"
   raise RestJaxError(f"cannot tell the checkpoint format of {path!r}: it has no "
                      f"{MODEL_CONFIG_FILE} (orbax), `checkpoint` file (T5X) or config.json (HF); "
@@ -77,7 +76,7 @@ def model_config_from_dict(fields: dict) -> ModelConfig:
 def read_model_config(path: str) -> ModelConfig:
   """The ModelConfig stored in an orbax checkpoint directory (or a model_config.json file)."""
   file = storage.require_file(
-      path if path.endswith(".json") else os.path.join(path, MODEL_CONFIG_FILE),
+      path if path.endswith(".json") else storage.join(path, MODEL_CONFIG_FILE),
       f"no {MODEL_CONFIG_FILE} at {path}; pass a directory written by `rest-jax import` / "
       "convert.save_orbax.")
   fields = storage.read_json(file, keys=(), fix="restore it, or import the checkpoint again "
@@ -112,7 +111,7 @@ def load_orbax(path: str, *, config: ModelConfig | None = None,
   config = config or stored
   layout = layout or layout_from_config(MeshConfig())
   as_saved = dataclasses.replace(config, scan_layers=stored.scan_layers)
-  params = checkpoints.restore_params(os.path.join(path, PARAMS_DIR),
+  params = checkpoints.restore_params(storage.join(path, PARAMS_DIR),
                                       layout.abstract_state(abstract_params(as_saved)))
   return config, convert_layers(config, params, layout=layout)
 

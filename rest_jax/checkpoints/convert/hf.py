@@ -47,8 +47,9 @@ def read_hf_config(path: str) -> dict[str, Any]:
   return storage.read_json(config_path, keys=(), fix="restore it from the model's source.")
 
 
-def _weight_files(path: str) -> dict[str, str]:
-  """Maps every tensor name to the safetensors file holding it."""
+def _weight_files(path: str, *, shown: str) -> dict[str, str]:
+  """Maps every tensor name to the safetensors file holding it (``shown``: the path errors
+  name)."""
   index = os.path.join(path, INDEX_FILE)
   if os.path.isfile(index):
     weight_map = storage.read_json(index, keys=("weight_map",),
@@ -56,7 +57,7 @@ def _weight_files(path: str) -> dict[str, str]:
     return {name: os.path.join(path, file) for name, file in weight_map.items()}
   single = os.path.join(path, WEIGHTS_FILE)
   if not os.path.isfile(single):
-    raise RestJaxError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}; only safetensors weights "
+    raise RestJaxError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {shown}; only safetensors weights "
                        "are read (convert pytorch_model.bin with `save_pretrained("
                        "safe_serialization=True)`).")
   safetensors = _safetensors()
@@ -93,7 +94,14 @@ def load_hf(path: str, *, layout: Layout | None = None, dtype: str | None = None
   cfg = read_hf_config(path)
   config = dataclasses.replace(hf_config.config_from_hf(cfg, dtype=dtype),
                                scan_layers=scan_layers)
-  files = _weight_files(path)
+  with storage.local_folder(path) as local:  # safetensors opens local files only.
+    return config, _load_weights(local, path, cfg, config, layout)
+
+
+def _load_weights(local: str, path: str, cfg: dict[str, Any], config: ModelConfig,
+                  layout: Layout | None) -> nnx.State:
+  """The params of ``load_hf`` from ``local`` (``path`` itself, or a local copy of it)."""
+  files = _weight_files(local, shown=path)
 
   def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     source = hf_config.hf_name(config, name)
@@ -113,7 +121,7 @@ def load_hf(path: str, *, layout: Layout | None = None, dtype: str | None = None
       tensor = tensor * np.asarray(scale, tensor.dtype)
     return hf_config.to_ours(name, tensor, shape)
 
-  return config, place_params(config, fetch, layout=layout)
+  return place_params(config, fetch, layout=layout)
 
 
 def save_hf(path: str, config: ModelConfig, params: nnx.State) -> None:
@@ -124,14 +132,14 @@ def save_hf(path: str, config: ModelConfig, params: nnx.State) -> None:
   gathered to the host one at a time; only process 0 writes. ``path`` must not exist yet.
   """
   safetensors = _safetensors()
-  if os.path.exists(path):
+  if storage.exists(path):
     raise RestJaxError(f"export path {path} already exists; choose a new path or delete it.")
   hf = hf_config.config_to_hf(config)
   tensors = {hf_config.hf_name(config, name): hf_config.to_hf(name, array)
              for name, array in check_names(config, params).items()}
   if jax.process_index() != 0:
     return
-  with storage.atomic_dir(path) as tmp:
+  with storage.atomic_dir(path, last=(CONFIG_FILE,)) as tmp:
     if any(t.dtype != np.float32 for t in tensors.values()):
       import safetensors.flax  # pylint: disable=g-import-not-at-top
       with jax.default_device(jax.devices("cpu")[0]):

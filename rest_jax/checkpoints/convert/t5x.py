@@ -288,7 +288,7 @@ def save_t5x(path: str, config: ModelConfig, params: nnx.State, *, step: int = 0
   arrays = check_names(config, params)
   if jax.process_index() != 0:
     return
-  with storage.atomic_dir(path) as tmp:
+  with storage.atomic_dir(path, last=(CHECKPOINT_FILE,)) as tmp:  # On GCS: uploaded last.
     target: dict[str, Any] = {}
     param_states: dict[str, Any] = {}
     for name, array in sorted(arrays.items()):
