@@ -232,33 +232,45 @@ def test_killed_coordinator_stops_the_other_host_in_bounded_time(tmp_path):
   assert time_to_error < 120, time_to_error
 
 
-def _launch_until(workdir, pattern: str) -> list:
-  """Starts the 2-process run; returns its processes once process 0 has logged ``pattern``."""
+def _log_size(workdir, i: int) -> int:
+  path = f"{workdir}.p{i}.log"
+  return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _log_since(workdir, i: int, offset: int) -> str:
+  with open(f"{workdir}.p{i}.log", encoding="utf-8", errors="replace") as f:
+    f.seek(offset)
+    return f.read()
+
+
+def _launch_until(workdir, pattern: str) -> tuple[list, list[int]]:
+  """Starts the 2-process run; returns its processes once process 0 has logged ``pattern``,
+  and where each process's log started."""
+  offsets = [_log_size(workdir, i) for i in range(2)]
   procs = _launch(workdir, 2, 2)
-  log = f"{workdir}.p0.log"
   deadline = time.time() + 1800
   while all(p.poll() is None for p in procs):
     assert time.time() < deadline, f"{pattern!r} not reached"
-    with open(log, encoding="utf-8", errors="replace") as f:
-      if pattern in f.read():
-        return procs
+    if pattern in _log_since(workdir, 0, offsets[0]):
+      return procs, offsets
     time.sleep(0.05)
-  raise AssertionError(f"ended before {pattern!r}:\n{_tail(log)}")
+  raise AssertionError(f"ended before {pattern!r}:\n{_tail(f'{workdir}.p0.log')}")
 
 
-def _sigterm_both(procs, workdir) -> tuple[list[int], float, list[str]]:
+def _sigterm_both(launched, workdir) -> tuple[list[int], float, list[str]]:
   """SIGTERM to every process; (exit codes, seconds from the signal to the last exit, each
   process's preemption line)."""
+  procs, offsets = launched
   sent = time.time()
   for p in procs:
     p.send_signal(signal.SIGTERM)
   codes = _wait(procs, timeout=600)
   seconds = time.time() - sent
   lines = []
-  for i in range(len(procs)):
-    with open(f"{workdir}.p{i}.log", encoding="utf-8", errors="replace") as f:
-      found = [l for l in f.read().splitlines() if l.startswith("rest-jax: preempted")]
-    lines.append(found[-1] if found else _tail(f"{workdir}.p{i}.log"))
+  for i, offset in enumerate(offsets):
+    text = _log_since(workdir, i, offset)
+    found = [l for l in text.splitlines() if l.startswith("rest-jax: preempted")]
+    lines.append(found[-1] if found else "\n".join(text.splitlines()[-8:]))
   return codes, seconds, lines
 
 

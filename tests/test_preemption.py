@@ -77,17 +77,23 @@ def _start(workdir: str, log: str) -> subprocess.Popen:
 def _sigterm_at(workdir: str, log: str, pattern: str) -> tuple[int, float, str]:
   """Runs until the log shows ``pattern``, sends SIGTERM; (exit code, seconds from the signal
   to the exit, the preemption line)."""
+  offset = os.path.getsize(log) if os.path.exists(log) else 0
+
+  def since() -> str:
+    with open(log, encoding="utf-8", errors="replace") as f:
+      f.seek(offset)
+      return f.read()
+
   proc = _start(workdir, log)
-  while proc.poll() is None and pattern not in open(log, errors="replace").read():
+  while proc.poll() is None and pattern not in since():
     time.sleep(0.02)
-  assert proc.poll() is None, open(log, errors="replace").read()[-3000:]
+  assert proc.poll() is None, since()[-3000:]
   sent = time.time()
   proc.send_signal(signal.SIGTERM)
   code = proc.wait(timeout=600)
   seconds = time.time() - sent
-  lines = [l for l in open(log, errors="replace").read().splitlines()
-           if l.startswith("rest-jax: preempted")]
-  return code, seconds, lines[-1] if lines else open(log, errors="replace").read()[-3000:]
+  lines = [l for l in since().splitlines() if l.startswith("rest-jax: preempted")]
+  return code, seconds, lines[-1] if lines else since()[-3000:]
 
 
 def _records(workdir: str) -> dict:

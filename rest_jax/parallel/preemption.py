@@ -22,7 +22,9 @@ How the hosts agree:
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import signal
 import sys
 import threading
@@ -55,8 +57,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
   global _received_at
   if _received_at is None:
     _received_at = time.time()
-    print("rest-jax: SIGTERM received; stopping at the next check point (saving first).",
-          file=sys.stderr, flush=True)
+    message = "rest-jax: SIGTERM received; stopping at the next check point (saving first).\n"
+    try:  # os.write, not print: the handler may interrupt a print to stderr (reentrant I/O).
+      os.write(sys.stderr.fileno(), message.encode())
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr is not a file.
+      sys.stderr.write(message)
 
 
 def install() -> str:
