@@ -5,6 +5,8 @@ DCN data axis over the processes) of the same tiny config. The 2-process run is 
 1, SIGKILL) right after BC: process 0 must stop with an error on its own, and rerunning the same
 command on both processes resumes to exactly the reference's Grow records and eval rewards, and
 final parameters equal within float tolerance (numbers: docs/multihost.md, "Determinism").
+A slow test sends SIGTERM to both processes during Grow and again during Improve: both stop at
+the same point with exit 75, and the rerun ends as the uninterrupted runs do.
 """
 
 import glob
