@@ -268,3 +268,17 @@ def test_truncated_checkpoint_names_the_phase_and_the_fix(tmp_path):
   (path / "_METADATA").write_text("{")
   with pytest.raises(RestJaxError, match="plain is corrupt or truncated"):
     ckpt.restore_params(path, abstract)
+
+
+def test_phase_saves_leave_jax_preemption_counter_alone(tmp_path, monkeypatch):
+  # jax keeps one preemption counter per process; rest_jax.parallel.preemption owns it. orbax's
+  # save passed its checkpoint steps too, and a 2-process run then ignored a SIGTERM in Improve.
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: calls.append(step) or False)
+  trainer, params = _trainer(mesh_layout(8, 1, 1))
+  with ckpt.PhaseCheckpoints(tmp_path / "phase") as phase:
+    phase.save_best(3, trainer.init(params).params, {"eval_reward": 0.5})
+    phase.save_latest(3, trainer.init(params), {"history": []})
+  assert calls == []

@@ -1,7 +1,12 @@
-"""The Grow step against a fake sampler: records, rewards, originals, unlabeled prompts, resume."""
+"""The Grow step against a fake sampler: records, rewards, originals, unlabeled prompts, resume,
+SIGTERM."""
+
+import os
+import signal
 
 import jax
 import numpy as np
+import pytest
 
 from rest_jax.grow import base, dataset as growdata
 from rest_jax.config import GrowConfig, SamplingConfig
@@ -9,6 +14,7 @@ from rest_jax.grow.step import run_grow
 from rest_jax.rewards import ExactMatch, score
 from rest_jax.grow.fake import FakeSampler
 from rest_jax.grow.sampler import Sampler
+from rest_jax.parallel import preemption
 from conftest import mesh_layout
 from rest_jax.tasks import BYTE_VOCAB
 
@@ -90,3 +96,46 @@ def test_fake_sampler_keeps_the_sample_output_contract():
   np.testing.assert_array_equal(sampler.score(None, inputs, np.asarray([[9, 1], [9, 0]])),
                                 [[-0.25, -0.25], [-0.25, 0.0]])
   assert sampler.calls == {"generate": 1, "greedy": 1, "score": 1}
+
+
+def _records(directory):
+  return {(r.example_id, r.sample_idx): (r.targets_pretokenized, r.reward)
+          for r in growdata.read_records(directory)}
+
+
+@pytest.mark.parametrize("signal_at_call,kept", [(1, set()), (2, {0})])
+def test_sigterm_drops_the_unfinished_chunk_and_the_rerun_equals_uninterrupted(
+    tmp_path, signal_at_call, kept):
+  prompts = _prompts(range(7), True)
+  cfg = GrowConfig(sampling=SamplingConfig(num_samples=2, batch_size=2), chunk_size=4)
+  grow = lambda sampler, directory: run_grow(
+      sampler=sampler, params=None, prompts=prompts, reward=_reward, vocab=BYTE_VOCAB,
+      writer=growdata.GrowWriter(directory), grow_step=1, seed=0, config=cfg, input_len=8,
+      target_len=8, progress=False)
+  ref = str(tmp_path / "ref")
+  grow(answer_sampler(2), ref)
+  growdata.finalize(ref)
+
+  sampler = answer_sampler(2)
+  generate = sampler.generate
+
+  def generate_then_sigterm(*args, **kwargs):  # SIGTERM while a sampler batch runs.
+    out = generate(*args, **kwargs)
+    if sampler.calls["generate"] == signal_at_call:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  sampler.generate = generate_then_sigterm
+  work = str(tmp_path / "work")
+  assert preemption.install() == "signal"
+  try:
+    # Two sampler batches per chunk: a signal in the first drops chunk 0, in the second keeps it.
+    with pytest.raises(preemption.Preempted, match="grow g1 kept its complete chunks"):
+      grow(sampler, work)
+  finally:
+    preemption.uninstall()
+  assert sampler.calls["generate"] == signal_at_call  # It stopped after that batch.
+  assert growdata.GrowWriter(work).completed_chunks() == kept
+  assert grow(answer_sampler(2), work) == 2 - len(kept)  # The rerun makes the missing chunks.
+  growdata.finalize(work)
+  assert _records(work) == _records(ref)

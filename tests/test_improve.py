@@ -1,9 +1,11 @@
 """The trainer: sharded == unsharded train step, donation, schedule, and train_phase (resume,
-early stopping, best checkpoint, NaN)."""
+early stopping, best checkpoint, NaN, SIGTERM)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from rest_jax.errors import RestJaxError
 from rest_jax.improve.trainer import Trainer, TrainState, make_optimizer, make_schedule, train_phase
 from rest_jax.improve.losses import bc_loss, plain_loss, reward_weighted_bc_loss
 from rest_jax.models import build_model, get_preset
+from rest_jax.parallel import preemption
 from conftest import mesh_layout
 
 VOCAB = 12
@@ -392,3 +395,35 @@ def test_train_state_is_a_pytree():
   state = TrainState(params=PARAMS, opt_state=(), step=jnp.int32(3))
   leaves = jax.tree.leaves(state)
   assert len(leaves) == 5 and int(leaves[-1]) == 3
+
+
+def test_sigterm_saves_the_step_all_agree_on_and_the_rerun_equals_uninterrupted(
+    uninterrupted, trainer, tmp_path):
+  directory, expected, _ = uninterrupted
+
+  def batches(start):
+    for step, batch in enumerate(_batches()(start), start):
+      if step == 2:  # While step 3 (not an evaluation step) is being drawn and trained.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  assert preemption.install() == "signal"
+  try:
+    with pytest.raises(preemption.Preempted, match=r"saved at step 3 of 6\. Rerun the same"):
+      with PhaseCheckpoints(tmp_path) as checkpoints:
+        train_phase(trainer=trainer, params=PARAMS, cfg=PHASE_CFG, batches=batches,
+                    eval_fn=eval_neg_loss, checkpoints=checkpoints)
+  finally:
+    preemption.uninstall()
+  with PhaseCheckpoints(tmp_path) as checkpoints:
+    step, meta = checkpoints.latest()
+  # Saved after step 3, with step 3's loss for the train_loss of the evaluation at step 4.
+  assert step == 3 and len(meta["window_losses"]) == 1
+  assert meta["history"] == expected.history[:2]
+  resumed = _phase(trainer, tmp_path)  # The rerun continues at step 4.
+  assert resumed.history == expected.history  # Including every train_loss.
+  _assert_same(resumed.best_params, expected.best_params, rtol=0, atol=0)
+  with PhaseCheckpoints(directory) as a, PhaseCheckpoints(tmp_path) as b:
+    abstract = trainer.abstract_state(PARAMS)
+    _assert_same(jax.device_get(a.restore_latest(abstract)),
+                 jax.device_get(b.restore_latest(abstract)), rtol=0, atol=0)

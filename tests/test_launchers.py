@@ -69,22 +69,24 @@ def test_slurm(capsys):
                         "--explicit_coordinator"], capsys)
   script = out.split("\n")
   assert script[0] == "# write gs://bucket/run 1/launch.sbatch:"
-  assert script[1:11] == [
+  assert script[1:12] == [
       "#!/bin/bash", "#SBATCH --job-name=rest-jax", "#SBATCH --nodes=2",
       "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --time=24:00:00",
-      "#SBATCH --output=gs://bucket/run 1/slurm-%j.out", "#SBATCH --partition=gpu",
-      "set -euo pipefail", "mkdir -p 'gs://bucket/run 1'"]
-  assert script[11] == ('export COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
+      "#SBATCH --output=gs://bucket/run 1/slurm-%j.out",
+      "#SBATCH --signal=TERM@120",  # The run saves and exits 75 (docs/multihost.md).
+      "#SBATCH --partition=gpu", "set -euo pipefail", "mkdir -p 'gs://bucket/run 1'"]
+  assert script[12] == ('export COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
                         '| head -n1):12355"')
-  srun = shlex.split(script[12])
+  srun = shlex.split(script[13])
   assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "bash"] and srun[3] == "-c"
   # What each task's shell runs, with its own SLURM variables.
   assert srun[4] == (f'CUDA_VISIBLE_DEVICES="$SLURM_LOCALID" {RUN_LINE} --coordinator_address '
                      '"$COORDINATOR" --num_processes "$SLURM_NTASKS" --process_id "$SLURM_PROCID"')
-  assert script[13:] == ["# end of gs://bucket/run 1/launch.sbatch",
+  assert script[14:] == ["# end of gs://bucket/run 1/launch.sbatch",
                          "sbatch 'gs://bucket/run 1/launch.sbatch'", ""]
-  per_node = _slurm_dry_run(["--per", "node"], capsys)
+  per_node = _slurm_dry_run(["--per", "node", "--signal_before_s", "0"], capsys)
   assert "#SBATCH --ntasks-per-node=1" in per_node and "CUDA_VISIBLE" not in per_node
+  assert "--signal" not in per_node
   assert "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(RUN_LINE) in per_node
   # A gs:// workdir: sbatch could neither read the script nor write the log there.
   assert launchers.main("slurm", COMMON + ["--dry-run"]) == 2

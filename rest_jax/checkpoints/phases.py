@@ -171,6 +171,21 @@ def _best_score(metrics: Mapping[str, float]) -> float:
   return float(metrics[BEST_METRIC])
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager, except that it never asks jax for the preemption sync point.
+
+  jax keeps one preemption counter per process (``reached_preemption_sync_point``: the last
+  value passed in is what a SIGTERM's agreement compares). ``rest_jax.parallel.preemption``
+  passes its count of check points; orbax's ``save`` would pass this phase's checkpoint steps
+  in between and move the agreed point where the run never checks (then a SIGTERM during
+  Improve was never acted on). Preemption is handled by ``rest_jax.parallel.preemption``.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class PhaseCheckpoints:
   """The checkpoints of one training phase (BC or one Improve step) under ``directory``.
 
@@ -183,9 +198,9 @@ class PhaseCheckpoints:
     common = dict(max_to_keep=1, create=True, enable_async_checkpointing=False,
                   cleanup_tmp_directories=True)
     with storage.disk_full_is_user_error(str(self.directory)):
-      self._latest = ocp.CheckpointManager(
+      self._latest = _Manager(
           self.directory / "latest", options=ocp.CheckpointManagerOptions(**common))
-      self._best = ocp.CheckpointManager(
+      self._best = _Manager(
           self.directory / "best", options=ocp.CheckpointManagerOptions(
               best_fn=_best_score, best_mode="max", **{**common, "max_to_keep": 2}))
 

@@ -97,6 +97,8 @@ def slurm_script(run: RunSpec, opts: argparse.Namespace) -> str:
            f"#SBATCH --ntasks-per-node={opts.gpus_per_node if per_gpu else 1}",
            f"#SBATCH --gpus-per-node={opts.gpus_per_node}", f"#SBATCH --time={opts.time}",
            f"#SBATCH --output={os.path.join(run.workdir, 'slurm-%j.out')}"]
+  if opts.signal_before_s > 0:  # The tasks (not the batch shell) get SIGTERM before the limit.
+    lines.append(f"#SBATCH --signal=TERM@{opts.signal_before_s}")
   if opts.partition:
     lines.append(f"#SBATCH --partition={opts.partition}")
   lines += ["set -euo pipefail", f"mkdir -p {shlex.quote(run.workdir)}"]
@@ -159,6 +161,9 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
                  help="one process per GPU (default) or one per node seeing all its GPUs")
   p.add_argument("--partition", default="")
   p.add_argument("--time", default="24:00:00")
+  p.add_argument("--signal_before_s", type=int, default=120,
+                 help="SIGTERM every task this many seconds before the time limit (#SBATCH "
+                      "--signal): the run saves, exits 75 and resumes when resubmitted; 0: off")
   p.add_argument("--job_name", default="rest-jax")
   p.add_argument("--explicit_coordinator", action="store_true",
                  help="pass --coordinator_address/--num_processes/--process_id from SLURM's "

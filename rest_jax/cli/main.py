@@ -25,7 +25,8 @@ import os
 import sys
 
 from rest_jax.cli import parser, quiet  # pylint: disable=g-import-not-at-top
-from rest_jax.errors import RestJaxError  # pylint: disable=g-import-not-at-top
+from rest_jax.errors import (  # pylint: disable=g-import-not-at-top
+    EXIT_PREEMPTED, Preempted, RestJaxError)
 
 # Before anything imports TensorFlow.
 quiet.set_quiet_env(not any(a.upper() in ("DEBUG", "--LOG_LEVEL=DEBUG") for a in sys.argv))
@@ -264,7 +265,8 @@ def _quiet_gin_search(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the CLI; returns the process exit code (2 for user errors, printed without traceback)."""
+  """Runs the CLI; returns the process exit code: 0, 2 for user errors (printed without
+  traceback), 75 when SIGTERM stopped ``run`` cleanly (rerun to resume), 130 on Ctrl-C."""
   argv = sys.argv[1:] if argv is None else argv
   try:
     rest, bindings = _split_gin_flags(argv)
@@ -311,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("rest-jax: interrupted; rerun the same command to resume.", file=sys.stderr)
     return 130
+  except Preempted as e:  # SIGTERM: every host saved and stopped at the same point.
+    print(f"rest-jax: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
   return 0
 
 

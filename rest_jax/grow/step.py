@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from rest_jax.parallel import distributed
+from rest_jax.parallel import distributed, preemption
 
 from rest_jax.grow import dataset as growdata
 from rest_jax.grow.base import SampleOutput, Sampler
@@ -32,6 +32,8 @@ def run_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: 
 
   Chunk ``k`` always holds prompts ``[k * chunk_size, (k + 1) * chunk_size)`` of ``prompts``, so
   a Grow step that crashed resumes at its first missing chunk and never writes a record twice.
+  After SIGTERM every host stops after the same sampler batch (an unfinished chunk is dropped)
+  and ``preemption.Preempted`` is raised.
 
   Args:
     sampler: a ``Sampler`` (``grow.base``) with the Grow sampling settings.
@@ -67,19 +69,28 @@ def run_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: 
              initial=len(prompts) - sum(len(prompts[k * cs:(k + 1) * cs]) for k in todo))
   batch = config.sampling.batch_size // len(counts)  # Prompts per host per sampler call.
   filler = prompts[0] if prompts else None
-  for k in todo:
-    chunk = prompts[k * cs:(k + 1) * cs]
-    records: list[growdata.GrowRecord] = []
-    for start in range(0, int(np.clip(counts - k * cs, 0, cs).max()), batch):
-      part = chunk[start:start + batch]
-      records.extend(_grow_batch(sampler=sampler, params=params, prompts=part, reward=reward,
-                                 vocab=vocab, grow_step=grow_step, seed=seed, config=config,
-                                 input_len=input_len, target_len=target_len,
-                                 host_rows=batch, filler=filler))
-      bar.update(len(part))
-    if mine[k]:
-      writer.write_chunk(k, records)
-  bar.close()
+  try:
+    for k in todo:
+      chunk = prompts[k * cs:(k + 1) * cs]
+      records: list[growdata.GrowRecord] = []
+      starts = range(0, int(np.clip(counts - k * cs, 0, cs).max()), batch)
+      for start in starts:
+        part = chunk[start:start + batch]
+        records.extend(_grow_batch(sampler=sampler, params=params, prompts=part, reward=reward,
+                                   vocab=vocab, grow_step=grow_step, seed=seed, config=config,
+                                   input_len=input_len, target_len=target_len,
+                                   host_rows=batch, filler=filler))
+        bar.update(len(part))
+        # SIGTERM: every host drops its unfinished chunk k (sampled again, identically, on rerun).
+        if start != starts[-1] and preemption.reached():
+          raise preemption.stop(f"grow g{grow_step} kept its complete chunks and dropped the "
+                                f"unfinished chunk {k} (sampled again on rerun)")
+      if mine[k]:
+        writer.write_chunk(k, records)
+      if preemption.reached():
+        raise preemption.stop(f"grow g{grow_step} kept its complete chunks, up to chunk {k}")
+  finally:
+    bar.close()
   return sum(mine)
 
 

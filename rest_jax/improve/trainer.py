@@ -25,6 +25,7 @@ from rest_jax.checkpoints.phases import BEST_METRIC, PhaseCheckpoints
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.losses import Loss
+from rest_jax.parallel import preemption
 from rest_jax.parallel.layout import Layout
 
 Batch = Mapping[str, Any]
@@ -300,10 +301,13 @@ class _Record:
   best: float
   bad_evals: int = 0
   stopped_early: bool = False
+  # Train losses of the steps since the last evaluation (their mean goes into the next history
+  # row); non-empty only in a checkpoint saved between evaluations (preemption).
+  window_losses: list[float] = dataclasses.field(default_factory=list)
 
   def meta(self) -> dict:
     return dict(history=self.history, best_reward=self.best, bad_evals=self.bad_evals,
-                stopped_early=self.stopped_early)
+                stopped_early=self.stopped_early, window_losses=self.window_losses)
 
   def evaluated(self, *, step: int, state: TrainState, metrics: dict[str, float], patience: int,
                 checkpoints: PhaseCheckpoints) -> None:
@@ -328,7 +332,7 @@ def _start(trainer: Trainer, params: nnx.State, *,
     step, meta = resumed
     checkpoints.discard_best_after(step)
     record = _Record(meta["history"], meta["best_reward"], meta["bad_evals"],
-                     bool(meta["stopped_early"]))
+                     bool(meta["stopped_early"]), list(meta.get("window_losses", [])))
     if record.stopped_early or step >= num_steps:
       return step, None, record
     return step, checkpoints.restore_latest(abstract), record
@@ -352,9 +356,10 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
   Evaluates at step 0 (the starting policy is a candidate, so a phase never ends worse than it
   started on D_eval), every ``cfg.eval_every`` steps and at the end. Keeps the best params by
   ``eval_reward`` and saves the TrainState + record at every evaluation; stops early after
-  ``cfg.patience`` evaluations without improvement (when > 0). Rerunning with the same
-  ``checkpoints`` resumes from the last evaluation (``batches(step)`` must give the batch stream
-  from ``step``); a finished phase returns its result without training.
+  ``cfg.patience`` evaluations without improvement (when > 0). After SIGTERM it saves the
+  TrainState at the step all hosts agree on and raises ``preemption.Preempted``. Rerunning with
+  the same ``checkpoints`` resumes from the last saved step (``batches(step)`` must give the
+  batch stream from ``step``); a finished phase returns its result without training.
 
   Args:
     trainer: the Trainer (its optimizer built with ``make_optimizer(cfg, lr_scale=lr_scale)``).
@@ -379,7 +384,15 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
              disable=not progress or jax.process_index() != 0)
   stream = batches(step) if state is not None else iter(())
   pending: list[tuple[int, dict]] = []  # Step metrics not fetched yet (one step of lag).
-  window_losses: list[float] = []
+
+  def fetch(steps: list[tuple[int, dict]]) -> None:
+    for s, m in _check_finite(steps, peak_lr):
+      record.window_losses.append(m["loss"])
+      log(s, {**{f"train/{k}": v for k, v in m.items()},
+              "train/learning_rate": float(schedule(s - 1))})
+      bar.update(1)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+
   try:
     while step < cfg.num_steps and not record.stopped_early:
       try:
@@ -392,24 +405,24 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
       pending.append((step, step_metrics))
       evaluate = step % cfg.eval_every == 0 or step == cfg.num_steps
       if len(pending) > 1 or evaluate:
-        flush = pending if evaluate else pending[:-1]
+        fetch(pending if evaluate else pending[:-1])
         pending = [] if evaluate else pending[-1:]
-        for s, m in _check_finite(flush, peak_lr):
-          window_losses.append(m["loss"])
-          log(s, {**{f"train/{k}": v for k, v in m.items()},
-                  "train/learning_rate": float(schedule(s - 1))})
-          bar.update(1)
-          bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-      if not evaluate:
-        continue
-      metrics = _evaluate(eval_fn, state.params, step)
-      record.history.append({"step": step, **metrics,
-                             "train_loss": float(np.mean(window_losses))})
-      window_losses = []
-      log(step, {f"eval/{k}": v for k, v in metrics.items()})
-      record.evaluated(step=step, state=state, metrics=metrics, patience=cfg.patience,
-                       checkpoints=checkpoints)
-      bar.set_postfix(loss=record.history[-1]["train_loss"], eval_reward=metrics[BEST_METRIC])
+      if evaluate:
+        metrics = _evaluate(eval_fn, state.params, step)
+        record.history.append({"step": step, **metrics,
+                               "train_loss": float(np.mean(record.window_losses))})
+        record.window_losses = []
+        log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        record.evaluated(step=step, state=state, metrics=metrics, patience=cfg.patience,
+                         checkpoints=checkpoints)
+        bar.set_postfix(loss=record.history[-1]["train_loss"], eval_reward=metrics[BEST_METRIC])
+      if preemption.reached():  # Every host stops after the same step (SIGTERM).
+        if not evaluate:  # An evaluation saves the state; otherwise save it now.
+          fetch(pending)
+          pending = []
+          checkpoints.save_latest(step, state, record.meta())
+        raise preemption.stop(f"{checkpoints.directory.name} saved at step {step} of "
+                              f"{cfg.num_steps}")
   finally:
     bar.close()
   del state

@@ -23,6 +23,7 @@ from rest_jax.improve.trainer import Trainer, make_optimizer
 from rest_jax.improve.losses import plain_loss, target_weights, token_mean
 from rest_jax.models.base import ModelConfig
 from rest_jax.models.value import ValueModel
+from rest_jax.parallel import preemption
 from rest_jax.parallel.layout import Layout
 
 
@@ -116,6 +117,7 @@ def train_value(net: ValueNet, params: nnx.State, *, cfg: ValueConfig,
   for _ in range(cfg.num_steps):
     state, metrics = trainer.train_step(state, next(batches))
     pending.append(metrics["loss"])
+    preemption.check("in value-network training (trained again on rerun)")
   history = [float(x) for x in jax.device_get(pending)]
   if log_fn is not None:
     for step, loss in enumerate(history, 1):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 from rest_jax import buckets
 from rest_jax.config import RunConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import dataset as growdata
-from rest_jax.parallel import distributed
+from rest_jax.parallel import distributed, preemption
 from rest_jax.pipeline import build, phases
 from rest_jax.pipeline.workdir import Workdir, phase_name
 
@@ -63,46 +64,38 @@ def check_workdir(workdir: Workdir, config: RunConfig) -> None:
         "or choose a new --workdir.")
 
 
-def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: bool = True) -> dict:
-  """Runs (or resumes) a whole ReST experiment in ``workdir``; returns the summary dict (as in
-  summary.json, plus "monitor_tolerance": ``EvalConfig.monitor_tolerance``).
+@dataclasses.dataclass
+class _Progress:
+  """What the phases of one ``run`` call have produced so far."""
 
-  The workdir is written only after the whole run has been built, so a config that cannot
-  start (unknown name, bad size, vocabulary mismatch) leaves it untouched. A ``gs://`` workdir's
-  bucket is checked first (``buckets.check_workdir``).
-  """
-  start = time.time()
-  buckets.check_workdir(workdir)  # A gs:// bucket that cannot be used: one error, before work.
-  wd = Workdir(workdir)
-  build.validate(config)
-  check_workdir(wd, config)
-  run_ = build.build(config, wd, progress=progress)
-  if distributed.is_host0() and wd.config_differences(config) is None:
-    wd.record_config(config, config_text)
-  distributed.barrier("workdir recorded")
-  previous_wall = wd.previous_wall_time()
+  rows: list[dict] = dataclasses.field(default_factory=list)
+  grow_stats: dict[int, dict] = dataclasses.field(default_factory=dict)
+  taus: dict[int, list[float]] = dataclasses.field(default_factory=dict)
 
-  # A rerun of a finished run does no work and adds nothing to wall_time_s.
-  worked = not wd.is_finished()
 
-  def save_state(phase: str) -> None:
-    if distributed.is_host0() and worked:
-      wd.write_state(phase, previous_wall + time.time() - start)
+def _state_name(phase: Phase) -> str:
+  """The phase as state.json names it: "bc", "grow g1", "improve g1 i2"."""
+  if phase.kind == "improve":
+    return f"improve g{phase.grow_step} i{phase.improve_step}"
+  return phase.name
 
+
+def _run_phases(run_: build.Run, config: RunConfig, wd: Workdir,
+                save_state: Callable[[str], None], progress: _Progress) -> None:
+  """Executes each phase of ``plan(config)`` that has not finished, in order."""
   policies = phases.Policies(run_)
-  rows: list[dict] = []
-  grow_stats: dict[int, dict] = {}
-  taus: dict[int, list[float]] = {}
   current: phases.GrowPlan | None = None
   last = "bc"
   for phase in plan(config):
+    preemption.check(f"before {phase.name}")  # Nothing of this phase has run yet.
     g, i = phase.grow_step, phase.improve_step
     if phase.kind == "grow":
       if not growdata.is_complete(wd.grow_dir(g)):
-        save_state(phase.name)
+        save_state(_state_name(phase))
         phases.grow(run_, g, policies.get(last))
       current = phases.plan_improve(run_, g)
-      grow_stats[g], taus[g] = current.stats, [t.value for t in current.thresholds]
+      progress.grow_stats[g] = current.stats
+      progress.taus[g] = [t.value for t in current.thresholds]
       continue
     summary = wd.marked(phase.name)
     if summary is None and phase.kind == "bc":
@@ -110,24 +103,65 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
         save_state("bc")
       summary = (phases.bc if config.run_bc else phases.skip_bc)(run_, policies)
     elif summary is None:
-      save_state(f"improve g{g} i{i}")
+      save_state(_state_name(phase))
       restart = config.improve.restart_from_base and i == 1
       summary = phases.improve(run_, policies, g=g, i=i, tau=current.thresholds[i - 1],
                                start_params=policies.get("bc" if restart else last),
                                count=phase.count)
     last = phase.name
     policies.forget_except("bc", last)
-    rows.append(summary)
+    progress.rows.append(summary)
     logger.info("%s: eval reward %.4f, exact match %.3f%s", "BC" if phase.kind == "bc" else
                 f"Improve g{g} i{i}", summary["eval_reward"], summary["eval_exact_match"],
                 "" if summary.get("test_reward") is None else
                 f"; test reward {summary['test_reward']:.4f}")
 
+
+def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: bool = True) -> dict:
+  """Runs (or resumes) a whole ReST experiment in ``workdir``; returns the summary dict (as in
+  summary.json, plus "monitor_tolerance": ``EvalConfig.monitor_tolerance``).
+
+  The workdir is written only after the whole run has been built, so a config that cannot
+  start (unknown name, bad size, vocabulary mismatch) leaves it untouched. On SIGTERM every
+  host stops at the same check point, the current phase keeps what it has done (a training
+  phase saves its step) and ``preemption.Preempted`` is raised; rerunning resumes. A ``gs://``
+  workdir's bucket is checked first (``buckets.check_workdir``).
+  """
+  start = time.time()
+  buckets.check_workdir(workdir)  # A gs:// bucket that cannot be used: one error, before work.
+  wd = Workdir(workdir)
+  build.validate(config)
+  check_workdir(wd, config)
+  preemption.install()
+  try:
+    run_ = build.build(config, wd, progress=progress)
+    if distributed.is_host0() and wd.config_differences(config) is None:
+      wd.record_config(config, config_text)
+    distributed.barrier("workdir recorded")
+    previous_wall = wd.previous_wall_time()
+    # A rerun of a finished run does no work and adds nothing to wall_time_s.
+    worked = not wd.is_finished()
+    phase = ["start"]
+
+    def save_state(name: str) -> None:
+      phase[0] = name
+      if distributed.is_host0() and worked:
+        wd.write_state(name, previous_wall + time.time() - start)
+
+    done = _Progress()
+    try:
+      _run_phases(run_, config, wd, save_state, done)
+    except preemption.Preempted:  # The time worked so far counts in wall_time_s.
+      save_state(phase[0])
+      run_.reporter.close()
+      raise
+  finally:
+    preemption.uninstall()
   save_state("done")
   distributed.barrier("done")
   wall = wd.previous_wall_time()
-  summary = run_.reporter.write_summary(rows, wall)
-  run_.reporter.write_plots(rows, grow_stats, taus)
+  summary = run_.reporter.write_summary(done.rows, wall)
+  run_.reporter.write_plots(done.rows, done.grow_stats, done.taus)
   run_.reporter.close()
   logger.info("wrote %s (rest_jax.pipeline.reporting.format_result prints it as a table)",
               wd.summary_path)
