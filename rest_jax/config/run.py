@@ -170,6 +170,10 @@ class EvalConfig:
   # Test prompts evaluated once per finished phase (the first ones of the task's "test" split):
   # None takes num_examples; 0 turns the test evaluation off (as does a task without "test").
   num_test_examples: int | None = None
+  # Pass@k and diversity on the test split (rest_jax.diversity): N samples per test prompt at
+  # the Grow sampling temperature / top-k / top-p, once per finished phase; 0 turns them off.
+  num_test_samples: int = 0
+  pass_threshold: float = 1.0  # A test sample counts as correct for pass@k at reward >= this.
   # How far the independent metric may fall while the reward rises before the monitor flags a
   # phase. < 0 ("auto"): MONITOR_NOISE_SIGMAS standard errors of the difference of the two
   # phases' means (each the standard error of the metric's mean over the eval set, the noise a
@@ -185,6 +189,12 @@ class EvalConfig:
     require(self.num_test_examples is None or self.num_test_examples >= 0,
              f"EvalConfig.num_test_examples must be >= 0 (0 turns the test evaluation off) or "
              f"None (as many as num_examples), got {self.num_test_examples}.")
+    require(self.num_test_samples >= 0,
+             f"EvalConfig.num_test_samples must be >= 0 (0 turns pass@k / diversity off), got "
+             f"{self.num_test_samples}.")
+    require(0.0 <= self.pass_threshold <= 1.0,
+             f"EvalConfig.pass_threshold must lie in [0, 1] (rewards are normalised), got "
+             f"{self.pass_threshold}.")
 
   @property
   def test_size(self) -> int:
