@@ -93,3 +93,22 @@ def test_monitor_flags_a_drop_of_test_diversity():
   with pytest.raises(ValueError, match="unknown test metrics"):
     summary_row(phase="bc", grow_step=0, improve_step=0, threshold=None, train_examples=0,
                 eval_reward=0.0, eval_exact_match=0.0, test={"test_pass@x": 1.0})
+
+
+def test_compare_shows_pass_at_k_diversity_and_cost(tmp_path):
+  from rest_jax.cli import compare_cost  # pylint: disable=g-import-not-at-top
+
+  rows = [dict(_row(0, 0.5, 0.8), samples_drawn=0, flops=1e9),
+          dict(_row(1, 0.6, 0.7), samples_drawn=800, flops=3e9)]
+  online = [dict(r, phase="online") for r in rows]
+  summaries = {"rest": {"rows": rows}, "online": {"rows": online}}
+  assert compare_cost.has_extras(summaries)
+  assert not compare_cost.has_extras({"old": {"rows": [{"eval_reward": 0.1}]}})
+  table = compare_cost.format_cost_table(summaries).splitlines()
+  assert table[1].split() == ["run", "algorithm", "reward", "pass@1", "pass@N", "dist2",
+                              "samples", "flops"]
+  assert table[3].split() == ["rest", "rest", "0.6000", "0.300", "0.600", "@4", "0.700", "800",
+                              "3.00e+09"]
+  assert table[4].split()[1] == "online"
+  path = compare_cost.plot_cost(summaries, str(tmp_path / "c.png"))
+  assert path == str(tmp_path / "c_cost.png") and (tmp_path / "c_cost.png").stat().st_size > 0

@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 from rest_jax.config.checks import one_of, require
+from rest_jax.config.online import ALGORITHMS, OnlineConfig
 from rest_jax.config.losses import BvmpoConfig, GoldConfig, OacConfig, RaftPpConfig, ValueConfig
 from rest_jax.models.base import ModelConfig
 
@@ -256,8 +257,13 @@ class RunConfig:
   init_checkpoint: str = ""
   # False skips BC (for an already-supervised start): the start is evaluated and used as BC's.
   run_bc: bool = True
+  # "rest" (BC, then G x (Grow, I x Improve)), or after BC the on-policy baselines of
+  # rest_jax.online: "online" (GRPO) or "semi_online" (ReST re-Grown every k steps).
+  algorithm: str = "rest"
+  online: OnlineConfig = OnlineConfig()  # Read by "online" / "semi_online" only.
 
   def __post_init__(self):
+    one_of("RunConfig.algorithm", self.algorithm, ALGORITHMS)
     require(self.run_bc or bool(self.init_checkpoint),
              "run_bc=False needs RunConfig.init_checkpoint (a supervised checkpoint to start "
              "from); set it or keep run_bc=True.")

@@ -16,6 +16,7 @@ from rest_jax.config import RunConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import dataset as growdata
 from rest_jax.parallel import distributed
+from rest_jax.online import cost, loop
 from rest_jax.pipeline import build, phases
 from rest_jax.pipeline.workdir import Workdir, phase_name
 
@@ -39,8 +40,11 @@ class Phase:
 
 
 def plan(config: RunConfig) -> list[Phase]:
-  """BC, then for g = 1..G: Grow g and Improve (g, 1..I)."""
+  """BC, then for g = 1..G: Grow g and Improve (g, 1..I) (only BC for the online algorithms,
+  whose loop ``rest_jax.online.loop`` runs after it)."""
   phases_: list[Phase] = [Phase("bc")]
+  if config.algorithm != "rest":
+    return phases_
   count = 0
   for g in range(1, config.num_grow_steps + 1):
     phases_.append(Phase("grow", g))
@@ -92,12 +96,14 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   taus: dict[int, list[float]] = {}
   current: phases.GrowPlan | None = None
   last = "bc"
+  spent = cost.Cost()  # Samples and FLOPs so far (every row carries them).
   for phase in plan(config):
     g, i = phase.grow_step, phase.improve_step
     if phase.kind == "grow":
       if not growdata.is_complete(wd.grow_dir(g)):
         save_state(phase.name)
         phases.grow(run_, g, policies.get(last))
+      spent += loop.phase_cost(run_, "grow", phase.name, g)
       current = phases.plan_improve(run_, g)
       grow_stats[g], taus[g] = current.stats, [t.value for t in current.thresholds]
       continue
@@ -114,12 +120,16 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
                                count=phase.count)
     last = phase.name
     policies.forget_except("bc", last)
-    rows.append(summary)
+    spent += loop.phase_cost(run_, phase.kind, phase.name)
+    rows.append({**summary, **spent.as_row()})
     logger.info("%s: eval reward %.4f, exact match %.3f%s", "BC" if phase.kind == "bc" else
                 f"Improve g{g} i{i}", summary["eval_reward"], summary["eval_exact_match"],
                 "" if summary.get("test_reward") is None else
                 f"; test reward {summary['test_reward']:.4f}")
 
+  if config.algorithm != "rest":
+    save_state(config.algorithm)
+    rows += loop.online_phase(run_, policies.get("bc"), spent)
   save_state("done")
   distributed.barrier("done")
   wall = wd.previous_wall_time()
