@@ -95,3 +95,11 @@ def test_impossible_online_configs(cfg, knob):
   assert "\n" not in str(e.value)
   with pytest.raises(RestJaxError, match="RunConfig.algorithm"):
     C.RunConfig(algorithm="ppo")
+
+
+def test_impossible_online_config_fails_before_the_workdir_is_touched(tmp_path):
+  cfg = dataclasses.replace(_config(), grow=C.GrowConfig(sampling=C.SamplingConfig(
+      num_samples=1, batch_size=8, max_decode_len=8)))
+  with pytest.raises(RestJaxError, match="SamplingConfig.num_samples >= 2"):
+    pipeline.run(cfg, str(tmp_path / "w"), progress=False)
+  assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())

@@ -34,6 +34,7 @@ from rest_jax.improve import losses, schedules
 from rest_jax.improve.losses import Loss
 from rest_jax.improve.schedules import Schedule
 from rest_jax.models import build_model
+from rest_jax.online import loop as online_loop
 from rest_jax.parallel import distributed, meshes
 from rest_jax.parallel.layout import Layout
 from rest_jax.pipeline.reporting import Reporter
@@ -165,6 +166,8 @@ def resolve(config: RunConfig, *, devices: Sequence[Any] | None = None,
       {"GrowConfig.sampling.batch_size x num_samples": s.batch_size * s.num_samples,
        "EvalConfig.batch_size": config.eval.batch_size},
       num_batch_shards=layout.num_batch_shards, processes=False)
+  if config.algorithm != "rest":  # Before BC: an impossible online config fails now.
+    online_loop.check(config, layout.num_batch_shards)
   bc_loss, improve_loss = _losses(config)
   abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract)
