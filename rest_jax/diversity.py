@@ -67,12 +67,12 @@ def distinct_n(samples: Sequence[str], n: int) -> float | None:
   return len(set(grams)) / len(grams) if grams else None
 
 
-def distinct_stats(groups: Sequence[Sequence[str]], n: int) -> tuple[float, float]:
+def distinct_stats(groups: Sequence[Sequence[str]], n: int) -> tuple[float, float] | None:
   """Mean and standard error over prompts of ``distinct_n`` of each prompt's samples (prompts
-  whose samples have no n-gram are left out; (0.0, 0.0) when none has one)."""
+  whose samples have no n-gram are left out; None when none has one)."""
   values = [v for v in (distinct_n(g, n) for g in groups) if v is not None]
   if not values:
-    return 0.0, 0.0
+    return None
   return float(np.mean(values)), standard_error(np.asarray(values))
 
 
@@ -111,9 +111,9 @@ def make_sample_eval_fn(*, sampler: Sampler, eval_set: EvalSet,
                for k, v in pass_at_ks((rewards >= pass_threshold).reshape(-1, n)).items()}
     groups = [texts[i * n:(i + 1) * n] for i in range(num_prompts)]
     for order in DISTINCT_NS:
-      mean, se = distinct_stats(groups, order)
-      metrics[f"{prefix}_distinct_{order}"] = mean
-      metrics[f"{prefix}_distinct_{order}_se"] = se
+      stats = distinct_stats(groups, order)
+      if stats is not None:  # Left out where no answer has n words (e.g. one-number answers).
+        metrics[f"{prefix}_distinct_{order}"], metrics[f"{prefix}_distinct_{order}_se"] = stats
     metrics[f"{prefix}_sample_reward"] = float(np.mean(rewards))
     return metrics
 

@@ -105,10 +105,23 @@ def test_compare_shows_pass_at_k_diversity_and_cost(tmp_path):
   assert compare_cost.has_extras(summaries)
   assert not compare_cost.has_extras({"old": {"rows": [{"eval_reward": 0.1}]}})
   table = compare_cost.format_cost_table(summaries).splitlines()
-  assert table[1].split() == ["run", "algorithm", "reward", "pass@1", "pass@N", "dist2",
+  assert table[1].split() == ["run", "algorithm", "reward", "pass@1", "pass@N", "distinct",
                               "samples", "flops"]
-  assert table[3].split() == ["rest", "rest", "0.6000", "0.300", "0.600", "@4", "0.700", "800",
-                              "3.00e+09"]
+  assert table[3].split() == ["rest", "rest", "0.6000", "0.300", "0.600", "@4", "d2=0.700",
+                              "800", "3.00e+09"]
   assert table[4].split()[1] == "online"
   path = compare_cost.plot_cost(summaries, str(tmp_path / "c.png"))
   assert path == str(tmp_path / "c_cost.png") and (tmp_path / "c_cost.png").stat().st_size > 0
+
+
+def test_one_word_answers_watch_distinct_1():
+  # Answers of one word have no bigram: distinct-2 is left out and the monitor falls back to
+  # distinct-1 (the share of distinct answers among a prompt's N samples).
+  assert diversity.distinct_stats([["12", "12"], ["3", "4"]], 2) is None
+  rows = [summary_row(phase="bc" if i == 0 else "improve", grow_step=min(i, 1), improve_step=i,
+                      threshold=None, train_examples=1, eval_reward=0.5 + 0.1 * i,
+                      eval_exact_match=0.0, test={"test_pass@1": 0.3, "test_pass@2": 0.5,
+                                                  "test_distinct_1": d, "test_distinct_1_se": 0.01})
+          for i, d in enumerate((0.9, 0.6))]
+  assert [e["metric"] for e in reward_hacking_events(rows)] == ["test_distinct_1"]
+  assert "dist1" in format_table(rows).splitlines()[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from rest_jax.pipeline.reporting import save_figure
+from rest_jax.pipeline.reporting import diversity_key, save_figure
 
 
 def _metric(rows: list[dict]) -> str:
@@ -25,22 +25,25 @@ def _cell(value, width: int, fmt: str) -> str:
 
 
 def format_cost_table(summaries: Mapping[str, dict]) -> str:
-  """One line per run, its final row: test pass@1, pass@N (largest k), distinct-2, samples
-  drawn, FLOPs and the reported reward (test, else validation)."""
+  """One line per run, its final row: test pass@1, pass@N (largest k), distinct-n (``d2=``
+  distinct-2, or ``d1=`` distinct-1 where answers have no bigram), samples drawn, FLOPs and
+  the reported reward (test, else validation)."""
   width = max(len("run"), *(len(k) for k in summaries))
   head = (f"{'run':{width}} {'algorithm':>11} {'reward':>7} {'pass@1':>7} {'pass@N':>10} "
-          f"{'dist2':>6} {'samples':>9} {'flops':>9}")
-  lines = ["final phase: reported reward (test, else validation), test pass@k and distinct-2 "
+          f"{'distinct':>8} {'samples':>9} {'flops':>9}")
+  lines = ["final phase: reported reward (test, else validation), test pass@k and distinct-n "
            "of sampled answers, cumulative samples drawn and FLOPs", head, "-" * len(head)]
   for label, summary in summaries.items():
     rows = summary["rows"]
     last = rows[-1]
     ks = sorted(int(k[10:]) for k in last if k.startswith("test_pass@"))
     pass_n = f"{last[f'test_pass@{ks[-1]}']:.3f} @{ks[-1]}" if ks else None
+    key = diversity_key([last])
+    distinct = f"d{key[-1]}={last[key]:.3f}" if key else None
     algorithm = last["phase"] if last["phase"] in ("online", "semi_online") else "rest"
     lines.append(f"{label:{width}} {algorithm:>11} {last[_metric(rows)]:>7.4f} "
                  f"{_cell(last.get('test_pass@1'), 7, '.3f')} {_cell(pass_n, 10, '')} "
-                 f"{_cell(last.get('test_distinct_2'), 6, '.3f')} "
+                 f"{_cell(distinct, 8, '')} "
                  f"{_cell(last.get('samples_drawn'), 9, '.0f')} "
                  f"{_cell(last.get('flops'), 9, '.2e')}")
   return "\n".join(lines)
@@ -68,8 +71,6 @@ def plot_cost(summaries: Mapping[str, dict], out: str) -> str | None:
     ax.set_xlabel(key)
     ax.set_ylabel("test reward" if metrics == {"test_reward"} else "reward (test / validation)")
     ax.grid(alpha=0.3)
-  axes[1].set_xscale("log" if all(r["flops"] > 0 for rows in runs.values() for r in rows)
-                     else "linear")
   axes[0].legend(fontsize=7)
   fig.suptitle("Reward against samples drawn and compute")
   fig.tight_layout()

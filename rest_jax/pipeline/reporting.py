@@ -25,8 +25,14 @@ TEST_KEYS = ("test_reward", "test_exact_match", "test_independent", "test_indepe
 SAMPLED_TEST_KEYS = re.compile(r"test_(pass@\d+|distinct_\d+(_se)?|sample_reward)")
 # Cost counters of every row (rest_jax.online.cost): cumulative over the run up to the phase.
 COST_KEYS = ("samples_drawn", "sampled_tokens", "trained_tokens", "flops")
-# The test-set diversity the monitor watches next to the independent metric.
-DIVERSITY_KEY = "test_distinct_2"
+# The test-set diversity the monitor watches next to the independent metric: distinct-2, or
+# distinct-1 where the answers have no bigram (e.g. one-number answers).
+DIVERSITY_KEYS = ("test_distinct_2", "test_distinct_1")
+
+
+def diversity_key(rows: Sequence[Mapping[str, Any]]) -> str | None:
+  """The first of ``DIVERSITY_KEYS`` that some row has (None: no sampled test answers)."""
+  return next((k for k in DIVERSITY_KEYS if any(r.get(k) is not None for r in rows)), None)
 
 
 def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: float | None,
@@ -102,22 +108,23 @@ def _drops(rows: Sequence[Mapping[str, Any]], key: str, tolerance: float,
 def reward_hacking_events(rows: Sequence[Mapping[str, Any]], tolerance: float = -1.0
                           ) -> list[dict]:
   """Consecutive phases where the eval reward rose while the independent metric, or the test
-  samples' diversity (``DIVERSITY_KEY``, distinct-2, when sampled), fell by more than the
+  samples' diversity (``diversity_key``: distinct-2, else distinct-1), fell by more than the
   tolerance (``monitor_tolerance``; < 0: auto, from the eval noise).
 
   Returns:
     one dict per such pair: {"from", "to" (phase labels), "reward_change", "metric_change",
-    "metric" (the independent metric's name, or "test_distinct_2"), "tolerance"}; rows without
+    "metric" (the independent metric's name, or the diversity key), "tolerance"}; rows without
     the metric are skipped.
   """
+  key = diversity_key(rows)
   return (_drops(rows, "eval_independent", tolerance, lambda r: r.get("independent_metric"))
-          + _drops(rows, DIVERSITY_KEY, tolerance, lambda r: DIVERSITY_KEY))
+          + (_drops(rows, key, tolerance, lambda r: key) if key else []))
 
 
 def watched(rows: Sequence[Mapping[str, Any]]) -> bool:
   """Whether the monitor has anything to watch (an independent metric or test diversity)."""
-  return any(r.get("eval_independent") is not None or r.get(DIVERSITY_KEY) is not None
-             for r in rows)
+  return diversity_key(rows) is not None or any(r.get("eval_independent") is not None
+                                                for r in rows)
 
 
 def describe_tolerance(setting: float) -> str:
@@ -196,8 +203,9 @@ class Reporter:
       metric = next(r["independent_metric"] for r in rows if r.get("eval_independent") is not None)
       ax.plot(x, [r.get("eval_independent", np.nan) for r in rows], "^-.",
               label=f"independent: {metric}")
-    if any(r.get(DIVERSITY_KEY) is not None for r in rows):
-      ax.plot(x, [r.get(DIVERSITY_KEY, np.nan) for r in rows], "v:", label="test distinct-2")
+    key = diversity_key(rows)
+    if key:
+      ax.plot(x, [r.get(key, np.nan) for r in rows], "v:", label=f"test distinct-{key[-1]}")
     for n, e in enumerate(reward_hacking_events(rows, self.monitor_tolerance)):
       ax.axvspan(labels.index(e["to"]) - 1, labels.index(e["to"]), color="C3", alpha=0.12,
                  label=None if n else f"possible reward hacking: {e['metric']} fell by more "
@@ -253,19 +261,22 @@ def format_table(rows: Sequence[dict], tolerance: float = -1.0) -> str:
   """A plain-text table of summary rows: validation reward and exact match; with the monitor
   on, the independent metric, carrying "!" where the monitor flags the phase; then (when any
   row has them) test reward and exact match ("-" where a row has none), and with sampled test
-  answers pass@1, pass@N and distinct-2 (with "!" where the monitor flags a diversity drop)."""
+  answers pass@1, pass@N and distinct-2 (distinct-1 where answers have no bigram), with "!"
+  where the monitor flags a diversity drop."""
   metric = next((r.get("independent_metric") for r in rows
                  if r.get("eval_independent") is not None), None)
   events = reward_hacking_events(rows, tolerance)
-  flagged = {e["to"] for e in events if e["metric"] != DIVERSITY_KEY}
-  less_diverse = {e["to"] for e in events if e["metric"] == DIVERSITY_KEY}
+  key = diversity_key(rows)
+  flagged = {e["to"] for e in events if e["metric"] not in DIVERSITY_KEYS}
+  less_diverse = {e["to"] for e in events if e["metric"] in DIVERSITY_KEYS}
   test = any(r.get("test_reward") is not None for r in rows)
   pass_n = max((int(k[10:]) for r in rows for k in r if k.startswith("test_pass@")), default=0)
   head = f"{'phase':8} {'g':>2} {'i':>2} {'tau':>6} {'examples':>9} {'reward':>7} {'exact':>6}"
   if metric:
     head += f" {metric[:8]:>9}"
   head += f" {'test':>7} {'t.exact':>7}" if test else ""
-  head += f" {'pass@1':>7} {f'pass@{pass_n}':>8} {'dist2':>7}" if pass_n else ""
+  dist = f"dist{key[-1]}" if key else "dist"
+  head += f" {'pass@1':>7} {f'pass@{pass_n}':>8} {dist:>7}" if pass_n else ""
   lines = [head, "-" * len(head)]
   for r in rows:
     tau = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
@@ -280,7 +291,7 @@ def format_table(rows: Sequence[dict], tolerance: float = -1.0) -> str:
     if pass_n:
       flag = "!" if _label(r) in less_diverse else " "
       line += (f" {_cell(r.get('test_pass@1'), 7, 3)} {_cell(r.get(f'test_pass@{pass_n}'), 8, 3)}"
-               f" {_cell(r.get(DIVERSITY_KEY), 6, 3)}{flag}")
+               f" {_cell(r.get(key), 6, 3)}{flag}")
     lines.append(line)
   return "\n".join(lines)
 
@@ -294,7 +305,7 @@ def format_result(result: Mapping[str, Any], workdir: str) -> str:
     metric = next((r["independent_metric"] for r in rows
                    if r.get("eval_independent") is not None), None)
     watching = ([f"independent metric {metric}"] if metric else []) + (
-        ["test distinct-2"] if any(r.get(DIVERSITY_KEY) is not None for r in rows) else [])
+        [f"test distinct-{key[-1]}"] if (key := diversity_key(rows)) else [])
     events = result["reward_hacking"]
     verdict = (f"SUSPECTED at {', '.join(e['to'] for e in events)} (marked !)" if events
                else "not suspected")
