@@ -46,6 +46,7 @@ def _leaves(workdir, cfg, phase):
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
+@pytest.mark.slow  # Three tiny end-to-end runs: 170 s on the loaded 2-core CPU (--run_slow).
 def test_two_online_steps(tmp_path):
   cfg = _config()
   rows = pipeline.run(cfg, str(tmp_path / "a"), progress=False)["rows"]
