@@ -103,3 +103,44 @@ def test_impossible_online_config_fails_before_the_workdir_is_touched(tmp_path):
   with pytest.raises(RestJaxError, match="SamplingConfig.num_samples >= 2"):
     pipeline.run(cfg, str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+def _stub_run(cfg):
+  """The parts of a built Run the loop reads, with a model-free sampler (no sampler compile)."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from conftest import mesh_layout  # pylint: disable=g-import-not-at-top
+  from rest_jax.grow.fake import FakeSampler  # pylint: disable=g-import-not-at-top
+  from rest_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  graphdef, params = nnx.split(build_model(cfg.model, rngs=nnx.Rngs(0)))
+  task = tasks.get_task(cfg.task)
+  run = SimpleNamespace(
+      config=cfg, layout=mesh_layout(), graphdef=graphdef, task=task,
+      vocab=task.output_features["targets"].vocabulary, reward=length_reward,
+      parts=SimpleNamespace(grow_sampler=FakeSampler(2, max_decode_len=8)),
+      reporter=SimpleNamespace(scalars=lambda *a: None))
+  return run, params
+
+
+def test_two_online_steps_fast():
+  cfg = _config()
+  rows_of, params_of = [], []
+  for _ in range(2):
+    run, params = _stub_run(cfg)
+    start = [np.asarray(x) for x in jax.tree.leaves(params)]
+    rows, final = loop.run_online(
+        run, params, start_cost=cost.Cost(),
+        evaluate=lambda name, p, info: {"step": info["improve_step"],
+                                        "loss": info["train_loss"], **info["cost"].as_row()})
+    rows_of.append(rows)
+    params_of.append([np.asarray(x) for x in jax.tree.leaves(final)])
+  rows = rows_of[0]
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+  assert [r["samples_drawn"] for r in rows] == [8, 16]  # 4 prompts x N = 2 per step.
+  p = cost.num_params(params)
+  assert rows[1]["flops"] == pytest.approx(2 * p * 16 * (12 + 8) + 6 * p * 16 * (12 + 8))
+  assert any(not np.array_equal(a, b) for a, b in zip(start, params_of[0]))  # Params moved.
+  assert rows_of[0] == rows_of[1]  # Deterministic rerun.
+  for a, b in zip(*params_of):
+    np.testing.assert_array_equal(a, b)
