@@ -32,7 +32,7 @@ def _config(num_test_examples) -> C.RunConfig:
       grow=C.GrowConfig(sampling=C.SamplingConfig(num_samples=2, batch_size=32,
                                                   max_decode_len=24), chunk_size=32),
       eval=C.EvalConfig(num_examples=16, batch_size=16, max_decode_len=24,
-                        num_test_examples=num_test_examples))
+                        num_test_examples=num_test_examples, num_test_samples=4))
 
 
 def _params(workdir, cfg, phase):
@@ -44,7 +44,9 @@ def test_test_split_does_not_change_training_or_selection(tmp_path):
   with_test, without = _config(None), _config(0)
   a = pipeline.run(with_test, str(tmp_path / "test"), progress=False)["rows"]
   b = pipeline.run(without, str(tmp_path / "none"), progress=False)["rows"]
-  assert all({"test_reward", "test_exact_match", "test_independent"} <= set(r) for r in a)
+  assert all({"test_reward", "test_exact_match", "test_independent", "test_pass@1", "test_pass@4",
+              "test_distinct_2"} <= set(r) for r in a)
+  assert all(r["test_pass@1"] <= r["test_pass@4"] for r in a)
   assert not any(k.startswith("test_") for r in b for k in r)
   # Same validation metrics, thresholds and training sets: the test evaluation fed nothing back.
   assert [{k: v for k, v in r.items() if not k.startswith("test_")} for r in a] == b

@@ -76,6 +76,13 @@ def test_experiment_parses(path, user_paths):
     assert cfg.improve.restart_from_base and cfg.improve.max_per_prompt == 10
   if name == "user_files_cpu.gin":
     assert cfg.task == "user_task"
+  if name == "online_arith_cpu.gin":
+    assert (cfg.algorithm, cfg.task, cfg.online.prompts_per_step, cfg.online.regrow_every) == (
+        "online", "arith", 32, 1)
+    # Equal samples drawn: 62 online steps x 32 x 4 against ReST's 2,000 prompts x 4.
+    assert cfg.online.num_steps * 32 * cfg.grow.sampling.num_samples == 7936
+  if name == "numbers_de_en_cpu.gin":
+    assert cfg.eval.num_test_samples == 4
 
 
 @pytest.mark.parametrize("path", USER_PATH_FILES, ids=os.path.basename)

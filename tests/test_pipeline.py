@@ -62,7 +62,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
                                      "train_examples", "eval_reward", "eval_exact_match",
                                      "eval_independent", "eval_independent_se",
                                      "independent_metric", "test_reward", "test_exact_match",
-                                     "test_independent", "test_independent_se"}
+                                     "test_independent", "test_independent_se",
+                                     "samples_drawn", "sampled_tokens", "trained_tokens",
+                                     "flops"}
+  # Cumulative cost: Grow g draws samples, every phase trains; counts only grow.
+  drawn = [r["samples_drawn"] for r in summary["rows"]]
+  assert drawn[0] == 0 and drawn[1] > 0 and drawn[1] == drawn[2] < drawn[3] == drawn[4]
+  assert all(a["flops"] < b["flops"] for a, b in zip(summary["rows"], summary["rows"][1:]))
   assert summary["rows"][0]["independent_metric"] == "bleu"  # The monitor of a chrF reward.
   assert os.path.exists(os.path.join(ref_dir, "report", "eval_reward.png"))
   assert os.path.exists(os.path.join(ref_dir, "report", "grow_g001_rewards.png"))

@@ -206,7 +206,8 @@ def plot_comparison(summaries: Mapping[str, dict], out: str,
 
   groups = groups or {label: [label] for label in summaries}
   statistics = seed_statistics(summaries, groups)
-  longest = [_phase(r) for r in max(summaries.values(), key=lambda s: len(s["rows"]))["rows"]]
+  # Every run's phases in order of first appearance (runs of other algorithms add theirs).
+  longest = list(dict.fromkeys(_phase(r) for s in summaries.values() for r in s["rows"]))
   fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(longest) + 3), 4))
   for group, labels in groups.items():
     points = [s for s in statistics if s["group"] == group]

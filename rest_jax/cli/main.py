@@ -216,7 +216,7 @@ def _sweep(args: argparse.Namespace, bindings: list[str]) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-  from rest_jax.cli import compare  # pylint: disable=g-import-not-at-top
+  from rest_jax.cli import compare, compare_cost  # pylint: disable=g-import-not-at-top
 
   workdirs = compare.resolve_workdirs(args.workdirs)
   summaries = compare.load_summaries(workdirs)
@@ -225,8 +225,14 @@ def _compare(args: argparse.Namespace) -> None:
   if any(len(labels) > 1 for labels in groups.values()):
     print()
     print(compare.format_seed_statistics(compare.seed_statistics(summaries, groups)))
+  if compare_cost.has_extras(summaries):
+    print()
+    print(compare_cost.format_cost_table(summaries))
   if args.out:
     print(f"wrote {compare.plot_comparison(summaries, args.out, groups)}")
+    cost_plot = compare_cost.plot_cost(summaries, args.out)
+    if cost_plot:
+      print(f"wrote {cost_plot}")
 
 
 def _inspect(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 from rest_jax.config.checks import one_of, require
+from rest_jax.config.online import ALGORITHMS, OnlineConfig
 from rest_jax.config.losses import BvmpoConfig, GoldConfig, OacConfig, RaftPpConfig, ValueConfig
 from rest_jax.models.base import ModelConfig
 
@@ -181,6 +182,10 @@ class EvalConfig:
   # Test prompts evaluated once per finished phase (the first ones of the task's "test" split):
   # None takes num_examples; 0 turns the test evaluation off (as does a task without "test").
   num_test_examples: int | None = None
+  # Pass@k and diversity on the test split (rest_jax.diversity): N samples per test prompt at
+  # the Grow sampling temperature / top-k / top-p, once per finished phase; 0 turns them off.
+  num_test_samples: int = 0
+  pass_threshold: float = 1.0  # A test sample counts as correct for pass@k at reward >= this.
   # How far the independent metric may fall while the reward rises before the monitor flags a
   # phase. < 0 ("auto"): MONITOR_NOISE_SIGMAS standard errors of the difference of the two
   # phases' means (each the standard error of the metric's mean over the eval set, the noise a
@@ -196,6 +201,12 @@ class EvalConfig:
     require(self.num_test_examples is None or self.num_test_examples >= 0,
              f"EvalConfig.num_test_examples must be >= 0 (0 turns the test evaluation off) or "
              f"None (as many as num_examples), got {self.num_test_examples}.")
+    require(self.num_test_samples >= 0,
+             f"EvalConfig.num_test_samples must be >= 0 (0 turns pass@k / diversity off), got "
+             f"{self.num_test_samples}.")
+    require(0.0 <= self.pass_threshold <= 1.0,
+             f"EvalConfig.pass_threshold must lie in [0, 1] (rewards are normalised), got "
+             f"{self.pass_threshold}.")
 
   @property
   def test_size(self) -> int:
@@ -257,8 +268,13 @@ class RunConfig:
   init_checkpoint: str = ""
   # False skips BC (for an already-supervised start): the start is evaluated and used as BC's.
   run_bc: bool = True
+  # "rest" (BC, then G x (Grow, I x Improve)), or after BC the on-policy baselines of
+  # rest_jax.online: "online" (GRPO) or "semi_online" (ReST re-Grown every k steps).
+  algorithm: str = "rest"
+  online: OnlineConfig = OnlineConfig()  # Read by "online" / "semi_online" only.
 
   def __post_init__(self):
+    one_of("RunConfig.algorithm", self.algorithm, ALGORITHMS)
     require(self.run_bc or bool(self.init_checkpoint),
              "run_bc=False needs RunConfig.init_checkpoint (a supervised checkpoint to start "
              "from); set it or keep run_bc=True.")

@@ -36,11 +36,12 @@ from rest_jax.improve import memory as train_memory
 from rest_jax.improve.losses import Loss
 from rest_jax.improve.schedules import Schedule
 from rest_jax.models import build_model
+from rest_jax.online import loop as online_loop
 from rest_jax.parallel import distributed, meshes
 from rest_jax.parallel.layout import Layout
 from rest_jax.pipeline.reporting import Reporter
 from rest_jax.pipeline.workdir import Workdir
-from rest_jax import rewards, tasks
+from rest_jax import diversity, rewards, tasks
 from rest_jax.tasks import data
 
 logger = logging.getLogger("rest_jax")
@@ -167,6 +168,8 @@ def resolve(config: RunConfig, *, devices: Sequence[Any] | None = None,
       {"GrowConfig.sampling.batch_size x num_samples": s.batch_size * s.num_samples,
        "EvalConfig.batch_size": config.eval.batch_size},
       num_batch_shards=layout.num_batch_shards, processes=False)
+  if config.algorithm != "rest":  # Before BC: an impossible online config fails now.
+    online_loop.check(config, layout.num_batch_shards)
   bc_loss, improve_loss = _losses(config)
   abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract)
@@ -271,6 +274,25 @@ def check_memory(parts: Parts, available: int | None) -> None:
                                   layout=parts.layout, batch_size=train.batch_size)
 
 
+def test_eval_fn(parts: Parts, test_set: EvalSet, evaluation: dict) -> EvalFn:
+  """The test split's ``"test_*"`` metrics: greedy (``make_eval_fn``) and, with
+  ``EvalConfig.num_test_samples`` > 0, pass@k and distinct-n of sampled answers."""
+  config = parts.config
+  greedy = make_eval_fn(eval_set=test_set, prefix="test", **evaluation)
+  n = config.eval.num_test_samples
+  if not n:
+    return greedy
+  s = config.grow.sampling
+  sampler = Sampler(parts.graphdef, parts.layout, num_samples=n,
+                    max_decode_len=config.eval.max_decode_len, temperature=s.temperature,
+                    top_k=s.top_k, top_p=s.top_p, batch_size=config.eval.batch_size)
+  sampled = diversity.make_sample_eval_fn(
+      sampler=sampler, eval_set=test_set, reward=evaluation["reward"], vocab=evaluation["vocab"],
+      batch_size=config.eval.batch_size, seed=config.seed,
+      pass_threshold=config.eval.pass_threshold)
+  return lambda params: {**greedy(params), **sampled(params)}
+
+
 def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
   """Everything a run needs, built once (params initialised or loaded, on the Layout)."""
   parts = resolve(config)
@@ -287,9 +309,8 @@ def build(config: RunConfig, workdir: Workdir, *, progress: bool = True) -> Run:
                     independent=metric and reward_call(rewards.get_reward(metric), metric))
   eval_fn = make_eval_fn(eval_set=eval_set(config, task), **evaluation)
   num_test = num_test_prompts(config, task)
-  test_fn = num_test and make_eval_fn(
-      eval_set=eval_set(config, task, num_test, split=tasks.TEST_SPLIT), prefix="test",
-      **evaluation)
+  test_fn = num_test and test_eval_fn(parts, eval_set(config, task, num_test,
+                                                      split=tasks.TEST_SPLIT), evaluation)
   reporter = Reporter(workdir, enabled=jax.process_index() == 0,
                       monitor_tolerance=config.eval.monitor_tolerance)
   return Run(parts=parts, workdir=workdir, task=task, vocab=vocab, reward=reward,

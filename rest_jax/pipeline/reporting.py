@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+import re
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +20,18 @@ ROW_KEYS = ("phase", "grow_step", "improve_step", "threshold", "train_examples",
 
 
 TEST_KEYS = ("test_reward", "test_exact_match", "test_independent", "test_independent_se")
+# Pass@k and diversity of sampled test answers (rest_jax.diversity), when they are on.
+SAMPLED_TEST_KEYS = re.compile(r"test_(pass@\d+|distinct_\d+(_se)?|sample_reward)")
+# Cost counters of every row (rest_jax.online.cost): cumulative over the run up to the phase.
+COST_KEYS = ("samples_drawn", "sampled_tokens", "trained_tokens", "flops")
+# The test-set diversity the monitor watches next to the independent metric: distinct-2, or
+# distinct-1 where the answers have no bigram (e.g. one-number answers).
+DIVERSITY_KEYS = ("test_distinct_2", "test_distinct_1")
+
+
+def diversity_key(rows: Sequence[Mapping[str, Any]]) -> str | None:
+  """The first of ``DIVERSITY_KEYS`` that some row has (None: no sampled test answers)."""
+  return next((k for k in DIVERSITY_KEYS if any(r.get(k) is not None for r in rows)), None)
 
 
 def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: float | None,
@@ -26,7 +39,8 @@ def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: flo
                 eval_independent: float | None = None,
                 independent_metric: str | None = None,
                 eval_independent_se: float | None = None,
-                test: Mapping[str, float] | None = None) -> dict:
+                test: Mapping[str, float] | None = None,
+                cost: Mapping[str, float] | None = None) -> dict:
   """One row of ``summary.json`` (the shape tools rely on).
 
   "eval_*" are the validation split's metrics (what every selection used). With the
@@ -34,7 +48,9 @@ def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: flo
   on D_eval), "eval_independent_se" (the standard error of that mean over the eval set) and
   "independent_metric" (its name). With a test split, ``test`` adds "test_reward",
   "test_exact_match" (and "test_independent"): the phase's chosen params evaluated once on the
-  test split, which nothing selects on.
+  test split, which nothing selects on; with ``EvalConfig.num_test_samples`` also
+  "test_pass@k", "test_distinct_1/2" (and "_se") and "test_sample_reward". ``cost`` adds the
+  run's cumulative "samples_drawn", "sampled_tokens", "trained_tokens" and "flops".
   """
   row = {"phase": phase, "grow_step": int(grow_step), "improve_step": int(improve_step),
          "threshold": None if threshold is None else float(threshold),
@@ -44,10 +60,13 @@ def summary_row(*, phase: str, grow_step: int, improve_step: int, threshold: flo
     row.update(eval_independent=float(eval_independent), independent_metric=independent_metric)
     if eval_independent_se is not None:
       row["eval_independent_se"] = float(eval_independent_se)
-  unknown = set(test or {}) - set(TEST_KEYS)
+  unknown = {k for k in (test or {})
+             if k not in TEST_KEYS and not SAMPLED_TEST_KEYS.fullmatch(k)}
+  unknown |= set(cost or {}) - set(COST_KEYS)
   if unknown:
     raise ValueError(f"summary_row: unknown test metrics {sorted(unknown)}; use {TEST_KEYS}.")
   row.update({k: float(v) for k, v in (test or {}).items()})
+  row.update({k: float(v) for k, v in (cost or {}).items()})
   return row
 
 
@@ -55,39 +74,56 @@ def _label(row: Mapping[str, Any]) -> str:
   return "BC" if row["phase"] == "bc" else f"g{row['grow_step']} i{row['improve_step']}"
 
 
-def monitor_tolerance(a: Mapping[str, Any], b: Mapping[str, Any], setting: float = -1.0) -> float:
-  """How far the independent metric may fall from row ``a`` to ``b`` before it counts.
+def monitor_tolerance(a: Mapping[str, Any], b: Mapping[str, Any], setting: float = -1.0,
+                      se_key: str = "eval_independent_se") -> float:
+  """How far a watched metric may fall from row ``a`` to ``b`` before it counts.
 
   ``setting`` >= 0 is used as is; < 0 (auto) gives MONITOR_NOISE_SIGMAS x sqrt(se_a^2 + se_b^2),
-  the eval-set noise of the difference of the two means (rows without
-  "eval_independent_se" count as noiseless).
+  the eval-set noise of the difference of the two means (``se_key``: the rows' standard error
+  of the metric; rows without it count as noiseless).
   """
   if setting >= 0:
     return float(setting)
-  se_a, se_b = (float(r.get("eval_independent_se") or 0.0) for r in (a, b))
+  se_a, se_b = (float(r.get(se_key) or 0.0) for r in (a, b))
   return float(MONITOR_NOISE_SIGMAS * np.hypot(se_a, se_b))
+
+
+def _drops(rows: Sequence[Mapping[str, Any]], key: str, tolerance: float,
+           name: Callable[[Mapping[str, Any]], str]) -> list[dict]:
+  """Consecutive rows (of those with ``key``) where eval_reward rose and ``key`` fell by more
+  than its tolerance (its standard error: ``key + "_se"``)."""
+  rows = [r for r in rows if r.get(key) is not None]
+  events = []
+  for a, b in zip(rows, rows[1:]):
+    d_reward = b["eval_reward"] - a["eval_reward"]
+    d_metric = b[key] - a[key]
+    tol = monitor_tolerance(a, b, tolerance, se_key=key + "_se")
+    if d_reward > 0 and d_metric < -tol:
+      events.append({"from": _label(a), "to": _label(b), "reward_change": float(d_reward),
+                     "metric_change": float(d_metric), "metric": name(b), "tolerance": tol})
+  return events
 
 
 def reward_hacking_events(rows: Sequence[Mapping[str, Any]], tolerance: float = -1.0
                           ) -> list[dict]:
-  """Consecutive phases where the eval reward rose while the independent metric fell by more
-  than the tolerance (``monitor_tolerance``; < 0: auto, from the eval noise).
+  """Consecutive phases where the eval reward rose while the independent metric, or the test
+  samples' diversity (``diversity_key``: distinct-2, else distinct-1), fell by more than the
+  tolerance (``monitor_tolerance``; < 0: auto, from the eval noise).
 
   Returns:
     one dict per such pair: {"from", "to" (phase labels), "reward_change", "metric_change",
-    "metric", "tolerance"}; rows without "eval_independent" are skipped.
+    "metric" (the independent metric's name, or the diversity key), "tolerance"}; rows without
+    the metric are skipped.
   """
-  rows = [r for r in rows if r.get("eval_independent") is not None]
-  events = []
-  for a, b in zip(rows, rows[1:]):
-    d_reward = b["eval_reward"] - a["eval_reward"]
-    d_metric = b["eval_independent"] - a["eval_independent"]
-    tol = monitor_tolerance(a, b, tolerance)
-    if d_reward > 0 and d_metric < -tol:
-      events.append({"from": _label(a), "to": _label(b), "reward_change": float(d_reward),
-                     "metric_change": float(d_metric), "metric": b.get("independent_metric"),
-                     "tolerance": tol})
-  return events
+  key = diversity_key(rows)
+  return (_drops(rows, "eval_independent", tolerance, lambda r: r.get("independent_metric"))
+          + (_drops(rows, key, tolerance, lambda r: key) if key else []))
+
+
+def watched(rows: Sequence[Mapping[str, Any]]) -> bool:
+  """Whether the monitor has anything to watch (an independent metric or test diversity)."""
+  return diversity_key(rows) is not None or any(r.get("eval_independent") is not None
+                                                for r in rows)
 
 
 def describe_tolerance(setting: float) -> str:
@@ -125,7 +161,7 @@ class Reporter:
     """The summary dict: rows, wall time and, with the monitor on, "reward_hacking" (the
     ``reward_hacking_events``), "reward_hacking_suspected" and "reward_hacking_tolerance"."""
     summary = {"rows": list(rows), "wall_time_s": float(wall_time_s)}
-    if any(r.get("eval_independent") is not None for r in rows):
+    if watched(rows):
       events = reward_hacking_events(rows, self.monitor_tolerance)
       summary.update(reward_hacking=events, reward_hacking_suspected=bool(events),
                      reward_hacking_tolerance=describe_tolerance(self.monitor_tolerance))
@@ -166,10 +202,13 @@ class Reporter:
       metric = next(r["independent_metric"] for r in rows if r.get("eval_independent") is not None)
       ax.plot(x, [r.get("eval_independent", np.nan) for r in rows], "^-.",
               label=f"independent: {metric}")
-      for n, e in enumerate(reward_hacking_events(rows, self.monitor_tolerance)):
-        ax.axvspan(labels.index(e["to"]) - 1, labels.index(e["to"]), color="C3", alpha=0.12,
-                   label=None if n else f"possible reward hacking: {metric} fell by more "
-                   "than its tolerance while the reward rose")
+    key = diversity_key(rows)
+    if key:
+      ax.plot(x, [r.get(key, np.nan) for r in rows], "v:", label=f"test distinct-{key[-1]}")
+    for n, e in enumerate(reward_hacking_events(rows, self.monitor_tolerance)):
+      ax.axvspan(labels.index(e["to"]) - 1, labels.index(e["to"]), color="C3", alpha=0.12,
+                 label=None if n else f"possible reward hacking: {e['metric']} fell by more "
+                 "than its tolerance while the reward rose")
     ax.set_xticks(x, labels)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("held-out score")
@@ -220,15 +259,23 @@ def _cell(value: float | None, width: int, digits: int) -> str:
 def format_table(rows: Sequence[dict], tolerance: float = -1.0) -> str:
   """A plain-text table of summary rows: validation reward and exact match; with the monitor
   on, the independent metric, carrying "!" where the monitor flags the phase; then (when any
-  row has them) test reward and exact match ("-" where a row has none)."""
+  row has them) test reward and exact match ("-" where a row has none), and with sampled test
+  answers pass@1, pass@N and distinct-2 (distinct-1 where answers have no bigram), with "!"
+  where the monitor flags a diversity drop."""
   metric = next((r.get("independent_metric") for r in rows
                  if r.get("eval_independent") is not None), None)
-  flagged = {e["to"] for e in reward_hacking_events(rows, tolerance)}
+  events = reward_hacking_events(rows, tolerance)
+  key = diversity_key(rows)
+  flagged = {e["to"] for e in events if e["metric"] not in DIVERSITY_KEYS}
+  less_diverse = {e["to"] for e in events if e["metric"] in DIVERSITY_KEYS}
   test = any(r.get("test_reward") is not None for r in rows)
+  pass_n = max((int(k[10:]) for r in rows for k in r if k.startswith("test_pass@")), default=0)
   head = f"{'phase':8} {'g':>2} {'i':>2} {'tau':>6} {'examples':>9} {'reward':>7} {'exact':>6}"
   if metric:
     head += f" {metric[:8]:>9}"
   head += f" {'test':>7} {'t.exact':>7}" if test else ""
+  dist = f"dist{key[-1]}" if key else "dist"
+  head += f" {'pass@1':>7} {f'pass@{pass_n}':>8} {dist:>7}" if pass_n else ""
   lines = [head, "-" * len(head)]
   for r in rows:
     tau = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
@@ -240,6 +287,10 @@ def format_table(rows: Sequence[dict], tolerance: float = -1.0) -> str:
                else f" {'-':>8} ")
     if test:
       line += f" {_cell(r.get('test_reward'), 7, 4)} {_cell(r.get('test_exact_match'), 7, 3)}"
+    if pass_n:
+      flag = "!" if _label(r) in less_diverse else " "
+      line += (f" {_cell(r.get('test_pass@1'), 7, 3)} {_cell(r.get(f'test_pass@{pass_n}'), 8, 3)}"
+               f" {_cell(r.get(key), 6, 3)}{flag}")
     lines.append(line)
   return "\n".join(lines)
 
@@ -250,11 +301,14 @@ def format_result(result: Mapping[str, Any], workdir: str) -> str:
   rows = result["rows"]
   lines = [format_table(rows, result.get("monitor_tolerance", -1.0)), ""]
   if "reward_hacking_suspected" in result:
-    metric = next(r["independent_metric"] for r in rows if r.get("eval_independent") is not None)
+    metric = next((r["independent_metric"] for r in rows
+                   if r.get("eval_independent") is not None), None)
+    watching = ([f"independent metric {metric}"] if metric else []) + (
+        [f"test distinct-{key[-1]}"] if (key := diversity_key(rows)) else [])
     events = result["reward_hacking"]
     verdict = (f"SUSPECTED at {', '.join(e['to'] for e in events)} (marked !)" if events
                else "not suspected")
-    lines.append(f"reward hacking: {verdict}; independent metric {metric}, flagged on "
+    lines.append(f"reward hacking: {verdict}; {' and '.join(watching)}, flagged on "
                  f"{result['reward_hacking_tolerance']} while the reward rises.")
   lines.append(f"summary: {storage.join(workdir, 'summary.json')}; plots: "
                f"{storage.join(workdir, 'report')}; TensorBoard: tensorboard --logdir "

@@ -17,6 +17,7 @@ from rest_jax import buckets
 from rest_jax.config import RunConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import dataset as growdata
+from rest_jax.online import cost, loop
 from rest_jax.parallel import distributed, preemption
 from rest_jax.pipeline import build, phases
 from rest_jax.pipeline.workdir import Workdir, phase_name
@@ -41,8 +42,11 @@ class Phase:
 
 
 def plan(config: RunConfig) -> list[Phase]:
-  """BC, then for g = 1..G: Grow g and Improve (g, 1..I)."""
+  """BC, then for g = 1..G: Grow g and Improve (g, 1..I) (only BC for the online algorithms,
+  whose loop ``rest_jax.online.loop`` runs after it)."""
   phases_: list[Phase] = [Phase("bc")]
+  if config.algorithm != "rest":
+    return phases_
   count = 0
   for g in range(1, config.num_grow_steps + 1):
     phases_.append(Phase("grow", g))
@@ -86,6 +90,7 @@ def _run_phases(run_: build.Run, config: RunConfig, wd: Workdir,
   policies = phases.Policies(run_)
   current: phases.GrowPlan | None = None
   last = "bc"
+  spent = cost.Cost()  # Samples and FLOPs so far (every row carries them).
   for phase in plan(config):
     preemption.check(f"before {phase.name}")  # Nothing of this phase has run yet.
     g, i = phase.grow_step, phase.improve_step
@@ -93,6 +98,7 @@ def _run_phases(run_: build.Run, config: RunConfig, wd: Workdir,
       if not growdata.is_complete(wd.grow_dir(g)):
         save_state(_state_name(phase))
         phases.grow(run_, g, policies.get(last))
+      spent += loop.phase_cost(run_, "grow", phase.name, g)
       current = phases.plan_improve(run_, g)
       progress.grow_stats[g] = current.stats
       progress.taus[g] = [t.value for t in current.thresholds]
@@ -110,11 +116,16 @@ def _run_phases(run_: build.Run, config: RunConfig, wd: Workdir,
                                count=phase.count)
     last = phase.name
     policies.forget_except("bc", last)
-    progress.rows.append(summary)
+    spent += loop.phase_cost(run_, phase.kind, phase.name)
+    progress.rows.append({**summary, **spent.as_row()})
     logger.info("%s: eval reward %.4f, exact match %.3f%s", "BC" if phase.kind == "bc" else
                 f"Improve g{g} i{i}", summary["eval_reward"], summary["eval_exact_match"],
                 "" if summary.get("test_reward") is None else
                 f"; test reward {summary['test_reward']:.4f}")
+
+  if config.algorithm != "rest":
+    save_state(config.algorithm)
+    progress.rows += loop.online_phase(run_, policies.get("bc"), spent)
 
 
 def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: bool = True) -> dict:
