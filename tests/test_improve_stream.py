@@ -221,3 +221,21 @@ def test_streamed_stats_equal_numpy(kind):
   assert got.mean == pytest.approx(want.mean, rel=1e-12)
   assert got.std == pytest.approx(want.std, rel=1e-9)
   assert got.mean_all == pytest.approx(want.mean_all, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fixed", "quantile", "linear", "per_source_percentile",
+                                  "per_source_interpolation"])
+def test_streamed_schedules_equal_in_memory(grows, name):
+  from rest_jax.grow.rewards import StreamedGrowRewards  # pylint: disable=g-import-not-at-top
+  from rest_jax.improve import schedules  # pylint: disable=g-import-not-at-top
+  schedule = schedules.make_schedule(name, quantiles=(0.3, 0.5, 0.77), percentiles=(20, 50, 95))
+  directory = grows[3][0]
+  want, want_messages = schedule.plan(
+      schedules.GrowRewards.from_index(growdata.load_index(directory)), num_improve_steps=3)
+  got, messages = schedule.plan(StreamedGrowRewards(directory), num_improve_steps=3)
+  assert messages == want_messages
+  for a, b in zip(got, want):
+    assert a.value == pytest.approx(b.value, rel=1e-12)
+    if b.per_source is not None:
+      np.testing.assert_array_equal(a.example_ids, b.example_ids)
+      np.testing.assert_array_equal(a.per_source, b.per_source)

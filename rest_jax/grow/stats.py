@@ -120,8 +120,8 @@ class Accumulator:
   Memory: 2 x 65536 counts plus 65536 per refined bucket (at most 2 per quantile).
   """
 
-  def __init__(self, histogram_bins: int = 20):
-    self.bins = histogram_bins
+  def __init__(self, histogram_bins: int = 20, quantiles: tuple[float, ...] = QUANTILES):
+    self.bins, self.qs = histogram_bins, tuple(float(q) for q in quantiles)
     self.count = self.num_originals = 0
     self.sum_all = 0.0
     self._dist = {True: _Moments(), False: _Moments()}  # samples (True) / all records.
@@ -151,7 +151,7 @@ class Accumulator:
   def _ranks(self) -> list[tuple[int, int, float]]:
     n = self._dist[self._samples].n
     out = []
-    for q in QUANTILES:
+    for q in self.qs:
       virtual = (n - 1) * q
       lo = int(np.floor(virtual))
       out.append((lo, min(lo + 1, n - 1), float(virtual - lo)))
@@ -180,14 +180,18 @@ class Accumulator:
     low = int(np.searchsorted(np.cumsum(self._low[bucket]), rank - before, side="right"))
     return float(np.uint32((bucket << 16) | low).view(np.float32))
 
+  def quantile_values(self) -> list[float]:
+    """The quantiles (constructor's ``quantiles``), numpy's linear rule, after both passes."""
+    return [_lerp(self._order_statistic(lo), self._order_statistic(hi), t)
+            for lo, hi, t in self._ranks()]
+
   def result(self, *, grow_step: int = -1,
              chunks: dict[str, dict[str, Any]] | None = None) -> GrowStats:
     """The GrowStats (``compute_stats``'s fields) after both passes."""
     if self.count == 0:
       raise ValueError("compute_stats needs at least one record")
     dist = self._dist[self._samples]
-    quantiles = {str(q): _lerp(self._order_statistic(lo), self._order_statistic(hi), t)
-                 for q, (lo, hi, t) in zip(QUANTILES, self._ranks())}
+    quantiles = dict(zip(map(str, self.qs), self.quantile_values()))
     edges = np.histogram(np.zeros(0), bins=self.bins, range=(0.0, 1.0))[1]
     return GrowStats(
         count=self.count, num_samples=self._dist[True].n, num_originals=self.num_originals,

@@ -15,7 +15,8 @@ Two sources of global batches, each host keeping only the rows its devices hold:
   chunk file through ``storage``), and parses and pads them. No host reads another host's rows.
 
 Host memory of ``ImproveBatches``: the bucket count table (8 bytes per bucket of about 2^20
-records), at most 64 open file handles, and a few batches in flight (the prefetch queue). It does
+records), at most 64 open file handles per reading thread, and the batches in flight (the
+prefetch queue, 4 by default). It does
 not grow with the Grow set. The loader's position is the next global batch index (``state``);
 the Improve checkpoint stores it with the selection's fingerprint, so a resumed phase continues
 with exactly the next batch.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import threading
 from typing import Iterator, Mapping
 
 import jax
@@ -98,7 +100,13 @@ class ImproveBatches:
     self.batch_size, self.seed, self.rows = batch_size, seed, rows
     self.input_len, self.target_len = input_len, target_len
     self._starts = np.concatenate([[0], np.cumsum(selected.bucket_counts)])
-    self._files = chunkindex.FileCache()
+    self._local = threading.local()  # One FileCache per reading thread.
+
+  @property
+  def _files(self) -> chunkindex.FileCache:
+    if not hasattr(self._local, "files"):
+      self._local.files = chunkindex.FileCache()
+    return self._local.files
 
   def state(self, next_batch: int) -> dict:
     """The loader position to checkpoint: the next global batch and what it indexes."""
@@ -148,9 +156,11 @@ class ImproveBatches:
     out["example_id"] = ex["example_id"].numpy().astype(np.int64)
     return out
 
-  def iterate(self, start: int, *, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Batches ``start``, ``start + 1``, ... forever, ``prefetch`` of them read ahead."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+  def iterate(self, start: int, *, prefetch: int = 4,
+              workers: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """Batches ``start``, ``start + 1``, ... forever, in order; ``prefetch`` of them are read
+    ahead by ``workers`` threads (file reads and parsing release the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       pending = [pool.submit(self.batch, start + i) for i in range(prefetch)]
       k = start + prefetch
       while True:

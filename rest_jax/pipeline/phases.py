@@ -24,12 +24,13 @@ from flax import nnx
 from rest_jax.config import TrainConfig
 from rest_jax.evaluation import independent_metric_name
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow.rewards import StreamedGrowRewards
 from rest_jax.grow.sampler import place_params
 from rest_jax.grow.step import run_grow
 from rest_jax.improve import batches as hostdata
 from rest_jax.improve import losses, selected, selection, value
 from rest_jax.improve.extras import Extras, build_extras
-from rest_jax.improve.schedules import GrowRewards, Threshold
+from rest_jax.improve.schedules import Threshold
 from rest_jax.improve.trainer import Trainer, make_optimizer, train_phase
 from rest_jax.parallel import distributed
 from rest_jax.pipeline.build import Run
@@ -203,7 +204,7 @@ def plan_improve(run: Run, g: int) -> GrowPlan:
   c = run.config
   grow_dir = run.workdir.grow_dir(g)
   stats = dataclasses.asdict(growdata.read_stats(grow_dir))
-  plan, messages = run.parts.schedule.plan(GrowRewards.from_index(growdata.load_index(grow_dir)),
+  plan, messages = run.parts.schedule.plan(StreamedGrowRewards(grow_dir),
                                            num_improve_steps=c.num_improve_steps)
   for message in messages:
     logger.info("grow g%d: %s", g, message)
