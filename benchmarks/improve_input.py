@@ -22,9 +22,12 @@ import json
 import os
 import resource
 import socket
+import struct
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES, PROMPTS_PER_CHUNK, HOSTS = 7, 4096, 4
@@ -42,24 +45,96 @@ def _peak_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _varint(n: int) -> bytes:
+  n &= (1 << 64) - 1
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    out.append(byte | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _feature(key: str, kind: int, value: bytes) -> bytes:
+  """One ``features`` map entry: key -> Feature{kind: List{value}} (kind 1: one bytes value;
+  2 and 3: packed floats or varints)."""
+  return _field(1, _field(1, key.encode()) + _field(2, _field(kind, _field(1, value))))
+
+
+def _example(p: int, s: int, tokens: int, logprobs: bytes, *, inputs: int | None = None,
+             targets: int | None = None, reward: float | None = None) -> bytes:
+  """The serialized tf.train.Example of one synthetic record, encoded by hand (what a protobuf
+  parser reads from ``GrowRecord.serialize`` of the same record)."""
+  ints = lambda values: b"".join(_varint(v) for v in values)  # pylint: disable=unnecessary-lambda-assignment
+  if reward is None:
+    reward = 1.0 if s < 0 else ((p * 7 + s * 13) % 64) / 64
+  inputs = 2 + p % 97 if inputs is None else inputs
+  targets = 3 + (p + s) % 89 if targets is None else targets
+  body = b"".join([
+      _feature("example_id", 3, ints([p])), _feature("sample_idx", 3, ints([s])),
+      _feature("inputs", 3, ints([inputs] * (tokens - 1) + [1])),
+      _feature("targets", 3, ints([targets] * (tokens - 1) + [1])),
+      _feature("inputs_pretokenized", 1, b""),
+      _feature("targets_pretokenized", 1, b""),
+      _feature("reward", 2, struct.pack("<f", reward)), _feature("behaviour_logprobs", 2, logprobs),
+      _feature("is_original", 3, ints([int(s < 0)])), _feature("grow_step", 3, ints([1]))])
+  return _field(1, body)
+
+
+_ID_BASE = 1 << 20  # example ids in [2^20, 2^21): 3-byte varints, fixed positions.
+_SENTINELS = {"id": _ID_BASE + 0x2A5A5, "inputs": 0x55, "targets": 0x66, "reward": 0.123456789}
+
+
+def _encode(ids: np.ndarray, samples: int, tokens: int, logprobs: bytes) -> np.ndarray:
+  """uint8 `[n, bytes]`: the serialized records of sample ``samples`` (-1: the original) of the
+  prompts ``ids`` (in [2^20, 2^21)), filled into a hand-encoded template by column (every
+  variable field has a fixed width), the same bytes ``_example`` gives one at a time."""
+  sentinel = np.frombuffer(_example(_SENTINELS["id"], samples, tokens, logprobs,
+                                    inputs=_SENTINELS["inputs"], targets=_SENTINELS["targets"],
+                                    reward=_SENTINELS["reward"]), np.uint8)
+
+  def at(pattern: bytes) -> int:
+    hits = [i for i in range(len(sentinel)) if bytes(sentinel[i:i + len(pattern)]) == pattern]
+    assert len(hits) == 1, pattern
+    return hits[0]
+
+  out = np.tile(sentinel, (ids.size, 1))
+  pos = at(_varint(_SENTINELS["id"]))
+  for k in range(3):
+    out[:, pos + k] = ((ids >> (7 * k)) & 0x7F) | (0x80 if k < 2 else 0)
+  for key, value in (("inputs", 2 + ids % 97), ("targets", 3 + (ids + samples) % 89)):
+    pos = at(bytes([_SENTINELS[key]] * (tokens - 1) + [1]))
+    out[:, pos:pos + tokens - 1] = value[:, None]
+  reward = (np.ones(ids.size) if samples < 0 else ((ids * 7 + samples * 13) % 64) / 64)
+  pos = at(struct.pack("<f", _SENTINELS["reward"]))
+  out[:, pos:pos + 4] = reward.astype("<f4").view(np.uint8).reshape(-1, 4)
+  return out
+
+
 def write_host(directory: str, records: int, host: int, tokens: int) -> None:
-  """Host ``host``'s chunks of a synthetic Grow set (prompt p on host p % HOSTS)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from rest_jax.grow.dataset import GrowRecord, GrowWriter  # pylint: disable=g-import-not-at-top
-  prompts = [p for p in range(records // (SAMPLES + 1)) if p % HOSTS == host]
-  writer = GrowWriter(directory, host_id=host)
+  """Host ``host``'s chunks of a synthetic Grow set (prompt p on host p % HOSTS), committed as
+  ``GrowWriter`` commits them (a temporary name, renamed whole)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from rest_jax import storage  # pylint: disable=g-import-not-at-top
+  from rest_jax.grow import dataset as growdata  # pylint: disable=g-import-not-at-top
+  prompts = np.arange(host, records // (SAMPLES + 1), HOSTS) + _ID_BASE
+  writer = growdata.GrowWriter(directory, host_id=host)
   done = writer.completed_chunks()
-  logprobs = list(-0.25 * np.arange(1, tokens + 1))
+  logprobs = (-0.25 * np.arange(1, tokens + 1)).astype("<f4").tobytes()
   for k in range(0, len(prompts), PROMPTS_PER_CHUNK):
     if k // PROMPTS_PER_CHUNK in done:
       continue
-    chunk = [GrowRecord(example_id=p, sample_idx=s, inputs=[2 + p % 97] * (tokens - 1) + [1],
-                        targets=[3 + (p + s) % 89] * (tokens - 1) + [1], inputs_pretokenized="",
-                        targets_pretokenized="", reward=((p * 7 + s * 13) % 64) / 64 if s >= 0
-                        else 1.0, behaviour_logprobs=logprobs, is_original=s == -1,
-                        grow_step=1)
-             for p in prompts[k:k + PROMPTS_PER_CHUNK] for s in range(-1, SAMPLES)]
-    writer.write_chunk(k // PROMPTS_PER_CHUNK, chunk)
+    ids = prompts[k:k + PROMPTS_PER_CHUNK]
+    rows = [_encode(ids, s, tokens, logprobs) for s in range(-1, SAMPLES)]
+    final = storage.join(directory, growdata.chunk_name(host, k // PROMPTS_PER_CHUNK))
+    with storage.atomic_path(final, overwrite=False) as tmp, tf.io.TFRecordWriter(tmp) as out:
+      for i in range(ids.size):
+        for part in rows:
+          out.write(part[i].tobytes())
 
 
 def index_host(directory: str, host: int) -> None:
@@ -168,6 +243,8 @@ def _free_port() -> int:
 
 def memory_run(data: str, work: str, processes: int, steps: int, batch: int) -> list[dict]:
   sel = os.path.join(work, f"selection-p{processes}")
+  from rest_jax import storage  # pylint: disable=g-import-not-at-top
+  storage.rmtree(sel)  # Measure the selection too.
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=REPO,
              TF_CPP_MIN_LOG_LEVEL="3")
@@ -182,6 +259,8 @@ def throughput(data: str, work: str, batch: int, batches_read: int) -> dict:
   """Records/s of one host reading wmt_base-sized records (64 + 64 tokens)."""
   from rest_jax.improve import batches, selected  # pylint: disable=g-import-not-at-top
   from rest_jax.improve.schedules import Threshold  # pylint: disable=g-import-not-at-top
+  from rest_jax import storage  # pylint: disable=g-import-not-at-top
+  storage.rmtree(os.path.join(work, "selection-wmt"))
   chosen = selected.select_to_disk([data], os.path.join(work, "selection-wmt"),
                                    selected.Rules(threshold=Threshold(0.0)))
   out = {"records": chosen.count, "batch": batch}

@@ -17,8 +17,8 @@ a two-stage external shuffle over the per-chunk indexes (``rest_jax.grow.chunkin
 B = ceil(records / ``BUCKET_ROWS``) depends only on the Grow sets, and the bucket of a record
 only on its example_id, so the canonical order (bucket, example_id, sample_idx, Grow set) and
 therefore every batch are the same whatever the number of hosts (or of Grow chunk files).
-Host memory: one chunk index plus one spill run (``SPILL_ROWS`` x 64 bytes) while scattering,
-one bucket (about ``BUCKET_ROWS`` x 64 bytes) while reducing; per-source thresholds hold one
+Host memory: one chunk index plus one spill run (``SPILL_ROWS`` x 57 bytes) while scattering,
+one bucket (about ``BUCKET_ROWS`` x 57 bytes) while reducing; per-source thresholds hold one
 float per prompt. Nothing grows with the Grow set beyond the bucket count table (8 bytes per
 bucket).
 """
@@ -250,13 +250,18 @@ def merge(directories: Sequence[str], out_dir: str, rules: Rules) -> None:
   storage.write_json(storage.join(out_dir, SELECTION), record)
 
 
-def load(out_dir: str) -> tuple[Selection, dict]:
-  """The Selection of a finished ``select_to_disk`` and its raw record."""
+def load(out_dir: str, directories: Sequence[str]) -> tuple[Selection, dict]:
+  """The Selection of a finished ``select_to_disk`` over ``directories`` (their current paths:
+  a moved workdir still reads) and its raw record."""
   path = storage.join(out_dir, SELECTION)
   record = storage.read_json(path, keys=("sources", "files", "bucket_counts"),
                              fix=f"delete {out_dir} and rerun: the selection is rebuilt.")
-  digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-  return Selection(out_dir, tuple(record["sources"]), tuple(tuple(f) for f in record["files"]),
+  if len(record["sources"]) != len(directories):
+    raise RestJaxError(f"{path} selects from {len(record['sources'])} Grow sets, not "
+                       f"{len(directories)}; delete {out_dir} and rerun: it is rebuilt.")
+  content = {k: v for k, v in record.items() if k != "sources"}
+  digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+  return Selection(out_dir, tuple(directories), tuple(tuple(f) for f in record["files"]),
                    np.asarray(record["bucket_counts"], np.int64), record["dropped_all_pass"],
                    record["dropped_all_fail"], digest), record
 
@@ -291,7 +296,7 @@ def select_to_disk(directories: Sequence[str], out_dir: str, rules: Rules, *, ho
     if host_id == 0:
       merge(directories, out_dir, rules)
     barrier(f"{out_dir} merged")
-  result, record = load(out_dir)
+  result, record = load(out_dir, directories)
   if result.count == 0:
     raise _nothing_kept(rules, directories, record)
   return result
