@@ -294,7 +294,18 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results",
                                                     "improve_input_cpu.json"))
   parser.add_argument("--skip_throughput", action="store_true")
+  parser.add_argument("--only_throughput", action="store_true",
+                      help="rerun the throughput part only, updating --out")
   args = parser.parse_args(argv)
+  if args.only_throughput:
+    from rest_jax import storage  # pylint: disable=g-import-not-at-top
+    result = storage.read_json(args.out)
+    data = os.path.join(args.root, "grow_wmt_200000", "g001")
+    make_dataset(data, 200_000, tokens=64)
+    result["throughput"] = throughput(data, args.root, args.batch, 40)
+    storage.write_json(args.out, result)
+    print(json.dumps(result["throughput"], indent=1))
+    return
   result: dict = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "cpu_count": os.cpu_count(), "datasets": {}, "memory": [], "ratios": {}}
   for records in args.records:

@@ -147,15 +147,17 @@ def read_payloads(paths: Sequence[str], offsets: np.ndarray, lengths: np.ndarray
   """The serialized records at (``paths[i]``, ``offsets[i]``, ``lengths[i]``), one ranged read
   each, in the given order; reads are issued file by file, by increasing offset."""
   out: list[bytes] = [b""] * len(paths)
-  order = sorted(range(len(paths)), key=lambda i: (paths[i], int(offsets[i])))
-  for i in order:
-    f = handles.get(paths[i])
-    f.seek(int(offsets[i]))
-    data = f.read(int(lengths[i]))
-    if len(data) != int(lengths[i]):
-      raise RestJaxError(f"{paths[i]} ends before byte {int(offsets[i]) + int(lengths[i])}: the "
-                         "chunk changed after finalize. Delete it together with COMPLETED, "
-                         "stats.json and index.npz in its folder and rerun the Grow step.")
+  names, codes = np.unique(np.asarray(paths, dtype=object).astype(str), return_inverse=True)
+  offsets, lengths = np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+  for i in np.lexsort((offsets, codes)).tolist():
+    f = handles.get(str(names[codes[i]]))
+    start, size = int(offsets[i]), int(lengths[i])
+    f.seek(start)
+    data = f.read(size)
+    if len(data) != size:
+      raise RestJaxError(f"{names[codes[i]]} ends before byte {start + size}: the chunk changed "
+                         "after finalize. Delete it together with COMPLETED, stats.json and "
+                         "index.npz in its folder and rerun the Grow step.")
     out[i] = data
   return out
 
@@ -170,8 +172,7 @@ class FileCache:
   def get(self, path: str):
     handle = self._open.pop(path, None)
     if handle is None:
-      from etils import epath  # pylint: disable=g-import-not-at-top
-      handle = epath.Path(path).open("rb")
+      handle = storage.open_ranged(path)
       while len(self._open) >= self.capacity:
         oldest = next(iter(self._open))
         self._open.pop(oldest).close()

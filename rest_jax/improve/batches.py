@@ -14,8 +14,8 @@ Two sources of global batches, each host keeping only the rows its devices hold:
   table, reads its selected row (24 bytes) and then its serialized record (a ranged read of the
   chunk file through ``storage``), and parses and pads them. No host reads another host's rows.
 
-Host memory of ``ImproveBatches``: the bucket count table (8 bytes per bucket of about 2^20
-records), at most 64 open file handles per reading thread, and the batches in flight (the
+Host memory of ``ImproveBatches``: the bucket count table and paths (about 100 bytes per bucket
+of 2^20 records and per chunk file of the mixed Grow sets), at most 64 open file handles per reading thread, and the batches in flight (the
 prefetch queue, 4 by default). It does
 not grow with the Grow set. The loader's position is the next global batch index (``state``);
 the Improve checkpoint stores it with the selection's fingerprint, so a resumed phase continues
@@ -101,6 +101,9 @@ class ImproveBatches:
     self.input_len, self.target_len = input_len, target_len
     self._starts = np.concatenate([[0], np.cumsum(selected.bucket_counts)])
     self._local = threading.local()  # One FileCache per reading thread.
+    self._chunk_paths = [[selected.chunk_path(s, f) for f in range(len(files))]
+                         for s, files in enumerate(selected.files)]
+    self._bucket_paths = [selected.bucket_path(b) for b in range(len(selected.bucket_counts))]
 
   @property
   def _files(self) -> chunkindex.FileCache:
@@ -122,7 +125,7 @@ class ImproveBatches:
 
   def _selected_rows(self, positions: np.ndarray) -> np.ndarray:
     buckets = np.searchsorted(self._starts, positions, side="right") - 1
-    paths = [self.selected.bucket_path(int(b)) for b in buckets]
+    paths = [self._bucket_paths[b] for b in buckets.tolist()]
     offsets = (positions - self._starts[buckets]) * SELECTED_ROW.itemsize
     data = chunkindex.read_payloads(paths, offsets, np.full(positions.shape,
                                                             SELECTED_ROW.itemsize),
@@ -135,7 +138,7 @@ class ImproveBatches:
     `[rows]`, "behaviour_logprobs" f32 `[rows, target_len]`, "is_original" int32 `[rows]`,
     "example_id" int64 `[rows]`."""
     sel = self._selected_rows(self.records(batch))
-    paths = [self.selected.chunk_path(int(s), int(f)) for s, f in zip(sel["source"], sel["file"])]
+    paths = [self._chunk_paths[s][f] for s, f in zip(sel["source"].tolist(), sel["file"].tolist())]
     payloads = chunkindex.read_payloads(paths, sel["offset"], sel["length"], self._files)
     ex = tf.io.parse_example(tf.constant(payloads), _SPEC)
     out = {}
@@ -143,7 +146,7 @@ class ImproveBatches:
                                ("targets", self.target_len, np.int32),
                                ("behaviour_logprobs", self.target_len, np.float32)):
       ragged = ex[key]
-      longest = int(tf.reduce_max(ragged.row_lengths())) if len(payloads) else 0
+      longest = int(np.diff(ragged.row_splits.numpy()).max(initial=0))
       if longest > length:
         name = "input" if key == "inputs" else "target"
         raise RestJaxError(f"training data: example longer than {name}_len={length} ({longest} "
