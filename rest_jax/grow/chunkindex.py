@@ -19,7 +19,7 @@ the small index files (``rest_jax.grow.dataset.finalize``), one chunk at a time.
 from __future__ import annotations
 
 import io
-from typing import Iterable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -116,30 +116,25 @@ def read_rows(directory: str, chunk: str) -> np.ndarray:
   return rows
 
 
-def index_chunks(directory: str, chunks: Sequence[str], *, host_id: int,
-                 num_hosts: int) -> dict[str, np.ndarray]:
-  """Writes the index files of this host's share of ``chunks`` (chunk j when j % num_hosts ==
-  host_id) where missing or stale; returns {chunk: per-chunk summary} for that share.
+def _valid_index(directory: str, chunk: str) -> bool:
+  index = storage.join(directory, index_name(chunk))
+  if not storage.exists(index):
+    return False
+  try:
+    rows = from_bytes(storage.read_bytes(index))
+  except (ValueError, OSError, EOFError):
+    return False
+  return check_rows(rows, storage.size(storage.join(directory, chunk)))
 
-  The summary (``summarize``) is what ``finalize`` merges; memory: one chunk's rows at a time.
-  """
-  out = {}
+
+def index_chunks(directory: str, chunks: Sequence[str], *, host_id: int,
+                 num_hosts: int) -> None:
+  """Writes the index files of this host's share of ``chunks`` (chunk j when j % num_hosts ==
+  host_id) where missing or stale. Memory: one chunk's rows at a time."""
   for j, chunk in enumerate(chunks):
-    if j % num_hosts != host_id:
-      continue
-    index = storage.join(directory, index_name(chunk))
-    rows = read_rows(directory, chunk)
-    stale = True
-    if storage.exists(index):
-      try:
-        stale = not check_rows(from_bytes(storage.read_bytes(index)),
-                               storage.size(storage.join(directory, chunk)))
-      except (ValueError, OSError, EOFError):
-        stale = True
-    if stale:
-      storage.write_bytes(index, to_bytes(rows))
-    out[chunk] = rows
-  return out
+    if j % num_hosts == host_id and not _valid_index(directory, chunk):
+      storage.write_bytes(storage.join(directory, index_name(chunk)),
+                          to_bytes(read_rows(directory, chunk)))
 
 
 def read_payloads(paths: Sequence[str], offsets: np.ndarray, lengths: np.ndarray,
@@ -183,16 +178,3 @@ class FileCache:
     for handle in self._open.values():
       handle.close()
     self._open = {}
-
-
-def iter_rows(directory: str, chunks: Iterable[str]) -> Iterable[tuple[str, np.ndarray]]:
-  """(chunk, rows) for each chunk, one at a time."""
-  for chunk in chunks:
-    yield chunk, read_rows(directory, chunk)
-
-
-def columns(rows: np.ndarray) -> Mapping[str, np.ndarray]:
-  """The index columns that ``load_index`` returns, from ``ROW`` rows."""
-  return {"example_id": rows["example_id"], "sample_idx": rows["sample_idx"],
-          "reward": rows["reward"].astype(np.float32),
-          "is_original": rows["is_original"].astype(bool)}
