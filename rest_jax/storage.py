@@ -385,6 +385,15 @@ def read_json(path: str, *, keys: Sequence[str] | None = None, fix: str = _REBUI
   return value
 
 
+def open_ranged(path: str) -> Any:
+  """An open binary file for many small ``seek`` + ``read`` calls (the caller closes it): an
+  unbuffered local file (each read reads just its bytes), or epath's reader of an object-store
+  URL (ranged reads)."""
+  if is_local(path):
+    return open(path, "rb", buffering=0)  # pylint: disable=consider-using-with
+  return epath.Path(path).open("rb")
+
+
 @contextlib.contextmanager
 def local_folder(path: str) -> Iterator[str]:
   """``path`` itself when local; for a URL, a local temporary copy of the files directly in it

@@ -56,8 +56,12 @@ def fake(monkeypatch):
                      eval_fn=None, reporter=Reporter(workdir), base_params="params-init",
                      progress=progress)
 
-  def train(run, name, *, params, cfg, loss, dataset, seed, lr_scale, extras=None):
+  def train(run, name, *, params, cfg, loss, seed, lr_scale, dataset=None, improve_set=None,
+            extras=None):
     count = 0 if dataset is None else sum(1 for _ in dataset.as_numpy_iterator())
+    if improve_set is not None:  # The records in the files each host's loader reads.
+      count = sum(os.path.getsize(improve_set.bucket_path(b)) // 24
+                  for b in range(len(improve_set.bucket_counts)))
     calls["train"].append({"name": name, "start": params, "cfg": cfg, "count": count})
     return f"params-{name}", {"eval_reward": 0.5, "eval_exact_match": 0.0,
                               "eval_independent": 0.25}

@@ -18,7 +18,6 @@ rewrite files; which records an Improve step trains on is ``rest_jax.improve.sel
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import os
 import re
@@ -29,6 +28,7 @@ import seqio
 import tensorflow as tf
 
 from rest_jax import storage
+from rest_jax.grow import chunkindex
 from rest_jax.grow import integrity
 from rest_jax.grow import stats as growstats
 from rest_jax.errors import RestJaxError
@@ -51,7 +51,6 @@ FEATURES = {
     "is_original": tf.io.FixedLenFeature([], tf.int64),
     "grow_step": tf.io.FixedLenFeature([], tf.int64),
 }
-_INDEX_FEATURES = ("example_id", "sample_idx", "reward", "is_original", "grow_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,34 +195,19 @@ def _corrupt(directory: str, name: str, error: Exception) -> RestJaxError:
       "regenerates the missing chunk.")
 
 
-def _parse_index(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-  return tf.io.parse_example(serialized, {k: FEATURES[k] for k in _INDEX_FEATURES})
-
-
-def _read_chunk_index(directory: str, name: str) -> dict[str, np.ndarray]:
-  """The index columns of one chunk file, `[records]` each; RestJaxError if corrupt."""
-  parts = []
-  try:
-    dataset = tf.data.TFRecordDataset(storage.join(directory, name)).batch(4096)
-    for batch in dataset.map(_parse_index).as_numpy_iterator():
-      parts.append(batch)
-  except _READ_ERRORS as e:
-    raise _corrupt(directory, name, e) from None
-  columns = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros([0], np.int64)
-             for k in _INDEX_FEATURES}
-  columns["reward"] = columns["reward"].astype(np.float32)
-  columns["is_original"] = columns["is_original"].astype(bool)
-  return columns
-
-
 def verify_chunks(directory: str) -> dict[str, int]:
   """Reads every completed chunk; returns file name -> record count.
 
   Raises:
     RestJaxError: a chunk is corrupt (names the file and the fix).
   """
-  return {name: int(_read_chunk_index(directory, name)["reward"].size)
-          for name in chunk_files(directory)}
+  counts = {}
+  for name in chunk_files(directory):
+    try:
+      counts[name] = int(chunkindex.build_rows(storage.join(directory, name)).size)
+    except _READ_ERRORS as e:
+      raise _corrupt(directory, name, e) from None
+  return counts
 
 
 def is_complete(directory: str) -> bool:
@@ -234,8 +218,11 @@ def is_complete(directory: str) -> bool:
 def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
   """Verifies every completed chunk, then writes index.npz, stats.json and COMPLETED (last).
 
-  Host 0 calls this once every host has written its chunks. Calling it on a finalized dataset
-  returns the stored stats.
+  Host 0 calls this once every host has written its chunks (and ``index_chunks``). It reads
+  the per-chunk index files (``chunkindex``; built from a chunk where missing) one chunk at a
+  time, twice: memory is one chunk's index, the per-prompt id list (8 bytes per prompt, for the
+  duplicate check) and the stats' fixed-size histograms, whatever the number of records. Calling
+  it on a finalized dataset returns the stored stats.
 
   Raises:
     RestJaxError: no chunks, an unfinished (.tmp) chunk, a corrupt chunk, or a record that
@@ -252,18 +239,50 @@ def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
     raise RestJaxError(f"{directory} holds unfinished chunk writes {pending}: a Grow worker "
                        "crashed mid-chunk. Rerun the Grow step; it removes them and regenerates "
                        "those chunks before finalizing.")
-  parts, manifest = [], {}
-  for file_index, name in enumerate(names):
-    part = _read_chunk_index(directory, name)
-    part["chunk"] = np.full(part["reward"].shape, file_index, np.int32)
-    part["position"] = np.arange(part["reward"].size, dtype=np.int64)
-    parts.append(part)
-    manifest[name] = integrity.chunk_entry(directory, name, part["reward"].size)
-  index = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  if index["reward"].size == 0:
+  counts, manifest, prompts = [], {}, []
+  acc = growstats.Accumulator(histogram_bins)
+  steps: set[int] = set()
+  for name, rows in _indexed(directory, names):  # Pass 1: one chunk's index at a time.
+    counts.append(rows.size)
+    manifest[name] = integrity.chunk_entry(directory, name, rows.size)
+    acc.add(rows["reward"], rows["is_original"].astype(bool))
+    prompts.append(np.unique(rows["example_id"]))
+    steps.update(np.unique(rows["grow_step"]).tolist())
+  if sum(counts) == 0:
     raise RestJaxError(f"the Grow chunks in {directory} hold no records: the prompt set was "
                        "empty. Check the task's train split.")
-  keys = np.stack([index["example_id"], index["sample_idx"]], axis=1)
+  ids, seen = np.unique(np.concatenate(prompts), return_counts=True)
+  shared, keys = ids[seen > 1], []  # Prompts found in two chunks (none when written by Grow).
+  for _, rows in _indexed(directory, names):  # Pass 2: exact std and quantiles; duplicates.
+    acc.refine(rows["reward"], rows["is_original"].astype(bool))
+    inside = np.isin(rows["example_id"], shared)
+    keys.append(np.stack([rows["example_id"][inside], rows["sample_idx"][inside]], axis=1))
+    if not inside.all():
+      keys.append(np.stack([rows["example_id"][~inside], rows["sample_idx"][~inside]], axis=1))
+      _check_unique(keys.pop(), directory)
+  _check_unique(np.concatenate(keys), directory)
+  stats = acc.result(grow_step=steps.pop() if len(steps) == 1 else -1, chunks=manifest)
+  with storage.open_write(storage.join(directory, INDEX), "wb") as f:
+    integrity.write_index(f, names, counts, lambda: (r for _, r in _indexed(directory, names)))
+  storage.write_text(storage.join(directory, STATS), stats.to_json())
+  storage.write_text(storage.join(directory, COMPLETED), "ok\n")  # Last: marks the rest.
+  return stats
+
+
+def _indexed(directory: str, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+  """(chunk, its ``chunkindex.ROW`` rows), one chunk at a time; writes missing index files."""
+  for name in names:
+    rows = chunkindex.read_rows(directory, name)
+    index = storage.join(directory, chunkindex.index_name(name))
+    if not storage.exists(index):
+      storage.write_bytes(index, chunkindex.to_bytes(rows))
+    yield name, rows
+
+
+def _check_unique(keys: np.ndarray, directory: str) -> None:
+  """Raises RestJaxError when a (example_id, sample_idx) row of ``keys`` `[n, 2]` repeats."""
+  if not keys.size:
+    return
   unique, counts = np.unique(keys, axis=0, return_counts=True)
   if (counts > 1).any():
     eid, sidx = unique[np.argmax(counts > 1)]
@@ -271,16 +290,13 @@ def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
         f"record (example_id={eid}, sample_idx={sidx}) appears {counts.max()} times in "
         f"{directory}: the Grow step was resumed with a different number of hosts or chunk "
         "size. Delete the directory and rerun the Grow step.")
-  steps = np.unique(index.pop("grow_step"))
-  stats = growstats.compute_stats(index["reward"], index["is_original"],
-                                  grow_step=int(steps[0]) if steps.size == 1 else -1,
-                                  histogram_bins=histogram_bins, chunks=manifest)
-  buffer = io.BytesIO()
-  np.savez(buffer, files=np.asarray(names), **index)
-  storage.write_bytes(storage.join(directory, INDEX), buffer.getvalue())
-  storage.write_text(storage.join(directory, STATS), stats.to_json())
-  storage.write_text(storage.join(directory, COMPLETED), "ok\n")  # Last: marks the rest.
-  return stats
+
+
+def index_chunks(directory: str, *, host_id: int, num_hosts: int) -> None:
+  """Writes the per-chunk index files of this host's share of the completed chunks (every host
+  calls it before host 0's ``finalize``, which then reads the small index files only)."""
+  chunkindex.index_chunks(directory, chunk_files(directory), host_id=host_id,
+                          num_hosts=num_hosts)
 
 
 def _require_complete(directory: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -84,6 +84,33 @@ def read_stats_file(directory: str) -> GrowStats:
   except (TypeError, ValueError, AttributeError) as e:
     raise RestJaxError(f"{path} does not hold Grow stats ({type(e).__name__}: {e}); "
                        + _rebuild_fix(directory)) from None
+
+
+_INDEX_DTYPES = {"example_id": "<i8", "sample_idx": "<i8", "reward": "<f4",
+                 "is_original": "|b1", "chunk": "<i4", "position": "<i8"}
+
+
+def write_index(f: Any, names: Sequence[str], counts: Sequence[int],
+                chunks: Callable[[], Iterator[np.ndarray]]) -> None:
+  """Writes index.npz (``read_index_file``'s columns) to the binary file ``f``, streamed: one
+  pass of ``chunks()`` (each chunk's ``chunkindex.ROW`` rows, in ``names`` order) per column,
+  so memory is one chunk whatever the number of records."""
+  total = int(sum(counts))
+  with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with archive.open("files.npy", "w") as member:
+      np.lib.format.write_array(member, np.asarray(list(names)), allow_pickle=False)
+    for key, dtype in _INDEX_DTYPES.items():
+      with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(
+            member, {"descr": dtype, "fortran_order": False, "shape": (total,)})
+        for chunk, rows in enumerate(chunks()):
+          if key == "chunk":
+            column = np.full(rows.shape, chunk)
+          elif key == "position":
+            column = np.arange(rows.size)
+          else:
+            column = rows[key]
+          member.write(np.ascontiguousarray(column, dtype).tobytes())
 
 
 def read_index_file(directory: str) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -60,6 +60,17 @@ class GrowRewards:
   def mean(self) -> float:
     """Mean sample reward (GrowStats.mean)."""
     return float(self.samples.mean())
+
+  def quantiles(self, qs: Sequence[float]) -> list[float]:
+    """numpy's (linear) quantiles ``qs`` of ``samples``."""
+    return [float(t) for t in np.quantile(self.samples, list(qs))] if len(qs) else []
+
+  def map_sources(self, fn: Callable[[np.ndarray], Sequence[float]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct example ids `[sources]` and ``fn`` of each one's sample rewards (float64
+    `[n]`, possibly empty), stacked as float64 `[sources, len(fn(...))]`."""
+    ids, rewards = self.per_source()
+    return ids, np.asarray([list(fn(r)) for r in rewards], np.float64).reshape(len(ids), -1)
 
   def per_source(self) -> tuple[np.ndarray, list[np.ndarray]]:
     """Sorted distinct example ids `[sources]` and each one's sample rewards (float64)."""
@@ -209,7 +220,7 @@ class Quantile:
   def plan(self, grow: GrowRewards, *, num_improve_steps: int):
     messages: list[str] = []
     qs = _pad(list(self.quantiles), num_improve_steps, messages, "quantiles")
-    taus = [float(t) for t in np.quantile(grow.samples, qs)] if qs else []
+    taus = grow.quantiles(qs)
     return _global_rule(taus, grow.mean, messages), messages
 
 
@@ -250,15 +261,24 @@ def _per_source_rule(name: str, ids: np.ndarray, means: np.ndarray,
   return out
 
 
-def _source_stats(grow: GrowRewards, name: str,
-                  messages: list[str]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-  ids, rewards = grow.per_source()
-  empty = np.asarray([r.size == 0 for r in rewards])
+def _source_stats(grow: GrowRewards, name: str, messages: list[str],
+                  extra: Callable[[np.ndarray], list[float]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids `[sources]`, means `[sources]`, ``extra`` of each source `[sources, k]`); a source
+  without samples gets mean +inf and extras +inf."""
+  width = len(extra(np.ones(1)))
+
+  def one(rewards: np.ndarray) -> list[float]:
+    if not rewards.size:
+      return [0.0, np.inf] + [np.inf] * width
+    return [1.0, float(rewards.mean())] + list(extra(rewards))
+
+  ids, values = grow.map_sources(one)
+  empty = values[:, 0] == 0
   if empty.any():
     messages.append(f"{name}: {int(empty.sum())} sources have no samples; they get threshold "
                     "+inf (nothing of theirs is kept).")
-  means = np.asarray([r.mean() if r.size else np.inf for r in rewards])
-  return ids, rewards, means
+  return ids, values[:, 1], values[:, 2:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,9 +294,9 @@ class PerSourcePercentile:
   def plan(self, grow: GrowRewards, *, num_improve_steps: int):
     messages: list[str] = []
     ps = _pad(list(self.percentiles), num_improve_steps, messages, "percentiles")
-    ids, rewards, means = _source_stats(grow, "per_source_percentile", messages)
-    taus = [np.asarray([np.percentile(r, p) if r.size else np.inf for r in rewards])
-            for p in ps]
+    ids, means, pcts = _source_stats(grow, "per_source_percentile", messages,
+                                     lambda r: [float(np.percentile(r, p)) for p in ps])
+    taus = [pcts[:, i] for i in range(len(ps))]
     return _per_source_rule("per_source_percentile", ids, means, taus, messages), messages
 
 
@@ -292,8 +312,9 @@ class PerSourceInterpolation:
   def plan(self, grow: GrowRewards, *, num_improve_steps: int):
     messages: list[str] = []
     gs = _pad(list(self.gammas), num_improve_steps, messages, "gammas")
-    ids, rewards, means = _source_stats(grow, "per_source_interpolation", messages)
-    maxes = np.asarray([r.max() if r.size else np.inf for r in rewards])
+    ids, means, maxes = _source_stats(grow, "per_source_interpolation", messages,
+                                      lambda r: [float(r.max())])
+    maxes = maxes[:, 0]
     # As mean + g (max - mean), clipped to max: exactly mean(x) when every sample of x has the
     # same reward, and rising with g. (g max + (1 - g) mean can land one ulp above max = mean
     # for g = 0.1 and back on it for g = 0.5: a spurious "thresholds fall" error.)

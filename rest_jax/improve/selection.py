@@ -96,14 +96,12 @@ def _drop_prompts(t: Mapping[str, np.ndarray], *, drop_all_pass: bool,
   return dropped, int(all_pass.size), int(all_fail.size)
 
 
-def _deduplicate(t: Mapping[str, np.ndarray], keep: np.ndarray,
-                 directories: Sequence[str]) -> None:
+def _deduplicate(t: Mapping[str, np.ndarray], keep: np.ndarray, token_key: np.ndarray) -> None:
   """Clears ``keep`` (bool `[records]`, in place) on all but one record per (example_id, target
-  tokens): an original first, then the newest Grow set (lowest source), then lowest sample_idx."""
-  tokens = [tok for d in directories for tok in target_tokens(d)]
+  tokens): an original first, then the newest Grow set (lowest source), then lowest sample_idx.
+  ``token_key`` int64 `[records]` names each record's target tokens (equal tokens, equal key)."""
   cand = np.flatnonzero(keep)
-  ids: dict[bytes, int] = {}
-  token_id = np.asarray([ids.setdefault(tokens[c], len(ids)) for c in cand], np.int64)
+  token_id = np.asarray(token_key)[cand]
   order = np.lexsort((t["sample_idx"][cand], t["source"][cand], ~t["is_original"][cand],
                       token_id, t["example_id"][cand]))
   e, tok = t["example_id"][cand][order], token_id[order]
@@ -146,6 +144,48 @@ def _nothing_kept(t: Mapping[str, np.ndarray], *, threshold: Threshold,
       "function.")
 
 
+def record_table(source: int, example_id: np.ndarray, sample_idx: np.ndarray,
+                 reward: np.ndarray, is_original: np.ndarray, *, threshold: Threshold,
+                 include_originals: bool) -> dict[str, np.ndarray]:
+  """The selection columns of one Grow set's records (``source`` 0 is the current set), `[n]`
+  each: source, example_id, sample_idx, reward, is_original, passed (reward >= tau) and keep
+  (passed, originals only from the current set and only with ``include_originals``)."""
+  reward = np.asarray(reward, np.float32)
+  original = np.asarray(is_original, bool)
+  tau = threshold.for_records(example_id).astype(np.float32)
+  passed = reward >= tau
+  keep = passed.copy()
+  if not include_originals or source > 0:
+    keep &= ~original
+  return {"source": np.full(reward.shape, source), "example_id": np.asarray(example_id),
+          "sample_idx": np.asarray(sample_idx), "reward": reward, "is_original": original,
+          "passed": passed, "keep": keep}
+
+
+def keep_records(t: Mapping[str, np.ndarray], *, max_per_prompt: int = 0,
+                 drop_all_pass: bool = False, drop_all_fail: bool = False,
+                 token_key: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+  """Steps 3-5 of the selection over the records ``t`` (``record_table`` columns concatenated,
+  `[records]`): every record of a prompt (example_id) must be in ``t``.
+
+  Args:
+    t: the columns; ``t["keep"]`` holds steps 1-2.
+    max_per_prompt / drop_all_pass / drop_all_fail: as ``select_mixture``.
+    token_key: int64 `[records]` naming each record's target tokens; deduplicates when given.
+  Returns:
+    bool `[records]` kept; the numbers of prompts dropped as all-pass and as all-fail.
+  """
+  keep = np.array(t["keep"], bool)
+  dropped, num_pass, num_fail = _drop_prompts(t, drop_all_pass=drop_all_pass,
+                                              drop_all_fail=drop_all_fail)
+  keep &= ~dropped
+  if token_key is not None and keep.any():
+    _deduplicate(t, keep, token_key)
+  if max_per_prompt > 0:
+    _cap_per_prompt(t, keep, max_per_prompt)
+  return keep, num_pass, num_fail
+
+
 def select_mixture(directories: Sequence[str], *, threshold: Threshold,
                    include_originals: bool = True, max_per_prompt: int = 0,
                    deduplicate: bool = False, drop_all_pass: bool = False,
@@ -171,30 +211,20 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
   if not directories:
     raise ValueError("select_mixture needs at least one Grow directory")
   indexes = [growdata.load_index(d) for d in directories] if indexes is None else list(indexes)
-  cols: dict[str, list[np.ndarray]] = {k: [] for k in
-                                       ("source", "example_id", "sample_idx", "reward",
-                                        "is_original", "passed", "keep")}
-  for d, index in enumerate(indexes):
-    reward = np.asarray(index["reward"], np.float32)
-    original = np.asarray(index["is_original"], bool)
-    tau = threshold.for_records(index["example_id"]).astype(np.float32)
-    passed = reward >= tau
-    keep = passed.copy()
-    if not include_originals or d > 0:
-      keep &= ~original
-    for key, value in (("source", np.full(reward.shape, d)), ("example_id", index["example_id"]),
-                       ("sample_idx", index["sample_idx"]), ("reward", reward),
-                       ("is_original", original), ("passed", passed), ("keep", keep)):
-      cols[key].append(np.asarray(value))
+  tables = [record_table(d, index["example_id"], index["sample_idx"], index["reward"],
+                         index["is_original"], threshold=threshold,
+                         include_originals=include_originals)
+            for d, index in enumerate(indexes)]
+  cols = {k: [table[k] for table in tables] for k in tables[0]}
   t = {k: np.concatenate(v) for k, v in cols.items()}
-  keep = t["keep"]
-  dropped, num_pass, num_fail = _drop_prompts(t, drop_all_pass=drop_all_pass,
-                                              drop_all_fail=drop_all_fail)
-  keep &= ~dropped
-  if deduplicate and keep.any():
-    _deduplicate(t, keep, directories)
-  if max_per_prompt > 0:
-    _cap_per_prompt(t, keep, max_per_prompt)
+  token_key = None
+  if deduplicate:
+    ids: dict[bytes, int] = {}
+    token_key = np.asarray([ids.setdefault(tok, len(ids)) for d in directories
+                            for tok in target_tokens(d)], np.int64)
+  keep, num_pass, num_fail = keep_records(
+      t, max_per_prompt=max_per_prompt, drop_all_pass=drop_all_pass,
+      drop_all_fail=drop_all_fail, token_key=token_key)
   if not keep.any():
     raise _nothing_kept(t, threshold=threshold, directories=directories,
                         include_originals=include_originals, dropped_all_pass=num_pass,

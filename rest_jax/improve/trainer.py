@@ -305,12 +305,14 @@ class _Record:
   # row); non-empty only in a checkpoint saved between evaluations (preemption).
   window_losses: list[float] = dataclasses.field(default_factory=list)
 
-  def meta(self) -> dict:
+  def meta(self, data: dict | None = None) -> dict:
+    """The checkpoint's JSON meta, with the loader state ``data`` when there is one."""
     return dict(history=self.history, best_reward=self.best, bad_evals=self.bad_evals,
-                stopped_early=self.stopped_early, window_losses=self.window_losses)
+                stopped_early=self.stopped_early, window_losses=self.window_losses,
+                **({"data": data} if data else {}))
 
   def evaluated(self, *, step: int, state: TrainState, metrics: dict[str, float], patience: int,
-                checkpoints: PhaseCheckpoints) -> None:
+                checkpoints: PhaseCheckpoints, data: dict | None = None) -> None:
     """Keeps the best params, counts evaluations without improvement, saves the latest state."""
     if metrics[BEST_METRIC] > self.best:
       self.best, self.bad_evals = metrics[BEST_METRIC], 0
@@ -318,15 +320,17 @@ class _Record:
     else:
       self.bad_evals += 1
     self.stopped_early = patience > 0 and self.bad_evals >= patience
-    checkpoints.save_latest(step, state, self.meta())
+    checkpoints.save_latest(step, state, self.meta(data))
 
 
 def _start(trainer: Trainer, params: nnx.State, *,
            eval_fn: Callable[[nnx.State], Mapping[str, float]],
            checkpoints: PhaseCheckpoints, abstract: TrainState, num_steps: int,
-           log: Callable[[int, dict[str, float]], None]) -> tuple[int, TrainState | None, _Record]:
-  """(step, state, record) to train from: the latest checkpoint's, or step 0 evaluated and
-  saved. ``state`` is None when the resumed phase has nothing left to do."""
+           log: Callable[[int, dict[str, float]], None],
+           data_state: Callable[[int], dict] | None = None
+           ) -> tuple[int, TrainState | None, _Record, int]:
+  """(step, state, record, next batch) to train from: the latest checkpoint's, or step 0
+  evaluated and saved. ``state`` is None when the resumed phase has nothing left to do."""
   resumed = checkpoints.latest()
   if resumed is not None:
     step, meta = resumed
@@ -334,23 +338,41 @@ def _start(trainer: Trainer, params: nnx.State, *,
     record = _Record(meta["history"], meta["best_reward"], meta["bad_evals"],
                      bool(meta["stopped_early"]), list(meta.get("window_losses", [])))
     if record.stopped_early or step >= num_steps:
-      return step, None, record
-    return step, checkpoints.restore_latest(abstract), record
+      return step, None, record, step
+    return step, checkpoints.restore_latest(abstract), record, _next_batch(
+        meta, step, data_state, checkpoints)
   checkpoints.discard_best_after(-1)
   state = trainer.init(params)
   metrics = _evaluate(eval_fn, state.params, 0)
   record = _Record([{"step": 0, **metrics}], metrics[BEST_METRIC])
   log(0, {f"eval/{k}": v for k, v in metrics.items()})
   checkpoints.save_best(0, state.params, metrics)
-  checkpoints.save_latest(0, state, record.meta())
-  return 0, state, record
+  checkpoints.save_latest(0, state, record.meta(data_state(0) if data_state else None))
+  return 0, state, record, 0
+
+
+def _next_batch(meta: Mapping[str, Any], step: int, data_state: Callable[[int], dict] | None,
+                checkpoints: PhaseCheckpoints) -> int:
+  """The batch a resumed phase reads next: the checkpointed loader position (checked against
+  the loader's data), or ``step`` for a loader without one."""
+  saved = meta.get("data")
+  if data_state is None or saved is None:
+    return step
+  now = data_state(int(saved["next_batch"]))
+  if now != saved:
+    raise RestJaxError(
+        f"the training data of {checkpoints.directory} changed since its last checkpoint (loader "
+        f"state {saved}, now {now}): its Grow data or selection was rebuilt. Delete "
+        f"{checkpoints.directory} and rerun to train the phase again on the current data.")
+  return int(saved["next_batch"])
 
 
 def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
                 batches: Callable[[int], Iterator[Batch]],
                 eval_fn: Callable[[nnx.State], Mapping[str, float]],
                 checkpoints: PhaseCheckpoints, lr_scale: float = 1.0, progress: bool = False,
-                log_fn: Callable[[int, dict[str, float]], None] | None = None) -> PhaseResult:
+                log_fn: Callable[[int, dict[str, float]], None] | None = None,
+                data_state: Callable[[int], dict] | None = None) -> PhaseResult:
   """Trains from ``params`` for up to ``cfg.num_steps`` steps; returns the best-evaluating params.
 
   Evaluates at step 0 (the starting policy is a candidate, so a phase never ends worse than it
@@ -371,6 +393,8 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
     lr_scale: the learning-rate multiplier the optimizer uses (for logging).
     progress: show a tqdm bar (process 0 only).
     log_fn: ``(step, metrics)`` sink, e.g. TensorBoard; "train/*" every step, "eval/*" at evals.
+    data_state: ``next batch -> loader state`` (JSON): saved with every latest checkpoint; a
+      resumed phase checks it against the loader's and calls ``batches`` at its next batch.
   Returns:
     the PhaseResult; ``best_params`` are restored from the best checkpoint, on the Layout.
   """
@@ -378,11 +402,13 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
   schedule = make_schedule(cfg, lr_scale=lr_scale)
   peak_lr = cfg.learning_rate * lr_scale
   abstract = trainer.abstract_state(params)
-  step, state, record = _start(trainer, params, eval_fn=eval_fn, checkpoints=checkpoints,
-                               abstract=abstract, num_steps=cfg.num_steps, log=log)
+  step, state, record, next_batch = _start(
+      trainer, params, eval_fn=eval_fn, checkpoints=checkpoints, abstract=abstract,
+      num_steps=cfg.num_steps, log=log, data_state=data_state)
+  start = step  # Batch next_batch + (s - start) feeds optimizer step s + 1.
   bar = tqdm(total=cfg.num_steps, initial=step, desc="train", dynamic_ncols=True,
              disable=not progress or jax.process_index() != 0)
-  stream = batches(step) if state is not None else iter(())
+  stream = batches(next_batch) if state is not None else iter(())
   pending: list[tuple[int, dict]] = []  # Step metrics not fetched yet (one step of lag).
 
   def fetch(steps: list[tuple[int, dict]]) -> None:
@@ -407,6 +433,7 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
       if len(pending) > 1 or evaluate:
         fetch(pending if evaluate else pending[:-1])
         pending = [] if evaluate else pending[-1:]
+      data = data_state(next_batch + step - start) if data_state else None
       if evaluate:
         metrics = _evaluate(eval_fn, state.params, step)
         record.history.append({"step": step, **metrics,
@@ -414,13 +441,13 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
         record.window_losses = []
         log(step, {f"eval/{k}": v for k, v in metrics.items()})
         record.evaluated(step=step, state=state, metrics=metrics, patience=cfg.patience,
-                         checkpoints=checkpoints)
+                         checkpoints=checkpoints, data=data)
         bar.set_postfix(loss=record.history[-1]["train_loss"], eval_reward=metrics[BEST_METRIC])
       if preemption.reached():  # Every host stops after the same step (SIGTERM).
         if not evaluate:  # An evaluation saves the state; otherwise save it now.
           fetch(pending)
           pending = []
-          checkpoints.save_latest(step, state, record.meta())
+          checkpoints.save_latest(step, state, record.meta(data))
         raise preemption.stop(f"{checkpoints.directory.name} saved at step {step} of "
                               f"{cfg.num_steps}")
   finally:

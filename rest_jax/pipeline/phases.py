@@ -24,11 +24,13 @@ from flax import nnx
 from rest_jax.config import TrainConfig
 from rest_jax.evaluation import independent_metric_name
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow.rewards import StreamedGrowRewards
+from rest_jax.grow.sampler import place_params
 from rest_jax.grow.step import run_grow
 from rest_jax.improve import batches as hostdata
-from rest_jax.improve import losses, selection, value
+from rest_jax.improve import losses, selected, selection, value
 from rest_jax.improve.extras import Extras, build_extras
-from rest_jax.improve.schedules import GrowRewards, Threshold
+from rest_jax.improve.schedules import Threshold
 from rest_jax.improve.trainer import Trainer, make_optimizer, train_phase
 from rest_jax.parallel import distributed
 from rest_jax.pipeline.build import Run
@@ -95,14 +97,23 @@ def mark(run: Run, name: str, summary: dict) -> None:
 
 
 def _train(run: Run, name: str, *, params: nnx.State, cfg: TrainConfig, loss: losses.Loss,
-           dataset: tf.data.Dataset, seed: int, lr_scale: float,
+           seed: int, lr_scale: float, dataset: tf.data.Dataset | None = None,
+           improve_set: selected.Selection | None = None,
            extras: Extras | None = None) -> tuple[nnx.State, dict]:
-  """Runs (or resumes) one training phase; returns its best params and metrics."""
+  """Runs (or resumes) one training phase on ``dataset`` (every host streams the global
+  batches) or on ``improve_set`` (each host reads its own rows); returns its best params and
+  metrics."""
   trainer = Trainer(run.graphdef, run.layout, loss, make_optimizer(cfg, lr_scale=lr_scale),
                     extras=extras)
   c = run.config
+  loader = None if improve_set is None else hostdata.ImproveBatches(
+      improve_set, batch_size=cfg.batch_size, seed=seed,
+      rows=distributed.process_rows(trainer.batch_sharding, cfg.batch_size),
+      input_len=c.input_len, target_len=c.target_len)
 
   def batches(start_step: int):
+    if loader is not None:
+      return loader.iterate(start_step)
     return hostdata.host_batches(
         data.train_batches(dataset, batch_size=cfg.batch_size, seed=seed,
                            start_step=start_step, input_len=c.input_len,
@@ -116,7 +127,8 @@ def _train(run: Run, name: str, *, params: nnx.State, cfg: TrainConfig, loss: lo
 
   result = train_phase(trainer=trainer, params=params, cfg=cfg, batches=batches,
                        eval_fn=run.eval_fn, checkpoints=run.checkpoints(name),
-                       lr_scale=lr_scale, progress=run.progress, log_fn=log_fn)
+                       lr_scale=lr_scale, progress=run.progress, log_fn=log_fn,
+                       data_state=None if loader is None else loader.state)
   return result.best_params, result.best_metrics
 
 
@@ -171,6 +183,9 @@ def grow(run: Run, g: int, params: nnx.State) -> None:
            seed=c.seed, config=c.grow, input_len=c.input_len, target_len=c.target_len,
            progress=run.progress)
   distributed.barrier(f"grow g{g} chunks written")
+  if not growdata.is_complete(grow_dir):
+    growdata.index_chunks(grow_dir, host_id=jax.process_index(), num_hosts=jax.process_count())
+  distributed.barrier(f"grow g{g} chunks indexed")
   if jax.process_index() == 0:
     growdata.finalize(grow_dir)
   distributed.barrier(f"grow g{g} finalized")
@@ -189,7 +204,7 @@ def plan_improve(run: Run, g: int) -> GrowPlan:
   c = run.config
   grow_dir = run.workdir.grow_dir(g)
   stats = dataclasses.asdict(growdata.read_stats(grow_dir))
-  plan, messages = run.parts.schedule.plan(GrowRewards.from_index(growdata.load_index(grow_dir)),
+  plan, messages = run.parts.schedule.plan(StreamedGrowRewards(grow_dir),
                                            num_improve_steps=c.num_improve_steps)
   for message in messages:
     logger.info("grow g%d: %s", g, message)
@@ -243,20 +258,21 @@ def improve(run: Run, policies: Policies, *, g: int, i: int, tau: Threshold,
   ``start_params`` on the records the selection keeps at threshold ``tau``."""
   c = run.config
   name = phase_name(g, i)
-  mix = selection.select_mixture(
-      run.workdir.mixed_grow_dirs(g, c.improve.mix_previous_grows), threshold=tau,
-      include_originals=c.grow.include_originals, max_per_prompt=c.improve.max_per_prompt,
-      deduplicate=c.improve.deduplicate, drop_all_pass=c.improve.drop_all_pass,
-      drop_all_fail=c.improve.drop_all_fail)
-  dataset = hostdata.canonical_order(
-      selection.improve_dataset(mix, output_features=run.task.output_features))
+  rules = selected.Rules(
+      threshold=tau, include_originals=c.grow.include_originals,
+      max_per_prompt=c.improve.max_per_prompt, deduplicate=c.improve.deduplicate,
+      drop_all_pass=c.improve.drop_all_pass, drop_all_fail=c.improve.drop_all_fail)
+  mix = selected.select_to_disk(
+      run.workdir.mixed_grow_dirs(g, c.improve.mix_previous_grows),
+      run.workdir.selection_dir(name), rules, host_id=jax.process_index(),
+      num_hosts=jax.process_count(), barrier=distributed.barrier)
   logger.info("Improve g%d i%d: threshold %s keeps %d examples", g, i, tau.describe(), mix.count)
   if c.improve.drop_all_pass or c.improve.drop_all_fail:
     logger.info("Improve g%d i%d: prompt filters dropped %d all-pass and %d all-fail prompts", g,
                 i, mix.dropped_all_pass, mix.dropped_all_fail)
   extras = _extras(run, g, policies, start_params=start_params)
   params, metrics = _train(run, name, params=start_params, cfg=c.improve.train,
-                           loss=run.parts.improve_loss, dataset=dataset,
+                           loss=run.parts.improve_loss, improve_set=mix,
                            seed=c.seed * 1000 + count, lr_scale=c.improve.lr_decay ** count,
                            extras=extras)
   policies.put(name, params)

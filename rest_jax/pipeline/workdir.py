@@ -88,6 +88,10 @@ class Workdir:
   def checkpoint_dir(self, phase: str) -> str:
     return self.path("checkpoints", phase)
 
+  def selection_dir(self, phase: str) -> str:
+    """The Improve set of an Improve phase, as ``improve.selected`` writes it."""
+    return self.path("selection", phase)
+
   def value_dir(self, grow_step: int) -> str:
     return self.path("checkpoints", f"value_g{grow_step:03d}")
 
