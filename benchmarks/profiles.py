@@ -47,6 +47,7 @@ class Profile:
   sampling_rows: int = 256  # The sampling draw alone: [rows, vocab] logits.
   sampling_vocab: int = 32128
   hf_temperature: float = 0.8  # Both sides of the sampled transformers comparison.
+  t5x_preset: str = "wmt_base"  # The t5x peer runs this preset's Grow and Improve cases.
 
 
 QUICK = Profile(
@@ -56,7 +57,7 @@ QUICK = Profile(
     scaling_lengths=(4, 8, 12), scaling_length=8, scaling_input_len=8,
     scaling_train_batches=(2, 4, 6), hf_preset="tiny_decoder", hf_batches=(2,), hf_input_len=8,
     hf_new_tokens=8, time_budget_s=1e9, cache_segment=4,
-    sampling_rows=8, sampling_vocab=512)
+    sampling_rows=8, sampling_vocab=512, t5x_preset="tiny")
 
 CPU = Profile(
     matmul_sizes=(1024, 2048, 4096), bandwidth_bytes=256 << 20, repeats=1,

@@ -33,6 +33,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       row = _first(hf, batch=batch, mode=mode)
       add(f"tokens/s vs transformers generate ({mode}), batch {batch}", row and row["speedup"],
           goal)
+  t5x = results.get("t5x_compare", {}).get("rows") or []
+  for prefix, goal_name in (("Improve step (t5x adamw", "Improve tokens/s vs t5x (both AdamW)"),
+                            ("Grow", "Grow tokens/s vs t5x temperature_sample, 256 rows")):
+    row = next((r for r in t5x if r["what"].startswith(prefix) and
+                (prefix != "Grow" or r["shape"].startswith("256 x 1 "))), None)
+    add(goal_name, row and row["ratio"], 1.5)
   for key in ("grow_vs_num_samples", "grow_vs_length", "improve_vs_tokens"):
     fit = results.get("scaling", {}).get(key, {}).get("fit")
     add(f"{key}: max deviation from linear", fit and fit["max_deviation_ratio"], 1.2,
@@ -139,6 +145,14 @@ def table(results: dict[str, Any]) -> str:
          for r in hf["rows"]]))
   else:
     parts.append(f"skipped: {hf.get('skipped')}")
+  t5x = results.get("t5x_compare", {})
+  parts += ["", "t5x peer (same T5.1.1 configuration and shapes; ratio = ours / t5x tokens/s)"]
+  if "rows" in t5x:
+    parts.append(_table(["what", "shape", "ours tokens/s", "t5x tokens/s", "ratio"],
+                        [[r["what"], r["shape"], r["ours_tokens_per_s"], r["t5x_tokens_per_s"],
+                          r["ratio"]] for r in t5x["rows"]]))
+  else:
+    parts.append(f"skipped: {t5x.get('skipped')}")
   mem = results["memory"]
   parts += ["", f"memory: host peak RSS {mem['host_peak_rss_bytes'] / 2**30:.2f} GiB, device "
             f"peak {_fmt(mem['device_peak_bytes'] and mem['device_peak_bytes'] / 2**30)} GiB",

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import jax
 
-from benchmarks import ceilings, costs, hf_compare, machine, profiles, report, sampling, workloads
+from benchmarks import (ceilings, costs, hf_compare, machine, profiles, report, sampling,
+                        t5x_compare, workloads)
 from rest_jax import storage
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -64,7 +65,7 @@ class Budget:
     return result
 
 
-SECTIONS = ("grow", "improve", "hf", "scaling", "sampling")
+SECTIONS = ("grow", "improve", "hf", "scaling", "sampling", "t5x")
 
 
 def _ceilings(profile: profiles.Profile, *, dtype: str, threads: dict[str, Any]) -> dict:
@@ -99,10 +100,11 @@ def _check_names(profile: profiles.Profile, presets: list[str] | None,
 
 def run(profile: profiles.Profile, *, presets: list[str] | None = None,
         sections: tuple[str, ...] = SECTIONS, threads: int | None = None,
-        save: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
+        t5x_python: str | None = None, save: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
   """Runs the measurements of ``profile`` in ``sections``; returns the results dict (README).
 
-  ``threads``: CPUs to run on (None: all this process may use). ``save(results)`` is called
+  ``threads``: CPUs to run on (None: all this process may use). ``t5x_python``: the Python of
+  an environment with t5x, for the t5x peer (None: skipped). ``save(results)`` is called
   after every case with the results so far (partial results survive a run that is killed).
   """
   started = time.perf_counter()
@@ -152,6 +154,9 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
                        repeats=max(profile.repeats, 2)))) or [] if "sampling" in sections else [])
   results["hf_compare"] = _hf_section(profile, budget, selected="hf" in sections,
                                       keep=keep(profile.hf_preset), grow_config=grow_config)
+  results["t5x_compare"] = t5x_compare.section(
+      profile, budget, selected="t5x" in sections, python=t5x_python,
+      ours_improve=results["improve"], ours_grow=results["grow"])
   results["scaling"] = _scaling_section(profile, grow, improve) if "scaling" in sections else {
       "preset": profile.scaling_preset}
   del results["cases_so_far"]
@@ -305,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--threads", type=int, default=None,
                       help="CPUs to run on, for XLA and the BLAS alike (default: all this "
                            "process may use); recorded in the results")
+  parser.add_argument("--t5x_python", default=None,
+                      help="python of a separate environment with t5x installed: runs t5x's "
+                           "train step and temperature_sample on the same shapes (a peer)")
   parser.add_argument("--improve_batch", type=int, default=None,
                       help="override the batch size of the Improve cases (e.g. a slow machine)")
   parser.add_argument("--time_budget", type=float, default=None,
@@ -327,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = profiles.dataclasses.replace(profile, improve=tuple(
         profiles.dataclasses.replace(c, batch=args.improve_batch) for c in profile.improve))
   results = run(profile, presets=args.presets, sections=tuple(args.sections),
-                threads=args.threads, save=save)
+                threads=args.threads, t5x_python=args.t5x_python, save=save)
   results["profile"] = name
   save(results)
   print(report.table(results))

@@ -86,19 +86,20 @@ def test_quick_run_writes_json(tmp_path):
   assert train["tokens"] == 4 * 16 and 0 < train["mfu"]
   assert train["mfu"] == train["model_flops"] / train["seconds"] / denominators["flops_per_s"]
   assert results["memory"]["host_peak_rss_bytes"] > 0
-  assert len(results["targets"]) == 10
+  assert len(results["targets"]) == 12
 
 
 def test_unknown_names_and_missing_peers_are_listed_not_fatal(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(hf_compare, "unavailable", lambda: "torch not installed (test)")
   out = tmp_path / "results.json"
-  assert run.main(["--quick", "--out", str(out), "--sections", "hf", "nonsense",
+  assert run.main(["--quick", "--out", str(out), "--sections", "hf", "t5x", "nonsense",
                    "--presets", "tiny_decoder", "no_such_preset"]) == 0
   results = json.loads(out.read_text())
   assert results["skipped"] == [
       "preset no_such_preset: not measured by this profile (its presets: tiny, tiny_decoder)",
-      "section nonsense: unknown (sections: grow, improve, hf, scaling, sampling)",
-      "transformers comparison: torch not installed (test)"]
+      "section nonsense: unknown (sections: grow, improve, hf, scaling, sampling, t5x)",
+      "transformers comparison: torch not installed (test)",
+      "t5x comparison: no t5x environment given (--t5x_python PATH; see docs/benchmarks.md)"]
   assert results["hf_compare"] == {"skipped": "torch not installed (test)"}
   assert "torch not installed (test)" in capsys.readouterr().out
   assert run.main(["--profile", "nonsense", "--out", str(out)]) == 2
