@@ -100,7 +100,8 @@ def _check_names(profile: profiles.Profile, presets: list[str] | None,
 
 def run(profile: profiles.Profile, *, presets: list[str] | None = None,
         sections: tuple[str, ...] = SECTIONS, threads: int | None = None,
-        t5x_python: str | None = None, save: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
+        t5x_python: str | None = None,
+        save: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
   """Runs the measurements of ``profile`` in ``sections``; returns the results dict (README).
 
   ``threads``: CPUs to run on (None: all this process may use). ``t5x_python``: the Python of

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="also time whole Grow calls (wmt_base, --rows prompts x 32 tokens) "
                            "with each draw")
   args = parser.parse_args(argv)
-  print("| rows | vocab | options | categorical s | inverse CDF s | speedup |\n|---|---|---|---|---|---|")
+  print("| rows | vocab | options | categorical s | inverse CDF s | speedup |\n"
+        "|---|---|---|---|---|---|")
   for r in measure(rows=args.rows, vocab=args.vocab):
     options = {k: r[k] for k in ("temperature", "top_k", "top_p") if k in r}
     print(f"| {r['rows']} | {r['vocab']} | {options} | {r['categorical_s']:.4f} | "
