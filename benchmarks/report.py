@@ -95,7 +95,9 @@ def table(results: dict[str, Any]) -> str:
   m = results["machine"]
   parts = [f"machine: {m['backend']} {m['device']} x{m.get('num_devices', 1)}, dtype "
            f"{m.get('dtype')}, started {results.get('started_utc')}, "
-           f"wall {results.get('wall_s', 0):.0f} s"]
+           f"wall {results.get('wall_s', 0):.0f} s, load average (1/5/15 min) "
+           f"{m.get('load_average_at_start')} at the start, {m.get('load_average_at_end')} at "
+           "the end"]
   if "ceilings" not in results:
     return "\n".join(parts + ["", "skipped: " + "; ".join(results.get("skipped", []))])
   d = results["denominators"]

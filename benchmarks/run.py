@@ -39,6 +39,11 @@ def _dtypes(backend: str) -> tuple[str, str, str]:
   return "float32", "float32", "float32"
 
 
+def _load() -> list[float] | None:
+  """The 1, 5 and 15 minute load averages (other processes on a shared machine)."""
+  return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 class Budget:
   """Skips work that would start after ``seconds``; records what it skipped and why."""
 
@@ -119,7 +124,7 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
       "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": {"backend": backend, "device": str(jax.local_devices()[0].device_kind),
                   "num_devices": jax.local_device_count(), "cpu_count": os.cpu_count(),
-                  "threads": thread_info["threads"],
+                  "threads": thread_info["threads"], "load_average_at_start": _load(),
                   "jax_version": jax.__version__, "dtype": dtype,
                   "sampling_param_dtype": sample_pdtype, "train_param_dtype": train_pdtype}}
   results["ceilings"] = _ceilings(profile, dtype=dtype, threads=thread_info)
@@ -163,6 +168,7 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
   del results["cases_so_far"]
   _judge(results, profile, dtype=dtype, grow_config=grow_config)
   results["memory"] = ceilings.peak_memory()
+  results["machine"]["load_average_at_end"] = _load()
   results["skipped"] = budget.skipped
   results["targets"] = report.targets(results)
   results["wall_s"] = time.perf_counter() - started
