@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rest_jax.grow.decoding import _candidates as decoding_candidates
 from rest_jax.grow.decoding import decode, inverse_cdf, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
@@ -289,6 +290,21 @@ def test_inverse_cdf_matches_numpy_searchsorted():
   # Equal except where u lies within float32 rounding of a boundary.
   near = np.abs(cdf[np.minimum(want, 999)] / cdf[-1] - us) < 1e-5
   assert np.all((got == want) | near) and np.mean(got == want) > 0.99
+
+
+@pytest.mark.parametrize("top_p", [0.333, 0.9051])  # Not a multiple of 1/300.
+def test_top_p_without_sorting_keeps_the_sorted_prefix(top_p):
+  logits = np.random.default_rng(8).normal(size=(40, 300)).astype(np.float32) * 2
+  logits[0] = 0.0  # All tied: the lower ids come first.
+  logits[1, :7] = 5.0  # Ties at the top.
+  fn = jax.jit(jax.vmap(lambda row: decoding_candidates(row, temperature=0.7, top_k=0,
+                                                       top_p=top_p)[0]))
+  kept = np.isfinite(np.asarray(fn(logits)))
+  for row in range(40):
+    probs = np.exp(logits[row].astype(np.float64) / 0.7)
+    np.testing.assert_array_equal(kept[row], _filtered_probs(probs / probs.sum(), top_p=top_p)
+                                  > 0, err_msg=f"row {row}")
+  assert kept[0].sum() == int(np.ceil(top_p * 300)) and kept[0][:kept[0].sum()].all()
 
 
 def test_inverse_cdf_never_draws_a_zero_mass_entry():
