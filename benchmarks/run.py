@@ -161,8 +161,7 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
   results["hf_compare"] = _hf_section(profile, budget, selected="hf" in sections,
                                       keep=keep(profile.hf_preset), grow_config=grow_config)
   results["t5x_compare"] = t5x_compare.section(
-      profile, budget, selected="t5x" in sections, python=t5x_python,
-      ours_improve=results["improve"], ours_grow=results["grow"])
+      profile, budget, selected="t5x" in sections, python=t5x_python)
   results["scaling"] = _scaling_section(profile, grow, improve) if "scaling" in sections else {
       "preset": profile.scaling_preset}
   del results["cases_so_far"]

@@ -3,7 +3,9 @@
 t5x is never a dependency: the peer runs as a subprocess under the Python given with
 ``--t5x_python`` (a virtual environment where t5x, airio and jestimator are installed; see
 docs/benchmarks.md), on the same T5.1.1 configuration, batch and lengths as our Improve and
-Grow cases of ``profile.t5x_preset``.
+Grow cases of ``profile.t5x_preset``. Our step and call of each case run in the same peer
+process, alternating with t5x's (rest_jax imports there too: the environment is made with
+``--system-site-packages``), so the ratios hold on a machine shared with other load.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from typing import Any
 
 from benchmarks import profiles
@@ -36,7 +37,8 @@ def unavailable(python: str | None) -> str | None:
 def _request(profile: profiles.Profile, repeats: int) -> dict[str, Any]:
   from rest_jax.models import get_preset  # pylint: disable=import-outside-toplevel
   config = get_preset(profile.t5x_preset)
-  return {"config": {k: getattr(config, k) for k in (
+  return {"preset": profile.t5x_preset, "interleave": True,
+          "config": {k: getattr(config, k) for k in (
               "vocab_size", "d_model", "num_heads", "num_encoder_layers", "num_decoder_layers",
               "head_dim", "mlp_dim")},
           "repeats": repeats, "temperature": 1.0,  # As workloads.grow.
@@ -60,34 +62,34 @@ def run_peer(python: str, request: dict[str, Any], timeout_s: float) -> dict[str
   raise RuntimeError(f"t5x peer exited {proc.returncode}: {' | '.join(tail)}")
 
 
-def _ratios(peer: dict[str, Any], ours_improve: list[dict], ours_grow: list[dict],
-            preset: str) -> list[dict[str, Any]]:
+def _ratios(peer: dict[str, Any]) -> list[dict[str, Any]]:
+  """Our tokens/s over t5x's, both timed in the peer process, alternating."""
   rows = []
   for theirs in peer["improve"]:
-    for ours in ours_improve:
-      if ours["preset"] == preset and all(ours[k] == theirs[k] for k in (
-          "batch", "input_len", "target_len")):
-        rows.append({"what": f"Improve step (t5x {theirs['optimizer']}; ours AdamW)",
-                     "shape": f"{theirs['batch']} x ({theirs['input_len']} + "
-                              f"{theirs['target_len']})",
-                     "ours_tokens_per_s": ours["tokens_per_s"],
-                     "t5x_tokens_per_s": theirs["tokens_per_s"],
-                     "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"]})
+    if "ours_seconds" in theirs:
+      rows.append({"what": "Improve step (both AdamW + clipping)",
+                   "shape": f"{theirs['batch']} x ({theirs['input_len']} + "
+                            f"{theirs['target_len']})",
+                   "ours_tokens_per_s": theirs["tokens"] / theirs["ours_seconds"],
+                   "t5x_tokens_per_s": theirs["tokens_per_s"],
+                   "ratio": theirs["seconds"] / theirs["ours_seconds"]})
+    else:
+      rows.append({"what": f"t5x Improve step ({theirs['optimizer']})",
+                   "shape": f"{theirs['batch']} x ({theirs['input_len']} + "
+                            f"{theirs['target_len']})", "ours_tokens_per_s": None,
+                   "t5x_tokens_per_s": theirs["tokens_per_s"], "ratio": None})
   for theirs in peer["grow"]:
-    for ours in ours_grow:
-      if ours["preset"] == preset and all(ours[k] == theirs[k] for k in (
-          "prompts", "num_samples", "input_len", "max_decode_len")):
-        rows.append({"what": "Grow (t5x temperature_sample)",
-                     "shape": f"{theirs['prompts']} x {theirs['num_samples']} rows, "
-                              f"{theirs['input_len']} in, {theirs['max_decode_len']} out",
-                     "ours_tokens_per_s": ours["tokens_per_s"],
-                     "t5x_tokens_per_s": theirs["tokens_per_s"],
-                     "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"]})
+    rows.append({"what": "Grow (t5x temperature_sample)",
+                 "shape": f"{theirs['prompts']} x {theirs['num_samples']} rows, "
+                          f"{theirs['input_len']} in, {theirs['max_decode_len']} out",
+                 "ours_tokens_per_s": theirs["tokens"] / theirs["ours_seconds"],
+                 "t5x_tokens_per_s": theirs["tokens_per_s"],
+                 "ratio": theirs["seconds"] / theirs["ours_seconds"]})
   return rows
 
 
-def section(profile: profiles.Profile, budget: Any, *, selected: bool, python: str | None,
-            ours_improve: list[dict], ours_grow: list[dict]) -> dict[str, Any]:
+def section(profile: profiles.Profile, budget: Any, *, selected: bool,
+            python: str | None) -> dict[str, Any]:
   """The peer's results and our tokens/s ratios to them, or why it was skipped."""
   if not selected:
     return {"skipped": "section not selected"}
@@ -102,5 +104,4 @@ def section(profile: profiles.Profile, budget: Any, *, selected: bool, python: s
   if not peer:
     return {"skipped": "failed or out of time (see skipped)"}
   return {"preset": profile.t5x_preset, "python": python, "peer": peer,
-          "rows": _ratios(peer, ours_improve, ours_grow, profile.t5x_preset),
-          "ours_python": sys.executable}
+          "rows": _ratios(peer)}

@@ -6,13 +6,16 @@ on the command line, prints one JSON line of results: seconds and tokens/s of t5
 ``Trainer`` step (AdamW + clipping like ours, or t5x's default Adafactor) and of
 ``EncoderDecoderModel.predict_batch_with_aux`` with ``decoding.temperature_sample`` (EOS never
 emitted, so every row decodes every token), each timed as ours: best of the repeats after a
-compile run.
+compile run. With ``"interleave": true`` (rest_jax importable too) it also builds our Improve
+step and Grow call of the same case and alternates the timed runs (ours, t5x, ours, ...), so
+load from other processes on a shared machine hits both alike.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -28,16 +31,10 @@ from t5x.examples.t5 import network
 NEVER_EOS = -1
 
 
-def _timed(fn, repeats: int) -> dict[str, float]:
+def _seconds(fn) -> float:
   start = time.perf_counter()
   fn()
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return {"first_s": first, "min_s": min(times)}
+  return time.perf_counter() - start
 
 
 def _model(cfg: dict[str, Any], optimizer: str) -> models.EncoderDecoderModel:
@@ -58,9 +55,9 @@ def _model(cfg: dict[str, Any], optimizer: str) -> models.EncoderDecoderModel:
       optimizer_def=opt, decode_fn=decoding.temperature_sample)
 
 
-def train(cfg: dict[str, Any], *, batch: int, input_len: int, target_len: int, repeats: int,
-          optimizer: str) -> dict[str, Any]:
-  """Seconds of one t5x ``Trainer`` train step on random tokens."""
+def train_call(cfg: dict[str, Any], *, batch: int, input_len: int, target_len: int,
+               optimizer: str):
+  """One t5x ``Trainer`` train step on random tokens, ready to time."""
   model = _model(cfg, optimizer)
   partitioner = partitioning.PjitPartitioner(num_partitions=1)
   shapes = {"encoder_input_tokens": (batch, input_len), "decoder_input_tokens": (batch, target_len),
@@ -89,16 +86,13 @@ def train(cfg: dict[str, Any], *, batch: int, input_len: int, target_len: int, r
     holder["state"], metrics = step(holder["state"], data)
     jax.block_until_ready((holder["state"], metrics))
 
-  times = _timed(run, repeats)
-  tokens = batch * (input_len + target_len)
-  return {"optimizer": optimizer, "batch": batch, "input_len": input_len,
-          "target_len": target_len, "tokens": tokens, "seconds": times["min_s"],
-          "compile_and_first_s": times["first_s"], "tokens_per_s": tokens / times["min_s"]}
+  return run
 
 
-def sample(cfg: dict[str, Any], *, prompts: int, num_samples: int, input_len: int,
-           max_decode_len: int, repeats: int, temperature: float) -> dict[str, Any]:
-  """Seconds of t5x ``temperature_sample`` (jitted predict_batch_with_aux) on random prompts."""
+def sample_call(cfg: dict[str, Any], *, prompts: int, num_samples: int, input_len: int,
+                max_decode_len: int, temperature: float):
+  """t5x ``temperature_sample`` (jitted predict_batch_with_aux) on random prompts, ready to
+  time; it checks that every row decoded every token (no EOS)."""
   model = _model(cfg, "adamw")
   shapes = {"encoder_input_tokens": (1, input_len), "decoder_input_tokens": (1, max_decode_len)}
   params = model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"]
@@ -109,28 +103,56 @@ def sample(cfg: dict[str, Any], *, prompts: int, num_samples: int, input_len: in
   predict = jax.jit(functools.partial(
       model.predict_batch_with_aux, num_decodes=num_samples, return_all_decodes=True,
       decoder_params={"temperature": temperature, "topk": 0}))
-  out = {}
-
   def run():
-    out["tokens"], _ = jax.block_until_ready(predict(params, data, jax.random.PRNGKey(2)))
+    tokens, _ = jax.block_until_ready(predict(params, data, jax.random.PRNGKey(2)))
+    if np.any(np.asarray(tokens) == 0):
+      raise RuntimeError("t5x temperature_sample ended a row early")
 
-  times = _timed(run, repeats)
-  generated = int(np.sum(np.asarray(out["tokens"]) != 0))
-  tokens = prompts * num_samples * max_decode_len
-  return {"prompts": prompts, "num_samples": num_samples, "rows": prompts * num_samples,
-          "input_len": input_len, "max_decode_len": max_decode_len, "tokens": tokens,
-          "nonzero_tokens": generated, "seconds": times["min_s"],
-          "compile_and_first_s": times["first_s"], "tokens_per_s": tokens / times["min_s"]}
+  return run
+
+
+def _time_pair(theirs, ours, repeats: int) -> dict[str, Any]:
+  """Best seconds of each after a first (compile) call, the timed calls alternating."""
+  calls = {"t5x": theirs} | ({"ours": ours} if ours else {})
+  first = {name: _seconds(fn) for name, fn in calls.items()}
+  best = {name: float("inf") for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      best[name] = min(best[name], _seconds(fn))
+  return {"seconds": best["t5x"], "compile_and_first_s": first["t5x"],
+          **({"ours_seconds": best["ours"]} if ours else {})}
+
+
+def _ours(request: dict[str, Any]):
+  """Our workloads module and ModelConfig of the request's preset, or (None, None)."""
+  if not request.get("interleave"):
+    return None, None
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import workloads  # pylint: disable=import-outside-toplevel
+  return workloads, workloads.model_config(request["preset"], dtype="float32",
+                                           param_dtype="float32")
 
 
 def main() -> int:
   request = json.loads(sys.argv[1])
   cfg, repeats = request["config"], request["repeats"]
+  workloads, ours_config = _ours(request)
   out: dict[str, Any] = {"jax_version": jax.__version__, "improve": [], "grow": []}
   for case in request["improve"]:
-    out["improve"].append(train(cfg, repeats=repeats, **case))
+    ours = workloads and case["optimizer"] == "adamw" and workloads.train_step_call(
+        ours_config, **{k: case[k] for k in ("batch", "input_len", "target_len")})
+    times = _time_pair(train_call(cfg, **case), ours, repeats)
+    tokens = case["batch"] * (case["input_len"] + case["target_len"])
+    out["improve"].append({**case, "tokens": tokens, **times,
+                           "tokens_per_s": tokens / times["seconds"]})
   for case in request["grow"]:
-    out["grow"].append(sample(cfg, repeats=repeats, temperature=request["temperature"], **case))
+    ours = workloads and workloads.grow_call(ours_config, temperature=request["temperature"],
+                                             **case)
+    times = _time_pair(sample_call(cfg, temperature=request["temperature"], **case), ours,
+                       repeats)
+    tokens = case["prompts"] * case["num_samples"] * case["max_decode_len"]
+    out["grow"].append({**case, "rows": case["prompts"] * case["num_samples"],
+                        "tokens": tokens, **times, "tokens_per_s": tokens / times["seconds"]})
   print("T5X_PEER_RESULT " + json.dumps(out), flush=True)
   return 0
 
