@@ -39,6 +39,27 @@ def matmul_peak(*, n: int, dtype: Any, repeats: int = 5) -> dict[str, float]:
           "flops_per_s": 2.0 * n**3 / t["min_s"]}
 
 
+def numpy_matmul_peak(*, n: int, repeats: int = 3) -> dict[str, float]:
+  """Dense float32 ``[n, n] @ [n, n]`` FLOP/s through numpy (its BLAS), best of ``repeats``."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((n, n), dtype=np.float32)
+  b = rng.standard_normal((n, n), dtype=np.float32)
+  t = timed(lambda: a @ b, repeats=repeats)
+  return {"n": n, "dtype": "float32", "seconds": t["min_s"], "flops_per_s": 2.0 * n**3 / t["min_s"]}
+
+
+def matmul_ceiling(*, sizes: tuple[int, ...], dtype: Any, repeats: int = 3) -> dict[str, Any]:
+  """The best dense matmul FLOP/s over ``sizes`` and sources: XLA (jit, the run's dtype) and,
+  on CPU, numpy's BLAS (float32). Returns {"points": [{source, n, dtype, flops_per_s, ...}],
+  "best": the fastest point}."""
+  points = []
+  for n in sizes:
+    points.append({"source": "xla", **matmul_peak(n=n, dtype=dtype, repeats=repeats)})
+    if jax.default_backend() == "cpu":
+      points.append({"source": "numpy", **numpy_matmul_peak(n=n, repeats=repeats)})
+  return {"points": points, "best": max(points, key=lambda p: p["flops_per_s"])}
+
+
 def memory_bandwidth(*, num_bytes: int, repeats: int = 5) -> dict[str, float]:
   """Bytes/s of a large array copy: the better of jitted ``x + 1`` on the default device and,
   on CPU, numpy's ``copyto`` (memcpy); both count the bytes read and the bytes written."""

@@ -26,7 +26,7 @@ class ImproveCase:
 class Profile:
   """Sizes of one benchmark run; ``time_budget_s`` skips what would start after it."""
 
-  matmul_n: int
+  matmul_sizes: tuple[int, ...]  # The matmul ceiling is the best over these sizes.
   bandwidth_bytes: int
   repeats: int
   grow: tuple[GrowCase, ...]
@@ -44,18 +44,23 @@ class Profile:
   hf_new_tokens: int
   time_budget_s: float
   cache_segment: int = 32  # The Sampler's first KV-cache segment (it doubles from there).
+  sampling_rows: int = 256  # The sampling draw alone: [rows, vocab] logits.
+  sampling_vocab: int = 32128
+  hf_temperature: float = 0.8  # Both sides of the sampled transformers comparison.
+  t5x_preset: str = "wmt_base"  # The t5x peer runs this preset's Grow and Improve cases.
 
 
 QUICK = Profile(
-    matmul_n=128, bandwidth_bytes=4 << 20, repeats=1,
+    matmul_sizes=(128, 256), bandwidth_bytes=4 << 20, repeats=1,
     grow=(GrowCase("tiny", 2, 2, 8, 8),), improve=(ImproveCase("tiny", 4, 8, 8),),
     scaling_preset="tiny", scaling_prompts=2, scaling_num_samples=(1, 2, 4),
     scaling_lengths=(4, 8, 12), scaling_length=8, scaling_input_len=8,
     scaling_train_batches=(2, 4, 6), hf_preset="tiny_decoder", hf_batches=(2,), hf_input_len=8,
-    hf_new_tokens=8, time_budget_s=1e9, cache_segment=4)
+    hf_new_tokens=8, time_budget_s=1e9, cache_segment=4,
+    sampling_rows=8, sampling_vocab=512, t5x_preset="tiny")
 
 CPU = Profile(
-    matmul_n=2048, bandwidth_bytes=256 << 20, repeats=1,
+    matmul_sizes=(1024, 2048, 4096), bandwidth_bytes=256 << 20, repeats=1,
     grow=(GrowCase("wmt_base", 8, 1, 32, 32), GrowCase("wmt_base", 256, 1, 32, 32),
           GrowCase("wmt_base", 32, 8, 32, 32), GrowCase("decoder_base", 8, 1, 32, 32),
           GrowCase("decoder_base", 32, 8, 32, 32)),
@@ -66,7 +71,7 @@ CPU = Profile(
     hf_input_len=32, hf_new_tokens=32, time_budget_s=570)
 
 GPU = Profile(
-    matmul_n=8192, bandwidth_bytes=2 << 30, repeats=3,
+    matmul_sizes=(4096, 8192), bandwidth_bytes=2 << 30, repeats=3,
     grow=(GrowCase("wmt_base", 8, 1, 64, 128), GrowCase("wmt_base", 256, 1, 64, 128),
           GrowCase("wmt_base", 64, 16, 64, 128), GrowCase("decoder_base", 8, 1, 64, 128),
           GrowCase("decoder_base", 256, 1, 64, 128), GrowCase("decoder_1b", 8, 1, 64, 128),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -39,6 +39,21 @@ def random_tokens(rows: int, length: int, vocab: int, *, seed: int) -> np.ndarra
   return np.random.default_rng(seed).integers(2, vocab, (rows, length), dtype=np.int32)
 
 
+def grow_call(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
+              max_decode_len: int, cache_segment: int | None = 32,
+              temperature: float = 1.0) -> Callable[[], Any]:
+  """One ``Sampler.generate`` call on random prompts, ready to time (returns its output)."""
+  graphdef, params, _ = _model(config)
+  layout = layout_from_config(MeshConfig(), devices=jax.local_devices()[:1])
+  sampler = Sampler(graphdef, layout, num_samples=num_samples, max_decode_len=max_decode_len,
+                    temperature=temperature, batch_size=prompts, eos_id=NEVER_EOS,
+                    cache_segment=cache_segment)
+  params = sampler.place_params(params)
+  inputs = random_tokens(prompts, input_len, config.vocab_size, seed=1)
+  ids = np.arange(prompts, dtype=np.int64)
+  return lambda: sampler.generate(params, inputs, ids, seed=0, grow_step=0)
+
+
 def grow(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
          max_decode_len: int, repeats: int, peak_flops: float, bandwidth: float,
          cache_segment: int | None = 32) -> dict[str, Any]:
@@ -48,18 +63,12 @@ def grow(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
 
   Returns times, generated tokens/s, prompts/s and the fraction of the roofline reached.
   """
-  graphdef, params, num_params = _model(config)
-  layout = layout_from_config(MeshConfig(), devices=jax.local_devices()[:1])
-  sampler = Sampler(graphdef, layout, num_samples=num_samples, max_decode_len=max_decode_len,
-                    temperature=1.0, batch_size=prompts, eos_id=NEVER_EOS,
-                    cache_segment=cache_segment)
-  params = sampler.place_params(params)
-  inputs = random_tokens(prompts, input_len, config.vocab_size, seed=1)
-  ids = np.arange(prompts, dtype=np.int64)
+  call = grow_call(config, prompts=prompts, num_samples=num_samples, input_len=input_len,
+                   max_decode_len=max_decode_len, cache_segment=cache_segment)
   out = {}
 
   def run():
-    out["last"] = sampler.generate(params, inputs, ids, seed=0, grow_step=0)
+    out["last"] = call()
 
   t = timed(run, repeats=repeats)
   rows = prompts * num_samples
@@ -67,8 +76,8 @@ def grow(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
   tokens = int(out["last"].lengths.sum())
   roof = costs.grow_roofline(config, prompts=prompts, rows=rows, input_len=input_len,
                              steps=steps, peak_flops=peak_flops, bandwidth=bandwidth)
-  return {"params": num_params, "prompts": prompts, "num_samples": num_samples, "rows": rows,
-          "cache_segment": cache_segment,
+  return {"params": _model(config)[2], "prompts": prompts, "num_samples": num_samples,
+          "rows": rows, "cache_segment": cache_segment,
           "input_len": input_len, "max_decode_len": max_decode_len, "decode_steps": steps,
           "generated_tokens": tokens, "compile_and_first_s": t["first_s"],
           "seconds": t["min_s"], "median_s": t["median_s"],
@@ -78,10 +87,10 @@ def grow(config: ModelConfig, *, prompts: int, num_samples: int, input_len: int,
           "achieved_flops_per_s": roof["flops"] / t["min_s"]}
 
 
-def improve(config: ModelConfig, *, batch: int, input_len: int, target_len: int,
-            repeats: int, peak_flops: float) -> dict[str, Any]:
-  """Times ``Trainer.train_step`` (BC loss, AdamW) on a random batch; model FLOPs utilisation."""
-  graphdef, params, num_params = _model(config)
+def train_step_call(config: ModelConfig, *, batch: int, input_len: int,
+                    target_len: int) -> Callable[[], None]:
+  """One ``Trainer.train_step`` (BC loss, AdamW) on a prefetched random batch, ready to time."""
+  graphdef, params, _ = _model(config)
   layout = layout_from_config(MeshConfig(), devices=jax.local_devices()[:1])
   cfg = TrainConfig(learning_rate=1e-4, num_steps=1000)
   trainer = Trainer(graphdef, layout, make_loss(cfg), make_optimizer(cfg))
@@ -96,11 +105,17 @@ def improve(config: ModelConfig, *, batch: int, input_len: int, target_len: int,
     holder["state"], metrics = trainer.train_step(holder["state"], device_batch)
     jax.block_until_ready(metrics)
 
-  t = timed(run, repeats=repeats)
-  del holder["state"]
+  return run
+
+
+def improve(config: ModelConfig, *, batch: int, input_len: int, target_len: int,
+            repeats: int, peak_flops: float) -> dict[str, Any]:
+  """Times ``Trainer.train_step`` (BC loss, AdamW) on a random batch; model FLOPs utilisation."""
+  t = timed(train_step_call(config, batch=batch, input_len=input_len, target_len=target_len),
+            repeats=repeats)
   flops = costs.train_flops(config, batch=batch, input_len=input_len, target_len=target_len)
   tokens = costs.train_tokens(config, batch=batch, input_len=input_len, target_len=target_len)
-  return {"params": num_params, "batch": batch, "input_len": input_len,
+  return {"params": _model(config)[2], "batch": batch, "input_len": input_len,
           "target_len": target_len, "tokens": tokens, "compile_and_first_s": t["first_s"],
           "seconds": t["min_s"], "median_s": t["median_s"], "tokens_per_s": tokens / t["min_s"],
           "model_flops": flops, "mfu": flops / t["min_s"] / peak_flops}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from benchmarks import ceilings, costs, run
+from benchmarks import ceilings, costs, hf_compare, machine, run
 from rest_jax.models import abstract_model, build_model, count_params, get_preset
 
 
@@ -67,13 +67,55 @@ def test_quick_run_writes_json(tmp_path):
           "targets", "skipped", "wall_s", "profile"} <= set(results)
   assert results["hf_compare"] == {"skipped": "section not selected"}
   assert results["skipped"] == []
-  assert results["ceilings"]["matmul"]["flops_per_s"] > 0
+  matmul = results["ceilings"]["matmul"]
+  assert {(p["source"], p["n"]) for p in matmul["points"]} == {
+      (source, n) for source in ("xla", "numpy") for n in (128, 256)}
+  assert matmul["best"]["flops_per_s"] == max(p["flops_per_s"] for p in matmul["points"])
   assert results["ceilings"]["bandwidth"]["bytes_per_s"] > 0
+  assert results["ceilings"]["threads"]["threads"] >= 1
+  denominators = results["denominators"]
+  # On CPU the MFU denominator is the best matmul read at the start or the end of the run.
+  best_end = results["ceilings"]["matmul_at_end"]["best"]["flops_per_s"]
+  assert denominators["flops_per_s"] == max(matmul["best"]["flops_per_s"], best_end)
+  assert denominators["flops_source"].startswith("best measured matmul")
   grow, = results["grow"]
   # 8 tokens per row: the first from the prefill's logits, 7 from decode steps.
   assert (grow["rows"], grow["decode_steps"], grow["generated_tokens"]) == (4, 7, 32)
   assert 0 < grow["roofline_fraction"] and grow["tokens_per_s"] > 0
   train, = results["improve"]
   assert train["tokens"] == 4 * 16 and 0 < train["mfu"]
+  assert train["mfu"] == train["model_flops"] / train["seconds"] / denominators["flops_per_s"]
   assert results["memory"]["host_peak_rss_bytes"] > 0
-  assert len(results["targets"]) == 7
+  assert len(results["targets"]) == 12
+
+
+def test_unknown_names_and_missing_peers_are_listed_not_fatal(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(hf_compare, "unavailable", lambda: "torch not installed (test)")
+  out = tmp_path / "results.json"
+  assert run.main(["--quick", "--out", str(out), "--sections", "hf", "t5x", "nonsense",
+                   "--presets", "tiny_decoder", "no_such_preset"]) == 0
+  results = json.loads(out.read_text())
+  assert results["skipped"] == [
+      "preset no_such_preset: not measured by this profile (its presets: tiny, tiny_decoder)",
+      "section nonsense: unknown (sections: grow, improve, hf, scaling, sampling, t5x)",
+      "transformers comparison: torch not installed (test)",
+      "t5x comparison: no t5x environment given (--t5x_python PATH; see docs/benchmarks.md)"]
+  assert results["hf_compare"] == {"skipped": "torch not installed (test)"}
+  assert "torch not installed (test)" in capsys.readouterr().out
+  assert run.main(["--profile", "nonsense", "--out", str(out)]) == 2
+  assert json.loads(out.read_text())["skipped"] == [
+      "profile nonsense: unknown (profiles: quick, cpu, gpu); nothing measured"]
+
+
+def test_spec_peaks_and_cpu_description():
+  assert machine.accelerator_spec("NVIDIA H100 80GB HBM3")["bf16_flops_per_s"] == 989e12
+  assert machine.accelerator_spec("NVIDIA H100 PCIe")["bf16_flops_per_s"] == 756e12
+  assert machine.accelerator_spec("NVIDIA H200")["hbm_bytes_per_s"] == 4.8e12
+  assert machine.accelerator_spec("TPU v5 lite")["bf16_flops_per_s"] == 197e12
+  assert machine.accelerator_spec("TPU v5")["bf16_flops_per_s"] == 459e12
+  assert machine.accelerator_spec("TPU v6 lite")["bf16_flops_per_s"] == 918e12
+  assert machine.accelerator_spec("cpu") is None
+  cpu = machine.cpu(2)
+  if cpu["clock_mhz"]:  # Linux with a readable /proc/cpuinfo.
+    assert cpu["theoretical_flops_per_s"] == 2 * cpu["flops_per_cycle_per_core"] * cpu[
+        "clock_mhz"] * 1e6

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rest_jax.grow.decoding import decode, row_keys, sample_logits
+from rest_jax.grow.decoding import _candidates as decoding_candidates
+from rest_jax.grow.decoding import decode, inverse_cdf, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
 from rest_jax.models import build_model, get_preset
 from rest_jax.models.base import EOS_ID, ModelConfig, SequenceModel
@@ -227,6 +228,89 @@ def test_temperature_frequencies_match_tempered_softmax():
     assert abs(np.mean(tokens == 1) - p1) < 0.03, (temperature, np.mean(tokens == 1))
     np.testing.assert_allclose(logprobs[tokens == 1], math.log(p1), atol=1e-5)
     np.testing.assert_allclose(logprobs[tokens == 2], math.log(1 - p1), atol=1e-5)
+
+
+def _filtered_probs(probs: np.ndarray, *, temperature=1.0, top_k=0, top_p=1.0) -> np.ndarray:
+  """The distribution sample_logits should draw from, computed independently in numpy."""
+  p = probs ** (1.0 / temperature)
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")
+  keep = np.zeros(p.shape, bool)
+  keep[order[:top_k or len(p)]] = True
+  p = np.where(keep, p, 0.0) / p[keep].sum()
+  before = np.cumsum(p[order]) - p[order]
+  keep[order[before >= top_p]] = False
+  return np.where(keep, p, 0.0) / p[keep].sum()
+
+
+def _spread(vocab: int, support: dict[int, float]) -> np.ndarray:
+  probs = np.zeros(vocab)
+  probs[list(support)] = list(support.values())
+  return probs / probs.sum()
+
+
+@pytest.mark.parametrize("probs", [
+    np.array([0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05]),
+    # 600 entries: the two-level draw (blocks of 128), mass on both sides of block edges.
+    _spread(600, {3: 3.0, 127: 1.0, 128: 2.0, 255: 1.5, 256: 1.2, 400: 0.8, 599: 0.5})],
+    ids=["vocab7", "vocab600"])
+def test_inverse_cdf_sampling_passes_a_chi_square_test(probs):
+  """20000 draws per variant, fixed seed; chi-square goodness of fit against the filtered
+  distribution, rejected above the 0.999 quantile of chi2(kept - 1) (alpha = 1e-3, chosen
+  from the distribution, not tuned). The same draws fail against a slightly wrong
+  distribution, so the test has the power to catch a biased sampler."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  rows = 20000
+  logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)), (rows, 1))
+  keys = jax.random.split(jax.random.key(7), rows)
+  variants = [dict(), dict(temperature=0.5)]
+  if len(probs) < 100:  # Top-k and top-p select candidates before the draw (sizes alike).
+    variants += [dict(top_k=4), dict(top_p=0.6), dict(temperature=1.5, top_k=6, top_p=0.9)]
+  for kw, (tokens, logprobs) in zip(variants, sample_variants(logits, keys, variants)):
+    expected = _filtered_probs(probs, **kw)
+    counts = np.bincount(tokens, minlength=len(probs))
+    kept = expected > 0
+    assert counts[~kept].sum() == 0, kw  # Filtered tokens are never drawn.
+    threshold = stats.chi2.ppf(0.999, kept.sum() - 1)
+    chi2 = np.sum((counts[kept] - rows * expected[kept]) ** 2 / (rows * expected[kept]))
+    assert chi2 < threshold, (kw, chi2, threshold, counts)
+    np.testing.assert_allclose(logprobs, np.log(expected[tokens]), atol=1e-5)
+    wrong = expected.copy()
+    wrong[kept.nonzero()[0][:2]] += [-0.02, 0.02]  # 2 points of mass moved to the 2nd token.
+    chi2_wrong = np.sum((counts[kept] - rows * wrong[kept]) ** 2 / (rows * wrong[kept]))
+    assert chi2_wrong > threshold, (kw, chi2_wrong, threshold)
+
+
+def test_inverse_cdf_matches_numpy_searchsorted():
+  probs = np.random.default_rng(5).gamma(0.3, size=1000).astype(np.float32)
+  us = np.random.default_rng(6).random(4000).astype(np.float32)
+  got = np.asarray(jax.jit(jax.vmap(inverse_cdf, in_axes=(None, 0)))(probs, us))
+  cdf = np.cumsum(probs.astype(np.float64))
+  want = np.searchsorted(cdf / cdf[-1], us, side="right")
+  # Equal except where u lies within float32 rounding of a boundary.
+  near = np.abs(cdf[np.minimum(want, 999)] / cdf[-1] - us) < 1e-5
+  assert np.all((got == want) | near) and np.mean(got == want) > 0.99
+
+
+@pytest.mark.parametrize("top_p", [0.333, 0.9051])  # Not a multiple of 1/300.
+def test_top_p_without_sorting_keeps_the_sorted_prefix(top_p):
+  logits = np.random.default_rng(8).normal(size=(40, 300)).astype(np.float32) * 2
+  logits[0] = 0.0  # All tied: the lower ids come first.
+  logits[1, :7] = 5.0  # Ties at the top.
+  fn = jax.jit(jax.vmap(lambda row: decoding_candidates(row, temperature=0.7, top_k=0,
+                                                       top_p=top_p)[0]))
+  kept = np.isfinite(np.asarray(fn(logits)))
+  for row in range(40):
+    probs = np.exp(logits[row].astype(np.float64) / 0.7)
+    np.testing.assert_array_equal(kept[row], _filtered_probs(probs / probs.sum(), top_p=top_p)
+                                  > 0, err_msg=f"row {row}")
+  assert kept[0].sum() == int(np.ceil(top_p * 300)) and kept[0][:kept[0].sum()].all()
+
+
+def test_inverse_cdf_never_draws_a_zero_mass_entry():
+  probs = jnp.array([0.0, 0.5, 0.0, 0.5, 0.0])
+  draws = [int(inverse_cdf(probs, jnp.float32(u))) for u in (0.0, 0.49, 0.5, 0.9999999)]
+  assert draws == [1, 1, 3, 3]
 
 
 def test_sample_logits_rows_are_independent():
