@@ -17,7 +17,8 @@ from flax import nnx
 from rest_jax.checkpoints.phases import PhaseCheckpoints
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
-from rest_jax.improve.trainer import Trainer, TrainState, make_optimizer, make_schedule, train_phase
+from rest_jax.improve.phase import train_phase
+from rest_jax.improve.trainer import Trainer, TrainState, make_optimizer, make_schedule
 from rest_jax.improve.losses import bc_loss, plain_loss, reward_weighted_bc_loss
 from rest_jax.models import build_model, get_preset
 from rest_jax.parallel import preemption

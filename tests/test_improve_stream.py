@@ -243,11 +243,11 @@ def test_streamed_schedules_equal_in_memory(grows, name):
 
 def test_resume_reads_the_checkpointed_position_and_refuses_changed_data():
   import types  # pylint: disable=g-import-not-at-top
-  from rest_jax.improve import trainer  # pylint: disable=g-import-not-at-top
+  from rest_jax.improve import phase  # pylint: disable=g-import-not-at-top
   ckpt = types.SimpleNamespace(directory="/w/checkpoints/g001_i01")
   state = lambda k: {"next_batch": k, "records": 10, "fingerprint": "a"}  # pylint: disable=unnecessary-lambda-assignment
-  assert trainer._next_batch({"data": state(7)}, 7, state, ckpt) == 7
-  assert trainer._next_batch({}, 5, state, ckpt) == 5  # A checkpoint without a position.
+  assert phase._next_batch({"data": state(7)}, 7, state, ckpt) == 7
+  assert phase._next_batch({}, 5, state, ckpt) == 5  # A checkpoint without a position.
   changed = lambda k: {"next_batch": k, "records": 11, "fingerprint": "b"}  # pylint: disable=unnecessary-lambda-assignment
   with pytest.raises(RestJaxError, match="training data of /w/checkpoints/g001_i01 changed"):
-    trainer._next_batch({"data": state(7)}, 7, changed, ckpt)
+    phase._next_batch({"data": state(7)}, 7, changed, ckpt)

@@ -151,3 +151,29 @@ def test_warning_table_and_legend_agree(tmp_path, caplog):
   finally:
     reporting.save_figure = real
   assert any("possible reward hacking" in t for t in captured[0])
+
+
+def test_tensorboard_scalars_are_read_back_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
+  import errno  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+  reporter = Reporter(Workdir(str(tmp_path / "w")))
+  reporter.scalars("train", 3, {"loss": 0.5, "vector": np.zeros(2)})
+  reporter.close()
+  files = os.listdir(tmp_path / "w" / "tb")
+  events = [tf.compat.v1.Event.FromString(r.numpy()) for r in tf.data.TFRecordDataset(
+      str(tmp_path / "w" / "tb" / files[0]))]
+  values = [(e.step, v.tag) for e in events for v in e.summary.value]
+  assert values == [(3, "train/loss")]  # Scalars only.
+  # A full disk: tensorboardX's background writer died silently and the next add_scalar hung
+  # forever once its queue filled; now the write that fails is one error naming the folder.
+  reporter = Reporter(Workdir(str(tmp_path / "full")))
+  reporter.scalars("train", 1, {"loss": 1.0})
+
+  def full(self, data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+  with pytest.raises(RestJaxError, match=r"could not write .*full/tb: no space left on device"):
+    for step in range(2, 40):  # More than tensorboardX's queue (10) would have held.
+      reporter.scalars("train", step, {"loss": 1.0})

@@ -31,7 +31,8 @@ from rest_jax.improve import batches as hostdata
 from rest_jax.improve import losses, selected, selection, value
 from rest_jax.improve.extras import Extras, build_extras
 from rest_jax.improve.schedules import Threshold
-from rest_jax.improve.trainer import Trainer, make_optimizer, train_phase
+from rest_jax.improve.phase import train_phase
+from rest_jax.improve.trainer import Trainer, make_optimizer
 from rest_jax.parallel import distributed
 from rest_jax.pipeline.build import Run
 from rest_jax.pipeline.reporting import summary_row

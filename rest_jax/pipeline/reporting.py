@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import logging
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -133,6 +134,39 @@ def describe_tolerance(setting: float) -> str:
   return f"a drop of more than {MONITOR_NOISE_SIGMAS:g} standard errors (eval-set noise)"
 
 
+class _Scalars:
+  """TensorBoard scalars written in the caller's thread (tensorboardX's ``EventsWriter``).
+
+  tensorboardX's ``SummaryWriter`` writes from a background thread: when a write fails there
+  (a full disk), the thread dies, its queue fills and the next ``add_scalar`` blocks forever, so
+  the run hangs. Here a failed write is an error where it happens (a full disk: one
+  RestJaxError). Flushed every ``flush_s`` seconds and on close (on ``gs://`` a flush uploads
+  the file).
+  """
+
+  def __init__(self, logdir: str, flush_s: float = 30.0):
+    from tensorboardX import event_file_writer, record_writer  # Deferred: a slow import.
+    from tensorboardX import summary as tb_summary
+    from tensorboardX.proto import event_pb2
+    self._event, self._scalar = event_pb2.Event, tb_summary.scalar
+    self.logdir, self.flush_s, self._flushed = logdir, flush_s, time.time()
+    with storage.disk_full_is_user_error(logdir):
+      record_writer.directory_check(logdir)
+      self._writer = event_file_writer.EventsWriter(storage.join(logdir, "events"))
+
+  def add(self, tag: str, value: float, step: int) -> None:
+    with storage.disk_full_is_user_error(self.logdir):
+      self._writer.write_event(self._event(wall_time=time.time(), step=step,
+                                           summary=self._scalar(tag, value)))
+      if time.time() - self._flushed > self.flush_s:
+        self._writer.flush()
+        self._flushed = time.time()
+
+  def close(self) -> None:
+    with storage.disk_full_is_user_error(self.logdir):
+      self._writer.close()
+
+
 class Reporter:
   """TensorBoard scalars and the end-of-run report; does nothing on hosts other than 0."""
 
@@ -140,12 +174,11 @@ class Reporter:
     self.workdir = workdir
     self.enabled = enabled
     self.monitor_tolerance = monitor_tolerance
-    self._writer = None
+    self._writer: _Scalars | None = None
 
-  def _tb(self):
+  def _tb(self) -> _Scalars | None:
     if self._writer is None and self.enabled:
-      from tensorboardX import SummaryWriter  # Deferred: a slow import, host 0 only.
-      self._writer = SummaryWriter(self.workdir.tb_dir)
+      self._writer = _Scalars(self.workdir.tb_dir)
     return self._writer
 
   def scalars(self, tag_prefix: str, step: int, values: Mapping[str, float]) -> None:
@@ -155,7 +188,7 @@ class Reporter:
       return
     for name, value in values.items():
       if np.ndim(value) == 0:
-        writer.add_scalar(f"{tag_prefix}/{name}", float(value), step)
+        writer.add(f"{tag_prefix}/{name}", float(value), step)
 
   def summary(self, rows: Sequence[dict], wall_time_s: float) -> dict:
     """The summary dict: rows, wall time and, with the monitor on, "reward_hacking" (the
