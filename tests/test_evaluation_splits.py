@@ -40,6 +40,7 @@ def _params(workdir, cfg, phase):
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
+@pytest.mark.slow  # Two whole runs (63 s of a 2-worker suite run); the README's claim.
 def test_test_split_does_not_change_training_or_selection(tmp_path):
   with_test, without = _config(None), _config(0)
   a = pipeline.run(with_test, str(tmp_path / "test"), progress=False)["rows"]

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 
 import numpy as np
+
 import pytest
 
 from rest_jax import config as C
@@ -51,7 +53,8 @@ def fake(monkeypatch):
     parts = build.Parts(config=config, layout=None, graphdef=None, abstract_params=None,
                         bc_loss=losses.make_loss(config.bc),
                         improve_loss=losses.make_loss(config.improve.train),
-                        schedule=schedules.from_config(config.improve), grow_sampler=None)
+                        schedule=schedules.from_config(config.improve),
+                        grow_sampler=types.SimpleNamespace(place_params=lambda params: params))
     return build.Run(parts=parts, workdir=workdir, task=task, vocab=None, reward=None,
                      eval_fn=None, reporter=Reporter(workdir), base_params="params-init",
                      progress=progress)
@@ -75,7 +78,6 @@ def fake(monkeypatch):
   monkeypatch.setattr(phases, "_train", train)
   monkeypatch.setattr(phases, "_grow_prompts", lambda run: [])
   monkeypatch.setattr(phases, "run_grow", grow)
-  monkeypatch.setattr(phases, "place_params", lambda params, layout, sampling: params)
   monkeypatch.setattr(data, "task_dataset", lambda *args, **kwargs: None)
   return calls
 

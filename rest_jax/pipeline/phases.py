@@ -25,7 +25,6 @@ from rest_jax.config import TrainConfig
 from rest_jax.evaluation import independent_metric_name
 from rest_jax.grow import dataset as growdata
 from rest_jax.grow.rewards import StreamedGrowRewards
-from rest_jax.grow.sampler import place_params
 from rest_jax.grow.step import run_grow
 from rest_jax.improve import batches as hostdata
 from rest_jax.improve import losses, selected, selection, value
