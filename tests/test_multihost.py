@@ -181,7 +181,9 @@ def test_killed_host_stops_the_others_with_an_error(runs):
   if runs["survivor_code"] == 2:
     assert ("rest-jax: error: a computation across the 2 processes failed" in log or
             "not every one of the 2 processes arrived" in log), log
-    assert "rerun the same command on every host to resume" in log
+    # The message's tail can be cut: jax's heartbeat check may abort the process while it
+    # prints (seen once in CI: "... rerun the same command on every host to re").
+    assert "rerun the same command on every host" in log, log
   else:
     assert runs["survivor_code"] == -signal.SIGABRT, log
     assert "JAX distributed service detected fatal errors" in log, log
@@ -260,7 +262,9 @@ def test_killed_coordinator_stops_the_other_host_in_bounded_time(tmp_path):
   if code == 2:
     assert ("rest-jax: error: a computation across the 2 processes failed" in log or
             "not every one of the 2 processes arrived" in log), log
-    assert "rerun the same command on every host to resume" in log
+    # The message's tail can be cut: jax's heartbeat check may abort the process while it
+    # prints (seen once in CI: "... rerun the same command on every host to re").
+    assert "rerun the same command on every host" in log, log
   else:
     assert code == -signal.SIGABRT, log
     assert "JAX distributed service detected fatal errors" in log or "coordination" in log, log
