@@ -72,10 +72,18 @@ def test_scanned_equals_unscanned(name):
     np.testing.assert_allclose(x, y, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_remat_policies_keep_gradients(name):
+# Each family with one scanned and one unrolled policy by default; the rest are slow (suite time).
+_REMAT = [("tiny", ((True, "full"), (False, "dots_no_batch"))),
+          ("tiny_decoder", ((False, "full"), (True, "dots"))),
+          pytest.param("tiny", ((False, "full"), (True, "dots")), marks=pytest.mark.slow),
+          pytest.param("tiny_decoder", ((True, "full"), (False, "dots_no_batch")),
+                       marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name,cases", _REMAT)
+def test_remat_policies_keep_gradients(name, cases):
   base_loss, base = _loss_and_grads(*_split(name))
-  for scan, policy in ((False, "full"), (True, "full"), (True, "dots"), (False, "dots_no_batch")):
+  for scan, policy in cases:
     loss, grads = _loss_and_grads(*_split(name, scan_layers=scan, remat_policy=policy))
     assert abs(float(loss) - float(base_loss)) <= 1e-6
     a, b = _by_name(base), _by_name(grads)
