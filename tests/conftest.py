@@ -66,6 +66,30 @@ def gcs_root(gcs_emulator, request):  # pylint: disable=redefined-outer-name
   return gcs_emulator.create_bucket(f"{name}-{uuid.uuid4().hex[:8]}")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "gin", "experiments", "smoke_cpu.gin")
+# The smoke experiment (2 Grow x 2 Improve) with fewer steps and a smaller eval set: the runs
+# the crash, GCS and preemption tests kill and resume.
+SMOKE_SHRINK = ["--gin.bc/config.TrainConfig.num_steps=10",
+                "--gin.bc/config.TrainConfig.eval_every=5",
+                "--gin.improve/config.TrainConfig.num_steps=6",
+                "--gin.improve/config.TrainConfig.eval_every=3",
+                "--gin.config.EvalConfig.num_examples=16", "--gin.config.GrowConfig.chunk_size=32"]
+
+
+def start_smoke_run(workdir: str, log: str, bindings=tuple(SMOKE_SHRINK), *,
+                    append: bool = True) -> subprocess.Popen:
+  """``rest-jax run`` of the smoke experiment with ``bindings`` in a child process (this
+  checkout's code), stdout and stderr to ``log``."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  with open(log, "ab" if append else "wb") as out:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rest_jax.cli.main", "run", "--workdir", workdir, "--gin_file",
+         SMOKE, "--no_progress", *bindings], stdout=out, stderr=subprocess.STDOUT, env=env,
+        cwd=REPO)
+
+
 def pytest_addoption(parser):
   parser.addoption("--run_slow", action="store_true", default=False,
                    help="also run tests marked slow (e.g. the README's full smoke run)")

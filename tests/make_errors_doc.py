@@ -9,9 +9,11 @@ Messages are shown as raised, with temporary paths shortened to ``TMP``.
 
 import collections
 import json
+import os
 import re
 import sys
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _TMP = re.compile(r"/tmp/[^\s'\",:)]*|/private/var/folders/[^\s'\",:)]*")
 
 
@@ -21,7 +23,8 @@ def main(path: str) -> None:
     for line in f:
       record = json.loads(line)
       if record["test"]:
-        first.setdefault(record["test"], _TMP.sub("TMP", record["message"]))
+        message = _TMP.sub("TMP", record["message"]).replace(_REPO, "")
+        first.setdefault(record["test"], message)
   by_file = collections.defaultdict(list)
   for test, message in sorted(first.items()):
     file, _, name = test.partition("::")

@@ -14,46 +14,26 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import committed_files
+from conftest import SMOKE, SMOKE_SHRINK, committed_files, start_smoke_run
 from rest_jax.cli import main as cli
 from rest_jax.grow import dataset as growdata
 from rest_jax.pipeline import build
 from rest_jax.pipeline.workdir import Workdir, phase_name
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(REPO, "gin", "experiments", "smoke_cpu.gin")
-# The smoke experiment (2 Grow x 2 Improve), with fewer steps and a smaller eval set.
-SHRINK = ["--gin.bc/config.TrainConfig.num_steps=10", "--gin.bc/config.TrainConfig.eval_every=5",
-          "--gin.improve/config.TrainConfig.num_steps=6",
-          "--gin.improve/config.TrainConfig.eval_every=3",
-          "--gin.config.EvalConfig.num_examples=16", "--gin.config.GrowConfig.chunk_size=32"]
+SHRINK = SMOKE_SHRINK
 NUM_KILLS = 10
 _PHASE_START = re.compile(r"INFO (BC: training|Grow g\d+: \d+ prompts|Improve g\d+ i\d+: "
                           r"threshold)")
 
 
-def _command(workdir: str) -> list[str]:
-  return [sys.executable, "-m", "rest_jax.cli.main", "run", "--workdir", workdir, "--gin_file",
-          SMOKE, "--no_progress", *SHRINK]
-
-
-def _env() -> dict:
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
-  return env
-
-
 def _start(workdir: str, log: str) -> subprocess.Popen:
-  with open(log, "wb") as out:
-    return subprocess.Popen(_command(workdir), stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                            cwd=REPO)
+  return start_smoke_run(workdir, log, SHRINK, append=False)
 
 
 def _committed_files(workdir: str) -> list[tuple[float, str]]:

@@ -8,32 +8,20 @@ A bucket that does not exist is one error line before any work (fast).
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from conftest import SMOKE, SMOKE_SHRINK, start_smoke_run
 from rest_jax import storage
 from rest_jax.grow import dataset as growdata
 from rest_jax.pipeline.workdir import Workdir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(REPO, "gin", "experiments", "smoke_cpu.gin")
-# The smoke experiment (2 Grow x 2 Improve), with fewer steps and a smaller eval set.
-SHRINK = ["--gin.bc/config.TrainConfig.num_steps=10", "--gin.bc/config.TrainConfig.eval_every=5",
-          "--gin.improve/config.TrainConfig.num_steps=6",
-          "--gin.improve/config.TrainConfig.eval_every=3",
-          "--gin.config.EvalConfig.num_examples=16", "--gin.config.GrowConfig.chunk_size=32"]
+SHRINK = SMOKE_SHRINK
 
 
 def _start(workdir: str, log: str) -> subprocess.Popen:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-  with open(log, "ab") as out:
-    return subprocess.Popen(
-        [sys.executable, "-m", "rest_jax.cli.main", "run", "--workdir", workdir, "--gin_file",
-         SMOKE, "--no_progress", *SHRINK], stdout=out, stderr=subprocess.STDOUT, env=env,
-        cwd=REPO)
+  return start_smoke_run(workdir, log, SHRINK)
 
 
 def _tail(log: str) -> str:

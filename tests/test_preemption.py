@@ -11,13 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import SMOKE, SMOKE_SHRINK, start_smoke_run
 from rest_jax.cli import main as cli
 from rest_jax.errors import EXIT_PREEMPTED
 from rest_jax.grow import dataset as growdata
@@ -26,8 +26,6 @@ from rest_jax.pipeline import build
 from rest_jax.pipeline import run as pipeline
 from rest_jax.pipeline.workdir import Workdir, phase_name
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(REPO, "gin", "experiments", "smoke_cpu.gin")
 
 
 def test_sigterm_exits_75_with_one_message_and_no_traceback(tmp_path, capsys, monkeypatch):
@@ -57,21 +55,11 @@ def test_sigterm_exits_75_with_one_message_and_no_traceback(tmp_path, capsys, mo
 
 
 # The smoke experiment, 1 Grow x 2 Improve, with fewer steps and a smaller eval set.
-SHRINK = ["--gin.config.RunConfig.num_grow_steps=1",
-          "--gin.bc/config.TrainConfig.num_steps=10", "--gin.bc/config.TrainConfig.eval_every=5",
-          "--gin.improve/config.TrainConfig.num_steps=6",
-          "--gin.improve/config.TrainConfig.eval_every=3",
-          "--gin.config.EvalConfig.num_examples=16", "--gin.config.GrowConfig.chunk_size=32"]
+SHRINK = ["--gin.config.RunConfig.num_grow_steps=1", *SMOKE_SHRINK]
 
 
 def _start(workdir: str, log: str) -> subprocess.Popen:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-  with open(log, "ab") as out:
-    return subprocess.Popen(
-        [sys.executable, "-m", "rest_jax.cli.main", "run", "--workdir", workdir, "--gin_file",
-         SMOKE, "--no_progress", *SHRINK], stdout=out, stderr=subprocess.STDOUT, env=env,
-        cwd=REPO)
+  return start_smoke_run(workdir, log, SHRINK)
 
 
 def _sigterm_at(workdir: str, log: str, pattern: str) -> tuple[int, float, str]:

@@ -74,6 +74,20 @@ class _Record:
                 stopped_early=self.stopped_early, window_losses=self.window_losses,
                 **({"data": data} if data else {}))
 
+  def evaluate(self, *, step: int, state: TrainState,
+               eval_fn: Callable[[nnx.State], Mapping[str, float]],
+               log: Callable[[int, dict[str, float]], None], patience: int,
+               checkpoints: PhaseCheckpoints, data: dict | None) -> dict[str, float]:
+    """Evaluates ``state.params`` at ``step``: a history row, the log, then ``evaluated``."""
+    metrics = _evaluate(eval_fn, state.params, step)
+    self.history.append({"step": step, **metrics,
+                         "train_loss": float(np.mean(self.window_losses))})
+    self.window_losses = []
+    log(step, {f"eval/{k}": v for k, v in metrics.items()})
+    self.evaluated(step=step, state=state, metrics=metrics, patience=patience,
+                   checkpoints=checkpoints, data=data)
+    return metrics
+
   def evaluated(self, *, step: int, state: TrainState, metrics: dict[str, float], patience: int,
                 checkpoints: PhaseCheckpoints, data: dict | None = None) -> None:
     """Keeps the best params, counts evaluations without improvement, saves the latest state."""
@@ -143,14 +157,13 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
   ``eval_reward`` and saves the TrainState + record at every evaluation; stops early after
   ``cfg.patience`` evaluations without improvement (when > 0). After SIGTERM it saves the
   TrainState at the step all hosts agree on and raises ``preemption.Preempted``. Rerunning with
-  the same ``checkpoints`` resumes from the last saved step (``batches(step)`` must give the
-  batch stream from ``step``); a finished phase returns its result without training.
+  the same ``checkpoints`` resumes from the last saved step; a finished phase returns its result.
 
   Args:
     trainer: the Trainer (its optimizer built with ``make_optimizer(cfg, lr_scale=lr_scale)``).
     params: the starting params (``nnx.State``), on any sharding.
     cfg: the phase's TrainConfig.
-    batches: ``start_step -> iterator`` of host batches (see ``Trainer.train_step``).
+    batches: ``start -> iterator`` of host batches from batch ``start`` (``Trainer.train_step``).
     eval_fn: params -> metrics with ``"eval_reward"`` (and e.g. an independent metric).
     checkpoints: this phase's directory.
     lr_scale: the learning-rate multiplier the optimizer uses (for logging).
@@ -163,7 +176,6 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
   """
   log = log_fn or (lambda step, metrics: None)
   schedule = make_schedule(cfg, lr_scale=lr_scale)
-  peak_lr = cfg.learning_rate * lr_scale
   abstract = trainer.abstract_state(params)
   step, state, record, next_batch = _start(
       trainer, params, eval_fn=eval_fn, checkpoints=checkpoints, abstract=abstract,
@@ -175,7 +187,7 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
   pending: list[tuple[int, dict]] = []  # Step metrics not fetched yet (one step of lag).
 
   def fetch(steps: list[tuple[int, dict]]) -> None:
-    for s, m in _check_finite(steps, peak_lr):
+    for s, m in _check_finite(steps, cfg.learning_rate * lr_scale):
       record.window_losses.append(m["loss"])
       log(s, {**{f"train/{k}": v for k, v in m.items()},
               "train/learning_rate": float(schedule(s - 1))})
@@ -184,11 +196,10 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
 
   try:
     while step < cfg.num_steps and not record.stopped_early:
-      try:
-        batch = next(stream)
-      except StopIteration:
+      batch = next(stream, None)
+      if batch is None:
         raise RestJaxError(f"the batch stream ended at step {step} of {cfg.num_steps}; make "
-                           "batches(start_step) repeat the data (or lower num_steps).") from None
+                           "batches(start_step) repeat the data (or lower num_steps).")
       state, step_metrics = trainer.train_step(state, batch)
       step += 1
       pending.append((step, step_metrics))
@@ -198,18 +209,12 @@ def train_phase(*, trainer: Trainer, params: nnx.State, cfg: TrainConfig,
         pending = [] if evaluate else pending[-1:]
       data = data_state(next_batch + step - start) if data_state else None
       if evaluate:
-        metrics = _evaluate(eval_fn, state.params, step)
-        record.history.append({"step": step, **metrics,
-                               "train_loss": float(np.mean(record.window_losses))})
-        record.window_losses = []
-        log(step, {f"eval/{k}": v for k, v in metrics.items()})
-        record.evaluated(step=step, state=state, metrics=metrics, patience=cfg.patience,
-                         checkpoints=checkpoints, data=data)
+        metrics = record.evaluate(step=step, state=state, eval_fn=eval_fn, log=log,
+                                  patience=cfg.patience, checkpoints=checkpoints, data=data)
         bar.set_postfix(loss=record.history[-1]["train_loss"], eval_reward=metrics[BEST_METRIC])
       if preemption.reached():  # Every host stops after the same step (SIGTERM).
         if not evaluate:  # An evaluation saves the state; otherwise save it now.
           fetch(pending)
-          pending = []
           checkpoints.save_latest(step, state, record.meta(data))
         raise preemption.stop(f"{checkpoints.directory.name} saved at step {step} of "
                               f"{cfg.num_steps}")
