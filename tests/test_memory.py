@@ -21,24 +21,30 @@ def _split(preset: str):
   return nnx.split(build_model(get_preset(preset), rngs=nnx.Rngs(0)))
 
 
-def test_cache_bytes_per_row_encdec():
+def test_cache_bytes_per_prompt_encdec_stores_the_encoder_side_once():
   graphdef, params = _split("tiny")
-  # Per decoder layer: self_k, self_v [8 slots, 2 heads, 16] and cross_k, cross_v [8 inputs,
-  # 2, 16], float32: 4 * 8 * 32 * 4 bytes; 2 layers; plus the bool encoder mask [8].
-  assert memory.cache_bytes_per_row(graphdef, params, input_len=8, max_decode_len=8) == (
-      2 * 4 * 8 * 32 * 4 + 8, 260)
+  # Per decoder layer, float32: cross_k, cross_v [8 inputs, 2 heads, 16] once per prompt and
+  # self_k, self_v [8 slots, 2, 16] per sample; 2 layers; plus the bool encoder mask [8].
+  for n in (1, 4):
+    assert memory.cache_bytes_per_prompt(graphdef, params, input_len=8, max_decode_len=8,
+                                         num_samples=n) == (
+        2 * (2 + 2 * n) * 8 * 32 * 4 + 8, 260)
 
 
-def test_cache_bytes_per_row_decoder():
+def test_cache_bytes_per_prompt_decoder_stores_the_prompt_once():
   graphdef, params = _split("tiny_decoder")
-  # Per layer k, v [8 + 8 slots, 2 kv heads, 16] float32; bool prompt mask [8]; int32 length.
-  assert memory.cache_bytes_per_row(graphdef, params, input_len=8, max_decode_len=8) == (
-      2 * 2 * 16 * 32 * 4 + 8 + 4, 260)
+  # Per layer, float32: prompt_k, prompt_v [8 inputs, 2 kv heads, 16] once per prompt and
+  # k, v [8 slots, 2, 16] per sample; bool prompt mask [8]; int32 prompt length.
+  for n in (1, 4):
+    assert memory.cache_bytes_per_prompt(graphdef, params, input_len=8, max_decode_len=8,
+                                         num_samples=n) == (
+        2 * (2 + 2 * n) * 8 * 32 * 4 + 8 + 4, 260)
 
 
 def _per_prompt(num_samples: int) -> int:
-  row = (2 * 4 * 8 * 32 * 4 + 8) + 4 * 260 * memory.LOGIT_COPIES + 2 * 4 * 8 + 16
-  return num_samples * row + 4 * 8
+  cache = 2 * (2 + 2 * num_samples) * 8 * 32 * 4 + 8
+  row = 4 * 260 * memory.LOGIT_COPIES + 2 * 4 * 8 + 16
+  return cache + num_samples * row + 4 * 8
 
 
 def test_plan_picks_the_largest_batch_that_fits():

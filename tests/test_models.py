@@ -17,6 +17,7 @@ from rest_jax.models import (PRESETS, SequenceModel, abstract_model, build_model
 from rest_jax.models.layers import (RMSNorm, apply_rope, dot_product_attention,
                                     relative_position_bucket)
 from rest_jax.models.llama import left_align
+from rest_jax.models.attention import prefix_attention
 from conftest import mesh_layout
 
 FAMILIES = ("tiny", "tiny_decoder")
@@ -125,6 +126,32 @@ def test_grouped_query_attention_matches_numpy():
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     np.testing.assert_allclose(got[0, :, h], probs @ v[0, :, h // 2], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_keys_and_prefix_attention_equal_attention_over_copied_keys():
+  """Keys stored once per prompt and read by its r rows (the N samples of a prompt) give the
+  attention over keys copied into every row; ``prefix_attention`` over a shared prefix and
+  per-row keys gives one softmax over their concatenation."""
+  rng = np.random.default_rng(2)
+  prompts, r, heads, kv_heads, d = 3, 4, 4, 2, 5
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q = normal(prompts * r, 2, heads, d)
+  pk, pv = normal(prompts, 6, kv_heads, d), normal(prompts, 6, kv_heads, d)
+  pmask = jnp.asarray(rng.random((prompts, 6)) < 0.7).at[:, 0].set(True)
+  rows = lambda x: jnp.repeat(x, r, axis=0)
+  bias = normal(heads, 2, 6)
+  shared = dot_product_attention(q, pk, pv, mask=pmask[:, None, :], bias=bias, scale=0.3)
+  copied = dot_product_attention(q, rows(pk), rows(pv), mask=rows(pmask)[:, None, :],
+                                 bias=bias, scale=0.3)
+  np.testing.assert_allclose(shared, copied, rtol=1e-5, atol=1e-6)
+  k, v = normal(prompts * r, 3, kv_heads, d), normal(prompts * r, 3, kv_heads, d)
+  own_mask = jnp.asarray(rng.random((prompts * r, 2, 3)) < 0.6)
+  got = prefix_attention(q, (pk, pv, pmask), (k, v, own_mask), scale=0.3)
+  mask = jnp.concatenate([jnp.broadcast_to(rows(pmask)[:, None, :], (prompts * r, 2, 6)),
+                          own_mask], axis=-1)
+  want = dot_product_attention(q, jnp.concatenate([rows(pk), k], 1),
+                               jnp.concatenate([rows(pv), v], 1), mask=mask, scale=0.3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_left_align():

@@ -62,9 +62,10 @@ class FakeModel(nnx.Module):
     t = jnp.arange(targets.shape[1])[None, :]
     return self._logits(prev, t, inputs[:, :1])
 
-  def prefill(self, inputs, max_decode_len):
-    cache = {"eos_at": inputs[:, 0], "memory": inputs.astype(jnp.float32)}
-    return self._logits(inputs[:, 1], 0, inputs[:, 0]), cache
+  def prefill(self, inputs, max_decode_len, repeats=1):
+    rows = lambda x: jnp.repeat(x, repeats, axis=0)
+    cache = {"eos_at": rows(inputs[:, 0]), "memory": rows(inputs.astype(jnp.float32))}
+    return self._logits(rows(inputs[:, 1]), 0, cache["eos_at"]), cache
 
   def decode_step(self, tokens, cache, index):
     return self._logits(tokens, index + 1, cache["eos_at"]), cache
@@ -412,6 +413,28 @@ def test_real_model_sharded_samples_equal_one_device(preset, options):
     np.testing.assert_array_equal(got.tokens, ref.tokens, err_msg=str(mesh))
     np.testing.assert_array_equal(got.lengths, ref.lengths, err_msg=str(mesh))
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0, err_msg=str(mesh))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_decoder"])
+def test_prompt_cache_shared_by_the_samples_gives_the_copied_cache_samples(preset):
+  """The prompt's cache stored once for its N rows (default) draws the same samples as the
+  prompt's cache copied into every row, and the teacher-forced scores of the samples."""
+  graphdef, state = nnx.split(build_model(get_preset(preset), rngs=nnx.Rngs(0)))
+  inputs = np.random.default_rng(1).integers(2, 260, (4, 7)).astype(np.int32)
+  inputs[0, 2:] = 0
+  inputs[3, 5:] = 0
+  ids = np.array([4, 8, 15, 16])
+  got = {}
+  for share in (True, False):
+    sampler = Sampler(graphdef, mesh_layout(2, 2, 2), num_samples=3, max_decode_len=7,
+                      temperature=1.0, share_prompt_cache=share)
+    got[share] = sampler.generate(state, inputs, ids, seed=5, grow_step=2)
+  np.testing.assert_array_equal(got[True].tokens, got[False].tokens)
+  np.testing.assert_array_equal(got[True].lengths, got[False].lengths)
+  np.testing.assert_allclose(got[True].logprobs, got[False].logprobs, atol=1e-5, rtol=0)
+  scored = sampler.score(state, np.repeat(inputs, 3, axis=0), got[True].tokens)
+  mask = got[True].tokens != 0
+  np.testing.assert_allclose(scored[mask], got[True].logprobs[mask], atol=1e-5)
 
 
 def test_user_errors():

@@ -1,8 +1,9 @@
 """The sampler's memory plan: how many prompts per call fit in device memory.
 
-A Grow call holds the weights once and, per prompt, ``N`` copies of the decode cache (KV cache
-of the longest sample, plus the encoder output for the encoder-decoder), the output buffers and
-the per-row sampling work space (float32 logits over the vocabulary, a few copies). The plan
+A Grow call holds the weights once and, per prompt, its decode cache: the prompt's part once
+(encoder output keys/values, or the decoder-only prompt's keys/values) and the KV cache of the
+longest sample N times, the output buffers and the per-row sampling work space (float32 logits
+over the vocabulary, a few copies). The plan
 computes these from the model itself (``jax.eval_shape`` of ``prefill``: no memory, no compute),
 picks the largest batch that fits, and fails early, with the numbers, when one prompt does not.
 """
@@ -55,14 +56,15 @@ def sharded_bytes(tree: Any, shardings: Any) -> int:
              for x, s in zip(shapes, jax.tree.leaves(shardings)))
 
 
-def cache_bytes_per_row(graphdef: Any, params: Any, *, input_len: int,
-                        max_decode_len: int) -> tuple[int, int]:
-  """Bytes of one sequence's decode cache and the vocabulary size (``prefill`` traced on
-  shapes only: no memory, no compute)."""
+def cache_bytes_per_prompt(graphdef: Any, params: Any, *, input_len: int, max_decode_len: int,
+                           num_samples: int = 1) -> tuple[int, int]:
+  """Bytes of one prompt's decode cache for ``num_samples`` rows and the vocabulary size
+  (``prefill`` traced on shapes only: no memory, no compute)."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   inputs = jax.ShapeDtypeStruct((1, input_len), jnp.int32)
   logits, cache = jax.eval_shape(
-      lambda p, x: nnx.merge(graphdef, p).prefill(x, max_decode_len), abstract, inputs)
+      lambda p, x: nnx.merge(graphdef, p).prefill(x, max_decode_len, repeats=num_samples),
+      abstract, inputs)
   return tree_bytes(cache), logits.shape[-1]
 
 
@@ -101,12 +103,12 @@ def plan_sampling(graphdef: Any, params: Any, *, num_samples: int, input_len: in
   Raises:
     RestJaxError: when not even ``num_batch_shards`` prompts (one per shard) fit.
   """
-  cache_bytes, vocab_size = cache_bytes_per_row(graphdef, params, input_len=input_len,
-                                                max_decode_len=max_decode_len)
-  rows_bytes = (cache_bytes
-                + 4 * vocab_size * LOGIT_COPIES  # Sampling work space (float32 logits).
+  cache_bytes, vocab_size = cache_bytes_per_prompt(
+      graphdef, params, input_len=input_len, max_decode_len=max_decode_len,
+      num_samples=num_samples)
+  rows_bytes = (4 * vocab_size * LOGIT_COPIES  # Sampling work space (float32 logits).
                 + 2 * 4 * max_decode_len + 16)  # Token / log-prob buffers, length, key.
-  per_prompt = num_samples * rows_bytes + 4 * input_len
+  per_prompt = cache_bytes + num_samples * rows_bytes + 4 * input_len
   params_bytes = tree_bytes(params) if params_bytes is None else params_bytes
   if available_bytes is None:
     return MemoryPlan(per_prompt, params_bytes, None, None, requested_batch)
@@ -115,8 +117,9 @@ def plan_sampling(graphdef: Any, params: Any, *, num_samples: int, input_len: in
   if per_shard < 1:
     raise RestJaxError(
         f"Grow sampling does not fit in device memory: one prompt needs {per_prompt:,} bytes "
-        f"({num_samples} samples x {rows_bytes:,} bytes of KV cache for {input_len} prompt + "
-        f"{max_decode_len} generated tokens and sampling buffers) on top of {params_bytes:,} "
+        f"({cache_bytes:,} bytes of KV cache for {input_len} prompt + {num_samples} x "
+        f"{max_decode_len} generated tokens, {num_samples} x {rows_bytes:,} bytes of sampling "
+        f"buffers) on top of {params_bytes:,} "
         f"bytes of weights, but {available_bytes:,} bytes are available per device "
         f"({safety:.0%} usable). Lower SamplingConfig.num_samples or max_decode_len, shorten "
         "the prompts, raise MeshConfig.tensor (decoding splits the weights over tensor only), "

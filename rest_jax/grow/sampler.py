@@ -3,8 +3,10 @@
 ``Sampler`` is the orchestrator-level object. Each of its functions is one ``jax.jit`` with
 explicit in/out shardings from the Layout (sampling rules: weights unsplit over fsdp), built
 once per padded input shape and cached. Inside, ``nnx.merge`` rebuilds the model, ``prefill``
-encodes each prompt once, the logits and every cache leaf are repeated N times along the batch
-(row ``b * N + n`` is prompt b, sample n) and ``rest_jax.grow.decoding.decode`` runs the loop.
+encodes each prompt once and builds the cache of its N sample rows (row ``b * N + n`` is prompt
+b, sample n): the prompt's part of the cache (encoder output keys/values, the decoder-only
+prompt's keys/values) is stored once per prompt and read by its N rows
+(``rest_jax.models.attention``); ``rest_jax.grow.decoding.decode`` runs the loop.
 
 Randomness comes only from (seed, grow step, example id, sample index), and batch padding rows
 are inactive, so samples do not depend on the batch size, the padding or the mesh.
@@ -81,13 +83,15 @@ class Sampler:
     param_dtype: "" samples with the params as given; "bfloat16" casts the floating params
       once, when they are placed (half the weight memory of float32 master weights; matmuls of
       a bfloat16 model read bfloat16 weights anyway). Logits and log-probs stay float32.
+    share_prompt_cache: True stores each prompt's cache once for its N samples; False copies
+      it into every row (the layout before prompt sharing; for comparison: same samples).
   """
 
   def __init__(self, graphdef: Any, layout: Layout, *, num_samples: int, max_decode_len: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                batch_size: int | None = None, eos_id: int = EOS_ID,
                memory_bytes: int | None = None, cache_segment: int | None = 32,
-               param_dtype: str = ""):
+               param_dtype: str = "", share_prompt_cache: bool = True):
     # Validates exactly as the config does (one place for the rules and messages).
     SamplingConfig(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                    max_decode_len=max_decode_len, batch_size=batch_size or 1)
@@ -105,6 +109,7 @@ class Sampler:
       raise RestJaxError(f"Sampler: cache_segment must be >= 2 (or None), got {cache_segment}.")
     self.cache_segment = cache_segment
     self.param_dtype = jnp.dtype(param_dtype) if param_dtype else None
+    self.share_prompt_cache = share_prompt_cache
     self._plans: dict[tuple, memory.MemoryPlan] = {}
     self._compiled: dict[tuple, Callable] = {}
     self._param_shardings: tuple[Any, Any] | None = None
@@ -207,16 +212,18 @@ class Sampler:
     return lengths
 
   def _prefill(self, params: Any, inputs: jax.Array, repeats: int):
-    """Merges the model, prefills once per prompt, repeats logits and cache ``repeats`` times.
+    """Merges the model and prefills once per prompt, for ``repeats`` rows per prompt.
 
     The cache is built for the first decode segment; ``extend`` grows it (zero slots at the
     end of every leaf whose length depends on ``max_decode_len``) for the next ones.
     """
     model = nnx.merge(self.graphdef, params)
-    logits, cache = model.prefill(inputs, self.cache_lengths()[0])
-    if repeats > 1:
-      logits = jnp.repeat(logits, repeats, axis=0)
-      cache = jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), cache)
+    prefill = lambda m: model.prefill(inputs, m, repeats=repeats)
+    logits, cache = prefill(self.cache_lengths()[0])
+    if repeats > 1 and not self.share_prompt_cache:
+      prompts = inputs.shape[0]
+      cache = jax.tree.map(
+          lambda x: jnp.repeat(x, repeats, axis=0) if x.shape[0] == prompts else x, cache)
     logits = jax.lax.with_sharding_constraint(
         logits, self.layout.sharding(("batch", None), logits.shape, sampling=True))
     constrain = lambda c: jax.lax.with_sharding_constraint(
@@ -226,7 +233,7 @@ class Sampler:
       logits, cache = model.decode_step(tokens, cache, index)
       return logits, constrain(cache)
 
-    one, two = (jax.eval_shape(lambda m=m: model.prefill(inputs, m)[1]) for m in (1, 2))
+    one, two = (jax.eval_shape(lambda m=m: prefill(m)[1]) for m in (1, 2))
     grows = jax.tree.map(lambda a, b: a.shape != b.shape, one, two)
 
     def extend(cache, old, new):

@@ -16,10 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rest_jax.models.attention import attend, attention_logits, fold_rows
 from rest_jax.models.base import ModelConfig
-
-# Large negative attention bias for masked keys (as in t5x): exp() of it underflows to 0.
-MASK_VALUE = -1e10
 
 
 def make_param(rngs: nnx.Rngs, init: Any, shape: Sequence[int], *,
@@ -200,35 +198,26 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                           scale: float = 1.0) -> jax.Array:
   """Multi-head (or grouped-query) attention with float32 logits and softmax.
 
-  Query head ``h`` reads key/value head ``h // (heads // kv_heads)`` (HF ``repeat_kv``).
+  Query head ``h`` reads key/value head ``h // (heads // kv_heads)`` (HF ``repeat_kv``). Keys
+  and values may have fewer rows than the query, ``rows = kv_rows * r``: query row ``i`` then
+  reads key row ``i // r`` (a prompt's keys shared by its N samples; ``attention.fold_rows``).
 
   Args:
-    query: `[batch, q_len, heads, head_dim]`.
-    key: `[batch, k_len, kv_heads, head_dim]`.
-    value: `[batch, k_len, kv_heads, head_dim]`.
-    mask: bool `[batch, q_len, k_len]` (or broadcastable to it): True where a key may be
-      attended to; None attends everywhere.
+    query: `[rows, q_len, heads, head_dim]`.
+    key: `[kv_rows, k_len, kv_heads, head_dim]`.
+    value: `[kv_rows, k_len, kv_heads, head_dim]`.
+    mask: bool `[rows or kv_rows, q_len, k_len]` (or broadcastable to it): True where a key
+      may be attended to; None attends everywhere.
     bias: float `[heads, q_len, k_len]` added to the logits (relative positions), or None.
     scale: multiplies the logits (1.0 for T5, ``head_dim ** -0.5`` for Llama).
   Returns:
-    `[batch, q_len, heads, head_dim]` in the dtype of ``value``.
+    `[rows, q_len, heads, head_dim]` in the dtype of ``value``.
   """
-  batch, q_len, heads, head_dim = query.shape
-  kv_heads = key.shape[2]
-  groups = heads // kv_heads
-  q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key.astype(q.dtype),
-                      preferred_element_type=jnp.float32)
-  if scale != 1.0:
-    logits = logits * scale
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32).reshape(
-        (kv_heads, groups) + bias.shape[1:])
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, value)
-  return out.reshape(batch, q_len, heads, head_dim)
+  rows, q_len, heads, head_dim = query.shape
+  query, mask, bias = fold_rows(query, key.shape[0], mask, bias)
+  logits = attention_logits(query, key, mask=mask, bias=bias, scale=scale)
+  out = attend(jax.nn.softmax(logits, axis=-1), value)
+  return out.reshape(rows, q_len, heads, head_dim)
 
 
 def write_cache(cache: jax.Array, update: jax.Array, slot: jax.Array | int) -> jax.Array:

@@ -32,9 +32,11 @@ from rest_jax.models.base import PAD_ID, Cache, ModelConfig
 from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes, apply_rope,
                                     dot_product_attention, pad_length, rope_frequencies,
                                     write_cache)
+from rest_jax.models.attention import prefix_attention
 from rest_jax.models.stack import build_layers, layer_at, run_layers
 
 KV = tuple[jax.Array, jax.Array]
+Prefix = tuple[jax.Array, jax.Array, jax.Array]  # Shared prompt keys, values and mask.
 
 _KV_AXES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
@@ -80,12 +82,16 @@ class Attention(nnx.Module):
     self.o_proj = Dense((h, d), (e,), ("heads", "kv", "embed"), rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
-               cache: KV | None = None, slot: jax.Array | None = None) -> tuple[jax.Array, KV]:
+               cache: KV | None = None, slot: jax.Array | None = None,
+               prefix: Prefix | None = None) -> tuple[jax.Array, KV]:
     """`[batch, q_len, embed]` at RoPE ``positions`` `[batch, q_len]` -> `[batch, q_len, embed]`.
 
     Without ``cache`` the keys are the inputs themselves; with it (`[batch, cache_len,
     kv_heads, kv]` each) this step's rotated keys and values are written at ``slot`` first.
-    ``mask`` is bool `[batch, q_len, k_len]`. Also returns the (updated) keys and values.
+    ``mask`` is bool `[batch, q_len, k_len]`. ``prefix``: the prompt's keys, values `[prompts,
+    input_len, kv_heads, kv]` and mask `[prompts, input_len]`, shared by the ``batch /
+    prompts`` rows of each prompt and attended to before the cache (one softmax over both).
+    Also returns the (updated) keys and values.
     """
     rope = dict(theta=self.rope_theta, inv_freq=self.inv_freq)
     q = apply_rope(self.q_proj(x), positions, **rope)
@@ -93,7 +99,10 @@ class Attention(nnx.Module):
     v = self.v_proj(x)
     if cache is not None:
       k, v = write_cache(cache[0], k, slot), write_cache(cache[1], v, slot)
-    out = dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+    if prefix is None:
+      out = dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+    else:
+      out = prefix_attention(q, prefix, (k, v, mask), scale=self.scale)
     return self.o_proj(out), (k, v)
 
 
@@ -122,9 +131,11 @@ class Layer(nnx.Module):
     self.mlp = Mlp(config, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
-               cache: KV | None = None, slot: jax.Array | None = None) -> tuple[jax.Array, KV]:
+               cache: KV | None = None, slot: jax.Array | None = None,
+               prefix: Prefix | None = None) -> tuple[jax.Array, KV]:
     """Pre-norm block on `[batch, q_len, embed]`; returns it and the layer's keys/values."""
-    h, kv = self.attention(self.attention_norm(x), positions, mask=mask, cache=cache, slot=slot)
+    h, kv = self.attention(self.attention_norm(x), positions, mask=mask, cache=cache, slot=slot,
+                           prefix=prefix)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -157,18 +168,21 @@ class LlamaModel(nnx.Module):
 
   def _layers(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array,
               caches: list[KV] | None = None, slot: jax.Array | None = None,
+              prefixes: list[Prefix] | None = None,
               keep_kv: bool = True) -> tuple[jax.Array, list[KV | None]]:
     """Runs every layer on `[batch, len, embed]`; returns it and each layer's keys/values.
 
     With ``caches`` (decode) the layers run one by one, each updating its own cache in place;
     without, they run through ``stack.run_layers`` (scanned or not). ``keep_kv=False`` (the
     teacher-forced forward) drops the keys/values and applies the config's remat policy.
+    ``prefixes``: each layer's shared prompt keys/values (decode; see ``Attention``).
     """
     scan = self.config.scan_layers
     if caches is not None:
       kvs = []
       for i in range(self.num_layers):
-        x, kv = layer_at(self, i, scan=scan)(x, positions, mask=mask, cache=caches[i], slot=slot)
+        x, kv = layer_at(self, i, scan=scan)(x, positions, mask=mask, cache=caches[i], slot=slot,
+                                             prefix=prefixes[i] if prefixes else None)
         kvs.append(kv)
       return x, kvs
 
@@ -202,42 +216,45 @@ class LlamaModel(nnx.Module):
                         keep_kv=False)
     return self._logits(x[:, input_len - 1:])
 
-  def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
-    """Runs the prompts once; returns logits `[batch, vocab]` for ``targets[:, 0]`` and the cache.
+  def prefill(self, inputs: jax.Array, max_decode_len: int,
+              repeats: int = 1) -> tuple[jax.Array, Cache]:
+    """Runs each prompt once; returns logits `[batch * repeats, vocab]` for ``targets[:, 0]``
+    and the cache of ``repeats`` decoded rows per prompt (row ``b * repeats + n`` is prompt b).
 
-    Cache: per layer ``k``, ``v`` `[batch, input_len + max_decode_len, kv_heads, kv]` (prompt in
-    slots ``< input_len``, ``targets[:, t]`` in slot ``input_len + t``), ``prompt_mask`` bool
-    `[batch, input_len]` and ``prompt_len`` int32 `[batch]`.
+    Cache: per prompt, ``prompt_mask`` bool `[batch, input_len]`, ``prompt_len`` int32
+    `[batch]` and per layer ``prompt_k``, ``prompt_v`` `[batch, input_len, kv_heads, kv]`
+    (shared by the prompt's rows); per row and layer ``k``, ``v`` `[batch * repeats,
+    max_decode_len, kv_heads, kv]` (``targets[:, t]`` in slot ``t``).
     """
-    input_len = inputs.shape[1]
     aligned, valid, positions, prompt_len = left_align(inputs)
     x, kvs = self._layers(self.embed(aligned), positions, mask=self._causal_mask(valid))
-    total = input_len + max_decode_len
-    layers = [{"k": pad_length(k, total), "v": pad_length(v, total)} for k, v in kvs]
-    logits = self._logits(x[:, -1])
+    rows = inputs.shape[0] * repeats
+    empty = lambda x: jnp.zeros((rows, max_decode_len) + x.shape[2:], x.dtype)
+    layers = [{"prompt_k": k, "prompt_v": v, "k": empty(k), "v": empty(v)} for k, v in kvs]
+    logits = jnp.repeat(self._logits(x[:, -1]), repeats, axis=0)
     return logits, {"layers": layers, "prompt_mask": valid, "prompt_len": prompt_len}
 
   def decode_step(self, tokens: jax.Array, cache: Cache,
                   index: jax.Array) -> tuple[jax.Array, Cache]:
-    """Feeds ``targets[:, index]`` `[batch]` (slot ``input_len + index``, RoPE position
-    ``prompt_len + index``); returns logits `[batch, vocab]` for ``targets[:, index + 1]``."""
+    """Feeds ``targets[:, index]`` `[rows]` (slot ``index``, RoPE position ``prompt_len +
+    index``); returns logits `[rows, vocab]` for ``targets[:, index + 1]``. Each row attends
+    to its prompt's keys (shared by ``repeats`` rows) and to its own decoded tokens."""
     index = jnp.asarray(index, jnp.int32)
+    rows = tokens.shape[0]
     prompt_mask = cache["prompt_mask"]
-    input_len = prompt_mask.shape[1]
-    total = cache["layers"][0]["k"].shape[1]
-    decoded = jnp.arange(total - input_len) <= index
-    valid = jnp.concatenate(
-        [prompt_mask, jnp.broadcast_to(decoded, (prompt_mask.shape[0], decoded.shape[0]))],
-        axis=1)
-    positions = (cache["prompt_len"] + index)[:, None]
+    repeats = rows // prompt_mask.shape[0]
+    decoded = jnp.arange(cache["layers"][0]["k"].shape[1]) <= index
+    positions = (jnp.repeat(cache["prompt_len"], repeats) + index)[:, None]
+    layers = cache["layers"]
     x, kvs = self._layers(
-        self.embed(tokens[:, None]), positions, mask=valid[:, None, :],
-        caches=[(c["k"], c["v"]) for c in cache["layers"]], slot=input_len + index)
-    new_cache = dict(cache, layers=[{"k": k, "v": v} for k, v in kvs])
-    return self._logits(x[:, 0]), new_cache
+        self.embed(tokens[:, None]), positions, mask=decoded[None, None, :],
+        caches=[(c["k"], c["v"]) for c in layers], slot=index,
+        prefixes=[(c["prompt_k"], c["prompt_v"], prompt_mask) for c in layers])
+    new_layers = [dict(c, k=k, v=v) for c, (k, v) in zip(layers, kvs)]
+    return self._logits(x[:, 0]), dict(cache, layers=new_layers)
 
   def cache_logical_axes(self, cache: Cache) -> Cache:
     """Logical axis names for every cache leaf (same tree structure as ``cache``)."""
-    return {"layers": [{"k": _KV_AXES, "v": _KV_AXES} for _ in cache["layers"]],
+    return {"layers": [{name: _KV_AXES for name in layer} for layer in cache["layers"]],
             "prompt_mask": ("cache_batch", "cache_sequence"),
             "prompt_len": ("cache_batch",)}

@@ -270,12 +270,16 @@ class T5Model(nnx.Module):
         keep_kv=False, remat=remat)
     return logits
 
-  def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
-    """Encodes once; returns logits `[batch, vocab]` for ``targets[:, 0]`` and the cache.
+  def prefill(self, inputs: jax.Array, max_decode_len: int,
+              repeats: int = 1) -> tuple[jax.Array, Cache]:
+    """Encodes each prompt once; returns logits `[batch * repeats, vocab]` for
+    ``targets[:, 0]`` and the cache of ``repeats`` decoded rows per prompt (row ``b * repeats +
+    n`` is prompt b).
 
-    Cache: ``encoder_mask`` bool `[batch, input_len]` and per decoder layer ``cross_k``,
-    ``cross_v`` `[batch, input_len, heads, kv]` and ``self_k``, ``self_v``
-    `[batch, max_decode_len, heads, kv]` (slot ``t`` holds decoder position ``t``).
+    Cache: per prompt, ``encoder_mask`` bool `[batch, input_len]` and per decoder layer
+    ``cross_k``, ``cross_v`` `[batch, input_len, heads, kv]` (shared by the prompt's rows);
+    per row, ``self_k``, ``self_v`` `[batch * repeats, max_decode_len, heads, kv]` (slot ``t``
+    holds decoder position ``t``).
     """
     encoded, input_mask = self._encode(inputs)
     start = jnp.full((inputs.shape[0], 1), PAD_ID, jnp.int32)
@@ -284,16 +288,18 @@ class T5Model(nnx.Module):
         self.token_embedder(start), encoded=encoded, cross_mask=input_mask[:, None, :],
         self_mask=jnp.ones((1, 1, 1), bool), self_bias=self.decoder.relpos_bias(zero, zero),
         keep_kv=True)
-    layers = [{"self_k": pad_length(sk, max_decode_len), "self_v": pad_length(sv, max_decode_len),
-               "cross_k": ck, "cross_v": cv}
+    rows = lambda x: jnp.repeat(pad_length(x, max_decode_len), repeats, axis=0)
+    layers = [{"self_k": rows(sk), "self_v": rows(sv), "cross_k": ck, "cross_v": cv}
               for (sk, sv), (ck, cv) in kvs]
-    return logits[:, 0], {"encoder_mask": input_mask, "layers": layers}
+    return (jnp.repeat(logits[:, 0], repeats, axis=0),
+            {"encoder_mask": input_mask, "layers": layers})
 
   def decode_step(self, tokens: jax.Array, cache: Cache,
                   index: jax.Array) -> tuple[jax.Array, Cache]:
-    """Feeds ``targets[:, index]`` `[batch]` at decoder position ``index + 1``.
+    """Feeds ``targets[:, index]`` `[rows]` at decoder position ``index + 1``; each row
+    attends to its prompt's encoder output (``prefill``'s cache, shared by ``repeats`` rows).
 
-    Returns logits `[batch, vocab]` for ``targets[:, index + 1]`` and the updated cache.
+    Returns logits `[rows, vocab]` for ``targets[:, index + 1]`` and the updated cache.
     """
     layers = cache["layers"]
     max_len = layers[0]["self_k"].shape[1] if layers else 1
