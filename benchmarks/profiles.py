@@ -48,6 +48,11 @@ class Profile:
   sampling_vocab: int = 32128
   hf_temperature: float = 0.8  # Both sides of the sampled transformers comparison.
   t5x_preset: str = "wmt_base"  # The t5x peer runs this preset's Grow and Improve cases.
+  # The prompt's cache shared by its N samples against copied (benchmarks.prompt_cache).
+  prompt_cache_presets: tuple[str, ...] = ("small", "small_decoder")
+  prompt_cache_num_samples: tuple[int, ...] = (4, 16, 64)
+  prompt_cache_input_len: int = 256
+  prompt_cache_length: int = 32
 
 
 QUICK = Profile(
@@ -57,7 +62,9 @@ QUICK = Profile(
     scaling_lengths=(4, 8, 12), scaling_length=8, scaling_input_len=8,
     scaling_train_batches=(2, 4, 6), hf_preset="tiny_decoder", hf_batches=(2,), hf_input_len=8,
     hf_new_tokens=8, time_budget_s=1e9, cache_segment=4,
-    sampling_rows=8, sampling_vocab=512, t5x_preset="tiny")
+    sampling_rows=8, sampling_vocab=512, t5x_preset="tiny",
+    prompt_cache_presets=("tiny", "tiny_decoder"), prompt_cache_num_samples=(2,),
+    prompt_cache_input_len=8, prompt_cache_length=4)
 
 CPU = Profile(
     matmul_sizes=(1024, 2048, 4096), bandwidth_bytes=256 << 20, repeats=1,
@@ -81,6 +88,8 @@ GPU = Profile(
     scaling_preset="wmt_base", scaling_prompts=16, scaling_num_samples=(1, 4, 16, 64),
     scaling_lengths=(32, 64, 128, 256), scaling_length=64, scaling_input_len=64,
     scaling_train_batches=(32, 64, 128, 256), hf_preset="decoder_base", hf_batches=(8, 256),
-    hf_input_len=64, hf_new_tokens=128, time_budget_s=300, cache_segment=64)
+    hf_input_len=64, hf_new_tokens=128, time_budget_s=300, cache_segment=64,
+    prompt_cache_presets=("wmt_base", "decoder_base"), prompt_cache_input_len=512,
+    prompt_cache_length=64)
 
 PROFILES = {"quick": QUICK, "cpu": CPU, "gpu": GPU}

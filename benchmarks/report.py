@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks import prompt_cache
+
 
 def _first(items: list[dict], **match) -> dict | None:
   for row in items:
@@ -127,6 +129,16 @@ def table(results: dict[str, Any]) -> str:
       [[r["rows"], r["vocab"], r.get("temperature"), r.get("top_k"), r.get("top_p"),
         r["categorical_s"], r["inverse_cdf_s"], r["speedup"]]
        for r in results.get("sampling", [])]))
+  parts += ["", "Prompt cache shared by the N samples of a prompt against copied into every row "
+            "(same samples)"]
+  parts.append(_table(
+      ["preset", "N", "in", "out", "cache/prompt copied / shared", "temp copied / shared",
+       "tokens/s shared / copied"],
+      [[r["preset"], r["num_samples"], next(x["input_len"] for x in results["prompt_cache"]),
+        next(x["max_decode_len"] for x in results["prompt_cache"]),
+        r["cache_bytes_copied_over_shared"], r["temp_bytes_copied_over_shared"],
+        r["tokens_per_s_shared_over_copied"]]
+       for r in prompt_cache.ratios(results.get("prompt_cache", []))]))
   s = results["scaling"]
   parts += ["", f"Scaling ({s['preset']}): seconds per call / step"]
   for key in ("grow_vs_num_samples", "grow_vs_length", "grow_vs_length_full_cache",

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import jax
 
-from benchmarks import (ceilings, costs, hf_compare, machine, profiles, report, sampling,
-                        t5x_compare, workloads)
+from benchmarks import (ceilings, costs, hf_compare, machine, profiles, prompt_cache, report,
+                        sampling, t5x_compare, workloads)
 from rest_jax import storage
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -70,7 +70,7 @@ class Budget:
     return result
 
 
-SECTIONS = ("grow", "improve", "hf", "scaling", "sampling", "t5x")
+SECTIONS = ("grow", "improve", "hf", "scaling", "sampling", "t5x", "prompt_cache")
 
 
 def _ceilings(profile: profiles.Profile, *, dtype: str, threads: dict[str, Any]) -> dict:
@@ -158,6 +158,13 @@ def run(profile: profiles.Profile, *, presets: list[str] | None = None,
   results["sampling"] = (budget.run("sampling draw, categorical vs inverse CDF", lambda: (
       sampling.measure(rows=profile.sampling_rows, vocab=profile.sampling_vocab,
                        repeats=max(profile.repeats, 2)))) or [] if "sampling" in sections else [])
+  results["prompt_cache"] = (budget.run("prompt cache shared by N samples vs copied", lambda: (
+      prompt_cache.measure(presets=profile.prompt_cache_presets,
+                           num_samples=profile.prompt_cache_num_samples,
+                           input_len=profile.prompt_cache_input_len,
+                           max_decode_len=profile.prompt_cache_length,
+                           repeats=max(profile.repeats, 2)))) or []
+                             if "prompt_cache" in sections else [])
   results["hf_compare"] = _hf_section(profile, budget, selected="hf" in sections,
                                       keep=keep(profile.hf_preset), grow_config=grow_config)
   results["t5x_compare"] = t5x_compare.section(

@@ -97,7 +97,8 @@ def test_unknown_names_and_missing_peers_are_listed_not_fatal(tmp_path, monkeypa
   results = json.loads(out.read_text())
   assert results["skipped"] == [
       "preset no_such_preset: not measured by this profile (its presets: tiny, tiny_decoder)",
-      "section nonsense: unknown (sections: grow, improve, hf, scaling, sampling, t5x)",
+      "section nonsense: unknown (sections: grow, improve, hf, scaling, sampling, t5x, "
+      "prompt_cache)",
       "transformers comparison: torch not installed (test)",
       "t5x comparison: no t5x environment given (--t5x_python PATH; see docs/benchmarks.md)"]
   assert results["hf_compare"] == {"skipped": "torch not installed (test)"}
@@ -119,3 +120,20 @@ def test_spec_peaks_and_cpu_description():
   if cpu["clock_mhz"]:  # Linux with a readable /proc/cpuinfo.
     assert cpu["theoretical_flops_per_s"] == 2 * cpu["flops_per_cycle_per_core"] * cpu[
         "clock_mhz"] * 1e6
+
+
+def test_prompt_cache_section_compares_shared_and_copied_caches():
+  from benchmarks import prompt_cache
+  rows = prompt_cache.measure(presets=("tiny_decoder",), num_samples=(3,), prompts=2,
+                              input_len=8, max_decode_len=4, repeats=1)
+  shared, copied = rows
+  assert (shared["share_prompt_cache"], copied["share_prompt_cache"]) == (True, False)
+  assert shared["generated_tokens"] == copied["generated_tokens"] == 2 * 3 * 4
+  # tiny_decoder: 2 layers of float32 k, v [2 kv heads, 16]: the prompt's 8 slots once (+ mask
+  # and length) and 4 slots per sample, against everything 3 times.
+  slot = 2 * 2 * 2 * 16 * 4
+  assert shared["cache_bytes_per_prompt"] == (8 + 3 * 4) * slot + 8 + 4
+  assert copied["cache_bytes_per_prompt"] == 3 * ((8 + 4) * slot + 8 + 4)
+  ratio, = prompt_cache.ratios(rows)
+  assert ratio["cache_bytes_copied_over_shared"] == copied["cache_bytes_per_prompt"] / (
+      shared["cache_bytes_per_prompt"])

@@ -6,7 +6,9 @@ Conventions (both families):
   * ``inputs`` are right-padded prompts ``[batch, input_len]``; ``targets`` are right-padded
     continuations ``[batch, target_len]`` ending with EOS.
   * The decode cache is a plain pytree (dict) of arrays whose leading axis is the batch, so
-    the sampler can repeat it N times per prompt and shard it with ``cache_logical_axes``.
+    the sampler can shard it with ``cache_logical_axes``. ``prefill(inputs, L, repeats=N)``
+    builds it for N decoded rows per prompt: the prompt's leaves keep one row per prompt (read
+    by its N rows, ``rest_jax.models.attention``), the decoded tokens' leaves have N.
 """
 
 from __future__ import annotations
@@ -108,14 +110,17 @@ class SequenceModel(Protocol):
       the inputs and ``targets[:, :t]``.
     """
 
-  def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
+  def prefill(self, inputs: jax.Array, max_decode_len: int,
+              repeats: int = 1) -> tuple[jax.Array, Cache]:
     """Encodes (enc-dec) or prefills (decoder-only) each prompt once.
 
     Args:
       inputs: int32 `[batch, input_len]`, right-padded prompts.
       max_decode_len: the most target tokens that will be decoded.
+      repeats: decoded rows per prompt (row ``b * repeats + n`` is prompt b).
     Returns:
-      logits `[batch, vocab]` for ``targets[:, 0]`` and the decode cache (leading axis batch).
+      logits `[batch * repeats, vocab]` for ``targets[:, 0]`` and the decode cache (leading
+      axis ``batch`` for the prompt's leaves, ``batch * repeats`` for the decoded rows').
     """
 
   def decode_step(self, tokens: jax.Array, cache: Cache,
