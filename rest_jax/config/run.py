@@ -102,6 +102,10 @@ class TrainConfig:
   # dtype of the Adam moments: "" keeps the params' dtype (float32 master weights give float32
   # moments); "float32" with bfloat16 params (ModelConfig.param_dtype) keeps float32 moments.
   moment_dtype: str = ""
+  # Sequence packing: the model runs on rows holding several examples each (segment ids and
+  # positions, attention within an example; rest_jax.improve.packing). The steps, their
+  # examples and the loss are those of the unpacked batch; fewer padding tokens are computed.
+  packing: bool = False
   gold: GoldConfig = GoldConfig()  # Read by loss "gold" only.
   bvmpo: BvmpoConfig = BvmpoConfig()  # Read by loss "bvmpo" only.
   oac: OacConfig = OacConfig()  # Read by loss "oac" only.
