@@ -14,11 +14,14 @@ prefix:
     ``"packed_offset"`` int32 `[batch]` (the column of its first target).
 
 Examples are packed by groups: group g is the ``batch / groups`` examples of batch shard g (the
-rows one device holds), packed in order, first fit, into rows of the unpacked lengths (so every
-example fits). Every group gets the same number of rows: the most any group needs, rounded up to
-a multiple of an eighth of the group (at most 8 shapes to compile), agreed by all hosts. The
-packing is a function of the batch and the mesh's batch shards only, not of the host count, and
-the data loader's position is unchanged (a resumed phase continues with the same next batch).
+rows one device holds), packed in order, first fit, into rows ``scale`` times as long as the
+unpacked ones (``TrainConfig.packing_scale``; every example fits in a row). Every group gets the
+same number of rows: the most any group needs, rounded up to a multiple of an eighth of the
+group (at most 8 shapes to compile), agreed by all hosts. When rows x scale would exceed the
+group (more token columns than unpacked: long examples with ``scale`` > 1), the batch runs
+unpacked, so packing never computes more token columns. The packing is a function of the batch
+and the mesh's batch shards only, not of the host count, and the data loader's position is
+unchanged (a resumed phase continues with the same next batch).
 
 ``teacher_forced`` runs a model on a batch, packed or not, and returns its per-example outputs
 `[batch, target_len, ...]`: packed outputs are gathered back from their segments (a gather
@@ -91,7 +94,7 @@ def _agree(rows: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(rows))))
 
 
-def pack_batch(batch: Mapping[str, np.ndarray], *, groups: int,
+def pack_batch(batch: Mapping[str, np.ndarray], *, groups: int, scale: int = 1,
                agree: Callable[[int], int] = _agree) -> dict[str, np.ndarray]:
   """``batch`` plus its packed rows (the ``PACKED_KEYS``; see the module docstring).
 
@@ -99,13 +102,17 @@ def pack_batch(batch: Mapping[str, np.ndarray], *, groups: int,
     batch: this host's rows, "inputs" int `[n, input_len]`, "targets" int `[n, target_len]`
       (right-padded), and anything else (kept as it is).
     groups: the batch shards among this host's rows (``n`` must be a multiple of it).
+    scale: packed rows are ``scale`` times as long as the batch's (``scale * input_len``
+      input and ``scale * target_len`` target columns).
     agree: the row count every host uses, from this host's need (the maximum over hosts).
   Returns:
-    a new dict with the packed arrays added: `[groups * rows_per_group, ...]` rows.
+    a new dict with the packed arrays added: `[groups * rows_per_group, scale * length]`;
+    without them when the packed rows would hold more token columns than the batch's (only
+    with ``scale`` > 1: then the batch runs unpacked, with the same loss).
   """
   inputs, targets = np.asarray(batch["inputs"]), np.asarray(batch["targets"])
-  n, input_len = inputs.shape
-  target_len = targets.shape[1]
+  n = inputs.shape[0]
+  input_len, target_len = scale * inputs.shape[1], scale * targets.shape[1]
   if groups < 1 or n % groups:
     raise RestJaxError(f"packing: {n} rows on this host do not split into {groups} batch "
                        "shards; choose a batch_size that is a multiple of the batch shards.")
@@ -114,6 +121,8 @@ def pack_batch(batch: Mapping[str, np.ndarray], *, groups: int,
   plans = [first_fit(in_lens[g * group:(g + 1) * group], tgt_lens[g * group:(g + 1) * group],
                      input_len, target_len) for g in range(groups)]
   rows = agree(rows_per_group(max(p[3] for p in plans), group))
+  if rows * scale > group:  # More token columns than unpacked: this batch runs unpacked.
+    return dict(batch)
   out = {k: np.zeros((groups * rows, length), np.int32)
          for k, length in (("packed_inputs", input_len), ("packed_inputs_segment_ids", input_len),
                            ("packed_inputs_positions", input_len), ("packed_targets", target_len),
@@ -138,11 +147,13 @@ def pack_batch(batch: Mapping[str, np.ndarray], *, groups: int,
 def fill(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
   """Token columns holding a real token, unpacked and packed: {"unpacked", "packed"} in [0, 1]
   (inputs and targets together; needs a ``pack_batch`` output)."""
+  if "packed_inputs" not in batch:  # Ran unpacked (pack_batch's fallback).
+    batch = {**batch, "packed_inputs": batch["inputs"], "packed_targets": batch["targets"]}
   real = float(_lengths(np.asarray(batch["inputs"]), 0).sum()
                + _lengths(np.asarray(batch["targets"]), 0).sum())
-  width = batch["inputs"].shape[1] + batch["targets"].shape[1]
-  return {"unpacked": real / (len(batch["inputs"]) * width),
-          "packed": real / (len(batch["packed_inputs"]) * width)}
+  size = lambda *keys: sum(np.asarray(batch[k]).size for k in keys)
+  return {"unpacked": real / size("inputs", "targets"),
+          "packed": real / size("packed_inputs", "packed_targets")}
 
 
 def unpack(out: jax.Array, row: jax.Array, offset: jax.Array, *, groups: int,

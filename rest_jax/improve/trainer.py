@@ -113,11 +113,12 @@ class Trainer:
   def __init__(self, graphdef: nnx.GraphDef, layout: Layout, loss: Loss,
                optimizer: optax.GradientTransformation, *,
                extras: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
-               packing: bool = False):
+               packing: bool = False, packing_scale: int = 1):
     """``loss``: a resolved ``Loss`` (``losses.make_loss(cfg)``, or ``losses.plain_loss(fn)``);
     ``extras``: the jitted pre-pass that adds what ``loss.needs`` to each (device) batch
     (``rest_jax.improve.extras``); ``packing``: run the model on packed rows
-    (``rest_jax.improve.packing``; the loss sees the same per-example arrays)."""
+    ``packing_scale`` times as long as the batch's (``rest_jax.improve.packing``; the loss
+    sees the same per-example arrays)."""
     if not isinstance(loss, Loss):
       raise TypeError(f"Trainer needs a Loss, got {type(loss).__name__}; resolve it with "
                       "rest_jax.improve.losses.make_loss(cfg) (or plain_loss(fn)).")
@@ -130,7 +131,7 @@ class Trainer:
       raise RestJaxError(f"this loss needs {sorted(self.loss.needs)} in every batch; build the "
                          "Trainer with extras=rest_jax.improve.extras.build_extras(...).")
     self.batch_sharding = layout.sharding(("batch",))
-    self.packing = packing
+    self.packing, self.packing_scale = packing, packing_scale
     self.pack_groups = packing_groups(layout) if packing else layout.num_batch_shards
     self._abstract: TrainState | None = None
     self._init_fn: Callable | None = None
@@ -256,7 +257,8 @@ class Trainer:
       the new state and the loss metrics (replicated scalars) plus "grad_norm".
     """
     if self.packing:
-      batch = pack_batch(batch, groups=self.pack_groups // jax.process_count())
+      batch = pack_batch(batch, groups=self.pack_groups // jax.process_count(),
+                         scale=self.packing_scale)
     batch = self.device_batch(batch)
     if self.extras is not None:
       batch = {**batch, **jax.device_put(self.extras(batch), self.batch_sharding)}
