@@ -1,6 +1,6 @@
 """Sequence packing on a real Grow set: token fill and train tokens/s, packed vs unpacked.
 
-``python -m benchmarks.packing --grow WORKDIR/grow/g001 --out benchmarks/results/packing_cpu.json``
+``python -m benchmarks.packing --grow WORKDIR/grow/g001 --out benchmarks/results/packing_cpu_t5_64.json``
 
 1. Selects the Improve set of the Grow set (``improve.selected``, threshold ``--threshold``)
    into a temporary folder (the Grow set is only read) and reads ``--batches`` global batches
@@ -133,11 +133,10 @@ def main() -> None:
     result["throughput"] = _throughput(loader, args)
   result["grow_prompts"] = _grow_prompts(args.grow, args.grow_batch, args.input_len)
   result["load_after"] = os.getloadavg()
-  text = json.dumps(result, indent=1)
-  print(text)
+  print(json.dumps(result, indent=1))
   if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:  # A benchmark result, not a run file.
-      f.write(text + "\n")
+    from rest_jax import storage  # pylint: disable=g-import-not-at-top
+    storage.write_json(args.out, result)
 
 
 if __name__ == "__main__":
