@@ -186,25 +186,6 @@ class LlamaModel(nnx.Module):
     causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
     return causal[None] & valid[:, None, :]
 
-  def __call__(self, inputs: jax.Array, targets: jax.Array,
-               segments: Segments | None = None) -> jax.Array:
-    """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel).
-
-    Runs ``concat(left-aligned inputs, targets[:, :-1])`` and returns the logits of columns
-    ``input_len - 1 ..`` (packed rows: ``_packed_forward``).
-    """
-    if segments is not None:
-      return self._packed_forward(inputs, targets, segments)
-    input_len, target_len = inputs.shape[1], targets.shape[1]
-    aligned, valid, positions, prompt_len = left_align(inputs)
-    tokens = jnp.concatenate([aligned, targets[:, :-1].astype(aligned.dtype)], axis=1)
-    valid = jnp.concatenate([valid, jnp.ones_like(targets[:, :-1], bool)], axis=1)
-    target_positions = prompt_len[:, None] + jnp.arange(target_len - 1, dtype=jnp.int32)
-    positions = jnp.concatenate([positions, target_positions], axis=1)
-    x, _ = self._layers(self.embed(tokens), positions, mask=self._causal_mask(valid),
-                        keep_kv=False)
-    return self._logits(x[:, input_len - 1:])
-
   def _packed_forward(self, inputs: jax.Array, targets: jax.Array,
                       segments: Segments) -> jax.Array:
     """Teacher-forced logits `[batch, target_len, vocab]` of packed rows.
@@ -232,6 +213,25 @@ class LlamaModel(nnx.Module):
     source = jnp.where(segments.targets_positions == 0, last_prompt,
                        input_len + jnp.arange(target_len, dtype=jnp.int32) - 1)
     return self._logits(jnp.take_along_axis(x, source[..., None], axis=1))
+
+  def __call__(self, inputs: jax.Array, targets: jax.Array,
+               segments: Segments | None = None) -> jax.Array:
+    """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel).
+
+    Runs ``concat(left-aligned inputs, targets[:, :-1])`` and returns the logits of columns
+    ``input_len - 1 ..`` (packed rows: ``_packed_forward``).
+    """
+    if segments is not None:
+      return self._packed_forward(inputs, targets, segments)
+    input_len, target_len = inputs.shape[1], targets.shape[1]
+    aligned, valid, positions, prompt_len = left_align(inputs)
+    tokens = jnp.concatenate([aligned, targets[:, :-1].astype(aligned.dtype)], axis=1)
+    valid = jnp.concatenate([valid, jnp.ones_like(targets[:, :-1], bool)], axis=1)
+    target_positions = prompt_len[:, None] + jnp.arange(target_len - 1, dtype=jnp.int32)
+    positions = jnp.concatenate([positions, target_positions], axis=1)
+    x, _ = self._layers(self.embed(tokens), positions, mask=self._causal_mask(valid),
+                        keep_kv=False)
+    return self._logits(x[:, input_len - 1:])
 
   def prefill(self, inputs: jax.Array, max_decode_len: int) -> tuple[jax.Array, Cache]:
     """Runs the prompts once; returns logits `[batch, vocab]` for ``targets[:, 0]`` and the cache.
