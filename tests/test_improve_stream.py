@@ -1,23 +1,33 @@
 """Improve data streamed per host: the on-disk selection equals selection.select_mixture, the
 global batches do not depend on the host count or on who wrote the Grow chunks, each host reads
-only its rows, a resumed loader continues with the next batch, and the streamed Grow stats equal
-numpy's."""
+only its rows, a resumed loader (and a resumed packed phase) continues with the next batch, and
+the streamed Grow stats equal numpy's."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+from flax import nnx
 
+from rest_jax.checkpoints.phases import PhaseCheckpoints
+from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import chunkindex
 from rest_jax.grow import dataset as growdata
 from rest_jax.grow import stats as growstats
 from rest_jax.grow.dataset import GrowRecord, GrowWriter
-from rest_jax.improve import batches, selected, selection
+from rest_jax.improve import batches, losses, selected, selection
+from rest_jax.improve.phase import train_phase
 from rest_jax.improve.schedules import Threshold
+from rest_jax.improve.trainer import Trainer, make_optimizer
+from rest_jax.models import build_model, get_preset
+from conftest import mesh_layout
 
 NUM_PROMPTS, NUM_SAMPLES = 24, 4
 
@@ -251,3 +261,35 @@ def test_resume_reads_the_checkpointed_position_and_refuses_changed_data():
   changed = lambda k: {"next_batch": k, "records": 11, "fingerprint": "b"}  # pylint: disable=unnecessary-lambda-assignment
   with pytest.raises(RestJaxError, match="training data of /w/checkpoints/g001_i01 changed"):
     phase._next_batch({"data": state(7)}, 7, changed, ckpt)
+
+
+def test_resumed_packed_improve_phase_continues_with_the_same_next_batch(grows, tmp_path):
+  """A packed phase stopped after 2 steps and rerun to 4 equals the uninterrupted one."""
+  sel = _to_disk(grows[1], str(tmp_path / "s"), selected.Rules(threshold=Threshold(0.3)), 1)
+  loader = _loader(sel, slice(0, 12))
+  graphdef, params = nnx.split(build_model(get_preset("tiny_decoder", num_decoder_layers=1),
+                                           rngs=nnx.Rngs(0)))
+  cfg = TrainConfig(num_steps=4, eval_every=2, batch_size=12, learning_rate=1e-2,
+                    decay_to_zero=False, packing=True)
+  trainer = Trainer(graphdef, mesh_layout(2, devices=jax.devices()[:2]),
+                    losses.make_loss(cfg), make_optimizer(cfg), packing=True)
+  norm = jax.jit(lambda p: -sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(p)))
+  starts = []
+
+  def run(directory, num_steps):
+    def batches(start):
+      starts.append(start)
+      return loader.iterate(start)
+    with PhaseCheckpoints(str(directory)) as checkpoints:
+      return train_phase(trainer=trainer, params=params,
+                         cfg=dataclasses.replace(cfg, num_steps=num_steps), batches=batches,
+                         eval_fn=lambda p: {"eval_reward": float(norm(p))},
+                         checkpoints=checkpoints, data_state=loader.state)
+
+  expected = run(tmp_path / "whole", 4)
+  run(tmp_path / "parts", 2)
+  resumed = run(tmp_path / "parts", 4)
+  assert starts == [0, 0, 2]  # The rerun asks the loader for batch 2, the next one.
+  assert resumed.history == expected.history and resumed.steps_run == 4
+  for a, b in zip(jax.tree.leaves(expected.best_params), jax.tree.leaves(resumed.best_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

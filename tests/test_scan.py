@@ -91,6 +91,19 @@ def test_remat_policies_keep_gradients(name, cases):
       np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=f"{policy} {key}")
 
 
+@pytest.mark.parametrize("name,scan", [("tiny_decoder", True),
+                                       pytest.param("tiny", False, marks=pytest.mark.slow)])
+def test_offload_dots_policy_compiles_and_keeps_gradients(name, scan):
+  """"offload_dots" (dot outputs to pinned host memory) compiles here too (on CPU the host
+  memory is the device's) and gives the plain model's loss and gradients."""
+  base_loss, base = _loss_and_grads(*_split(name))
+  loss, grads = _loss_and_grads(*_split(name, scan_layers=scan, remat_policy="offload_dots"))
+  assert abs(float(loss) - float(base_loss)) <= 1e-6
+  a, b = _by_name(base), _by_name(grads)
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+
+
 def test_unknown_remat_policy_names_the_choices():
   with pytest.raises(RestJaxError, match="remat_policy 'some'.*'full'"):
     get_preset("tiny", remat_policy="some")

@@ -102,6 +102,11 @@ class TrainConfig:
   # dtype of the Adam moments: "" keeps the params' dtype (float32 master weights give float32
   # moments); "float32" with bfloat16 params (ModelConfig.param_dtype) keeps float32 moments.
   moment_dtype: str = ""
+  # Sequence packing: the model runs on rows holding several examples each (segment ids and
+  # positions, attention within an example; rest_jax.improve.packing). The steps, their
+  # examples and the loss are those of the unpacked batch; fewer padding tokens are computed.
+  packing: bool = False
+  packing_scale: int = 1  # Packed rows are this many times input_len / target_len long.
   gold: GoldConfig = GoldConfig()  # Read by loss "gold" only.
   bvmpo: BvmpoConfig = BvmpoConfig()  # Read by loss "bvmpo" only.
   oac: OacConfig = OacConfig()  # Read by loss "oac" only.
@@ -115,6 +120,7 @@ class TrainConfig:
     require(0 <= self.warmup_steps < self.num_steps,
              f"warmup_steps ({self.warmup_steps}) must be in [0, num_steps={self.num_steps}).")
     require(self.patience >= 0, "patience must be >= 0.")
+    require(self.packing_scale >= 1, f"packing_scale must be >= 1, got {self.packing_scale}.")
     require(self.moment_dtype in ("", "float32", "bfloat16"),
             f"moment_dtype must be '', 'float32' or 'bfloat16', got {self.moment_dtype!r}.")
 

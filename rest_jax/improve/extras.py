@@ -2,7 +2,8 @@
 
 ``build_extras`` returns a function ``device batch -> {name: array}`` that runs frozen networks
 (the BC policy, the phase's starting policy, the value network) on the batch in one jitted call,
-sharded over the batch like the batch itself. The train step then reads them like any batch
+sharded over the batch like the batch itself (on the packed rows of a packed batch, gathered
+back per example: ``rest_jax.improve.packing``). The train step then reads them like any batch
 entry, so it stays the same for every loss.
 """
 
@@ -17,8 +18,9 @@ from flax import nnx
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.losses import (NEEDS_BC_LOGPROBS, NEEDS_START_LOGPROBS, NEEDS_VALUES,
                              token_logprobs)
-from rest_jax.parallel.layout import Layout
+from rest_jax.improve.packing import teacher_forced
 from rest_jax.improve.value import ValueNet, mc_returns
+from rest_jax.parallel.layout import Layout
 
 
 
@@ -68,17 +70,20 @@ def build_extras(needs: frozenset[str], *, layout: Layout, policy_graphdef: nnx.
                            "wiring bug in the caller of rest_jax.improve.extras.build_extras.")
       frozen[key] = value
 
+  groups = layout.num_batch_shards  # Packed batches: rest_jax.improve.packing's groups.
+
   def compute(frozen, batch):
-    inputs, targets = batch["inputs"], batch["targets"]
+    targets = batch["targets"]
+    run = lambda graphdef, params: teacher_forced(nnx.merge(graphdef, params), batch,
+                                                  groups=groups)
     out = {}
     if "bc" in frozen:
-      out["bc_logprobs"] = token_logprobs(
-          nnx.merge(policy_graphdef, frozen["bc"])(inputs, targets), targets)
+      out["bc_logprobs"] = token_logprobs(run(policy_graphdef, frozen["bc"]), targets)
     if "start" in frozen:
-      logits = nnx.merge(policy_graphdef, frozen["start"])(inputs, targets)
+      logits = run(policy_graphdef, frozen["start"])
       out["start_logprobs"] = jax.nn.log_softmax(logits.astype("float32"), axis=-1)
     if "value" in frozen:
-      out["values"] = value_net.apply(frozen["value"], inputs, targets)
+      out["values"] = run(value_net.graphdef, frozen["value"])
       out["returns"] = mc_returns(batch["reward"], targets, discount)
     return out
 

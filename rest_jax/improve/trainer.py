@@ -22,6 +22,7 @@ from flax import nnx
 from rest_jax.config import TrainConfig
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.losses import Loss
+from rest_jax.improve.packing import pack_batch, teacher_forced
 from rest_jax.parallel.layout import Layout
 
 Batch = Mapping[str, Any]
@@ -88,6 +89,20 @@ def with_moment_dtype(inner: optax.GradientTransformation,
   return optax.GradientTransformation(init, update)
 
 
+def packing_groups(layout: Layout) -> int:
+  """The packing groups of a batch on ``layout``: its batch shards, whole shards per host.
+
+  Raises:
+    RestJaxError: the batch shards do not split evenly over the hosts.
+  """
+  groups = layout.num_batch_shards
+  if groups % jax.process_count():
+    raise RestJaxError(f"packing needs the {groups} batch shards (mesh data x fsdp) to split "
+                       f"evenly over the {jax.process_count()} hosts; change the mesh or set "
+                       "TrainConfig.packing = False.")
+  return groups
+
+
 class Trainer:
   """Holds the model definition, the Layout, the loss and the optimizer; runs the train step.
 
@@ -97,10 +112,13 @@ class Trainer:
 
   def __init__(self, graphdef: nnx.GraphDef, layout: Layout, loss: Loss,
                optimizer: optax.GradientTransformation, *,
-               extras: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None):
+               extras: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
+               packing: bool = False, packing_scale: int = 1):
     """``loss``: a resolved ``Loss`` (``losses.make_loss(cfg)``, or ``losses.plain_loss(fn)``);
     ``extras``: the jitted pre-pass that adds what ``loss.needs`` to each (device) batch
-    (``rest_jax.improve.extras``)."""
+    (``rest_jax.improve.extras``); ``packing``: run the model on packed rows
+    ``packing_scale`` times as long as the batch's (``rest_jax.improve.packing``; the loss
+    sees the same per-example arrays)."""
     if not isinstance(loss, Loss):
       raise TypeError(f"Trainer needs a Loss, got {type(loss).__name__}; resolve it with "
                       "rest_jax.improve.losses.make_loss(cfg) (or plain_loss(fn)).")
@@ -113,6 +131,8 @@ class Trainer:
       raise RestJaxError(f"this loss needs {sorted(self.loss.needs)} in every batch; build the "
                          "Trainer with extras=rest_jax.improve.extras.build_extras(...).")
     self.batch_sharding = layout.sharding(("batch",))
+    self.packing, self.packing_scale = packing, packing_scale
+    self.pack_groups = packing_groups(layout) if packing else layout.num_batch_shards
     self._abstract: TrainState | None = None
     self._init_fn: Callable | None = None
     self._step_fn: Callable | None = None
@@ -210,7 +230,7 @@ class Trainer:
 
     def loss_of(params, loss_params):
       model = nnx.merge(self.graphdef, params)
-      logits = model(batch["inputs"], batch["targets"])
+      logits = teacher_forced(model, batch, groups=self.pack_groups)
       return self.loss.fn(logits, batch, loss_params)
 
     (_, metrics), (grads, loss_grads) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
@@ -231,10 +251,14 @@ class Trainer:
     Args:
       state: the TrainState from ``init`` / a previous step / a restore.
       batch: this host's batch: "inputs" int32 `[batch, input_len]`, "targets" int32
-        `[batch, target_len]`, plus what the loss reads ("reward" `[batch]`, ...).
+        `[batch, target_len]`, plus what the loss reads ("reward" `[batch]`, ...); packed
+        here when the Trainer was built with ``packing``.
     Returns:
       the new state and the loss metrics (replicated scalars) plus "grad_norm".
     """
+    if self.packing:
+      batch = pack_batch(batch, groups=self.pack_groups // jax.process_count(),
+                         scale=self.packing_scale)
     batch = self.device_batch(batch)
     if self.extras is not None:
       batch = {**batch, **jax.device_put(self.extras(batch), self.batch_sharding)}

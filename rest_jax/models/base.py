@@ -14,7 +14,7 @@ Conventions (both families):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import jax
 
@@ -93,21 +93,40 @@ class ModelConfig:
         raise RestJaxError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
 
 
+class Segments(NamedTuple):
+  """Where the examples of packed rows lie (seqio ``trim_and_pack`` / t5x names and values).
+
+  A packed row holds several examples one after another: example ``k`` of a row has segment id
+  ``k + 1`` on its columns and positions ``0, 1, ...`` restarting at its first column; padding
+  has segment id 0. Inputs and targets are packed separately (in the same order): segment ``k``
+  of ``targets`` continues segment ``k`` of ``inputs``. Every array is int32 `[batch, length]`.
+  """
+
+  inputs_segment_ids: jax.Array
+  inputs_positions: jax.Array
+  targets_segment_ids: jax.Array
+  targets_positions: jax.Array
+
+
 @runtime_checkable
 class SequenceModel(Protocol):
   """What the sampler, the trainer and the evaluator need from a model (Flax NNX module)."""
 
   config: ModelConfig
 
-  def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, targets: jax.Array,
+               segments: Segments | None = None) -> jax.Array:
     """Teacher-forced logits.
 
     Args:
-      inputs: int32 `[batch, input_len]`, right-padded prompts.
-      targets: int32 `[batch, target_len]`, right-padded targets.
+      inputs: int32 `[batch, input_len]`, right-padded prompts (packed rows with ``segments``).
+      targets: int32 `[batch, target_len]`, right-padded targets (packed rows with ``segments``).
+      segments: None, or the segments of packed rows: attention then stays inside a segment
+        (decoder segment k reads input segment k only) and positions restart per segment, so
+        each segment's logits are those of its example alone.
     Returns:
       float32 `[batch, target_len, vocab]`: ``logits[:, t]`` scores ``targets[:, t]`` given
-      the inputs and ``targets[:, :t]``.
+      the inputs and ``targets[:, :t]`` (of the same segment when packed).
     """
 
   def prefill(self, inputs: jax.Array, max_decode_len: int,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rest_jax.errors import RestJaxError
-from rest_jax.models.base import PAD_ID, Cache, ModelConfig
+from rest_jax.models.base import PAD_ID, Cache, ModelConfig, Segments
 from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes, apply_rope,
                                     dot_product_attention, pad_length, rope_frequencies,
                                     write_cache)
@@ -200,12 +200,43 @@ class LlamaModel(nnx.Module):
     causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
     return causal[None] & valid[:, None, :]
 
-  def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  def _packed_forward(self, inputs: jax.Array, targets: jax.Array,
+                      segments: Segments) -> jax.Array:
+    """Teacher-forced logits `[batch, target_len, vocab]` of packed rows.
+
+    Runs ``concat(inputs, targets)`` `[batch, input_len + target_len]`: a token attends to the
+    earlier columns of its own segment (its prompt, then its targets), with RoPE positions
+    ``inputs_positions`` on the prompt and ``prompt_len + targets_positions`` on the targets,
+    as its example alone would have. The logits of a segment's first target come from its
+    last prompt column (a prompt with no token is packed as the single token 0, as
+    ``left_align`` treats it), those of the next targets from the previous target column.
+    """
+    input_len, target_len = inputs.shape[1], targets.shape[1]
+    in_seg, tgt_seg = segments.inputs_segment_ids, segments.targets_segment_ids
+    prompt = (tgt_seg[:, :, None] == in_seg[:, None, :]) & (in_seg != 0)[:, None, :]
+    prompt_len = prompt.sum(-1).astype(jnp.int32)  # [batch, target_len]
+    last_prompt = jnp.max(jnp.where(prompt, jnp.arange(input_len, dtype=jnp.int32), 0), -1)
+    tokens = jnp.concatenate([inputs, targets.astype(inputs.dtype)], axis=1)
+    seg = jnp.concatenate([in_seg, tgt_seg], axis=1)
+    positions = jnp.concatenate(
+        [segments.inputs_positions, prompt_len + segments.targets_positions], axis=1)
+    columns = jnp.arange(input_len + target_len)
+    mask = ((columns[None, :] <= columns[:, None])[None]
+            & (seg[:, :, None] == seg[:, None, :]) & (seg != 0)[:, None, :])
+    x, _ = self._layers(self.embed(tokens), positions, mask=mask, keep_kv=False)
+    source = jnp.where(segments.targets_positions == 0, last_prompt,
+                       input_len + jnp.arange(target_len, dtype=jnp.int32) - 1)
+    return self._logits(jnp.take_along_axis(x, source[..., None], axis=1))
+
+  def __call__(self, inputs: jax.Array, targets: jax.Array,
+               segments: Segments | None = None) -> jax.Array:
     """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel).
 
     Runs ``concat(left-aligned inputs, targets[:, :-1])`` and returns the logits of columns
-    ``input_len - 1 ..``.
+    ``input_len - 1 ..`` (packed rows: ``_packed_forward``).
     """
+    if segments is not None:
+      return self._packed_forward(inputs, targets, segments)
     input_len, target_len = inputs.shape[1], targets.shape[1]
     aligned, valid, positions, prompt_len = left_align(inputs)
     tokens = jnp.concatenate([aligned, targets[:, :-1].astype(aligned.dtype)], axis=1)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rest_jax.errors import RestJaxError
-from rest_jax.models.base import PAD_ID, Cache, ModelConfig
+from rest_jax.models.base import PAD_ID, Cache, ModelConfig, Segments
 from rest_jax.models.layers import (Dense, Embed, RMSNorm, activation_dtypes,
                                     dot_product_attention, make_param, pad_length,
                                     relative_position_bucket, write_cache)
@@ -137,13 +137,17 @@ class Encoder(nnx.Module):
     self.encoder_norm = RMSNorm(config.d_model, eps=config.norm_eps,
                                 **activation_dtypes(config))
 
-  def __call__(self, x: jax.Array, input_mask: jax.Array, *, remat: str = "none") -> jax.Array:
+  def __call__(self, x: jax.Array, input_mask: jax.Array, *, remat: str = "none",
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """Embedded inputs `[batch, len, embed]`, bool mask `[batch, len]` -> `[batch, len, embed]`.
 
-    ``remat``: the per-layer remat policy (``stack.REMAT_POLICIES``)."""
+    ``remat``: the per-layer remat policy (``stack.REMAT_POLICIES``); ``segment_ids`` int
+    `[batch, len]` (packed rows): a token attends to its own segment only."""
     positions = jnp.arange(x.shape[1])
     bias = self.relpos_bias(positions, positions)
     mask = input_mask[:, None, :]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     x, _ = run_layers(self, lambda layer, h: (layer(h, mask=mask, bias=bias), None), x,
                       num=self.num_layers, scan=self.scan, remat=remat)
     return self.encoder_norm(x)
@@ -252,21 +256,40 @@ class T5Model(nnx.Module):
     self.encoder = Encoder(config, rngs=rngs)
     self.decoder = Decoder(config, rngs=rngs)
 
-  def _encode(self, inputs: jax.Array, remat: str = "none") -> tuple[jax.Array, jax.Array]:
+  def _encode(self, inputs: jax.Array, remat: str = "none",
+              segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Inputs `[batch, input_len]` -> encoded `[batch, input_len, embed]` and the bool mask."""
-    input_mask = inputs != PAD_ID
-    return self.encoder(self.token_embedder(inputs), input_mask, remat=remat), input_mask
+    input_mask = inputs != PAD_ID if segment_ids is None else segment_ids != 0
+    encoded = self.encoder(self.token_embedder(inputs), input_mask, remat=remat,
+                           segment_ids=segment_ids)
+    return encoded, input_mask
 
-  def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel)."""
+  def __call__(self, inputs: jax.Array, targets: jax.Array,
+               segments: Segments | None = None) -> jax.Array:
+    """Teacher-forced float32 logits `[batch, target_len, vocab]` (see SequenceModel).
+
+    Packed rows (``segments``, t5x's convention): the encoder and the decoder attend within a
+    segment, decoder segment k reads encoder segment k, and each segment's decoder input is
+    its own targets shifted right with start token 0. Relative position biases stay
+    column-based as in t5x: for two tokens of one (contiguous) segment, the column difference
+    is the difference of their per-segment positions, and other pairs are masked.
+    """
     remat = self.config.remat_policy
-    encoded, input_mask = self._encode(inputs, remat)
+    in_seg = None if segments is None else segments.inputs_segment_ids
+    encoded, input_mask = self._encode(inputs, remat, in_seg)
     decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=PAD_ID)
     positions = jnp.arange(targets.shape[1])
-    causal = (positions[None, :] <= positions[:, None])[None]
+    self_mask = (positions[None, :] <= positions[:, None])[None]
+    cross_mask = input_mask[:, None, :]
+    if segments is not None:
+      seg = segments.targets_segment_ids
+      previous = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+      decoder_inputs = jnp.where(previous == seg, decoder_inputs, PAD_ID)
+      self_mask = self_mask & (seg[:, :, None] == seg[:, None, :])
+      cross_mask = cross_mask & (seg[:, :, None] == in_seg[:, None, :])
     logits, _ = self.decoder(
-        self.token_embedder(decoder_inputs), encoded=encoded, cross_mask=input_mask[:, None, :],
-        self_mask=causal, self_bias=self.decoder.relpos_bias(positions, positions),
+        self.token_embedder(decoder_inputs), encoded=encoded, cross_mask=cross_mask,
+        self_mask=self_mask, self_bias=self.decoder.relpos_bias(positions, positions),
         keep_kv=False, remat=remat)
     return logits
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rest_jax.models.base import ModelConfig
+from rest_jax.models.base import ModelConfig, Segments
 from rest_jax.models.layers import Dense, make_param
 from rest_jax.models.llama import LlamaModel
 from rest_jax.models.t5 import T5Model
@@ -38,11 +38,13 @@ class ValueModel(nnx.Module):
       self.trunk.lm_head = head
     self.bias = make_param(rngs, jax.nn.initializers.zeros, (), names=(), dtype=jnp.float32)
 
-  def __call__(self, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, targets: jax.Array,
+               segments: Segments | None = None) -> jax.Array:
     """Values `[batch, target_len]` of the states (inputs, targets[:, :t]).
 
     Args:
       inputs: int32 `[batch, input_len]`, right-padded prompts.
       targets: int32 `[batch, target_len]`, right-padded targets.
+      segments: the segments of packed rows, or None (see ``SequenceModel``).
     """
-    return self.trunk(inputs, targets)[..., 0] + self.bias.get_value()
+    return self.trunk(inputs, targets, segments)[..., 0] + self.bias.get_value()

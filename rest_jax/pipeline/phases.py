@@ -104,7 +104,8 @@ def _train(run: Run, name: str, *, params: nnx.State, cfg: TrainConfig, loss: lo
   batches) or on ``improve_set`` (each host reads its own rows); returns its best params and
   metrics."""
   trainer = Trainer(run.graphdef, run.layout, loss, make_optimizer(cfg, lr_scale=lr_scale),
-                    extras=extras)
+                    extras=extras, packing=cfg.packing,
+                    packing_scale=cfg.packing_scale)
   c = run.config
   loader = None if improve_set is None else hostdata.ImproveBatches(
       improve_set, batch_size=cfg.batch_size, seed=seed,
