@@ -25,6 +25,7 @@ from rest_jax.config import TrainConfig
 from rest_jax.evaluation import independent_metric_name
 from rest_jax.grow import dataset as growdata
 from rest_jax.grow.rewards import StreamedGrowRewards
+from rest_jax.grow.adaptive import run_adaptive_grow
 from rest_jax.grow.step import run_grow
 from rest_jax.improve import batches as hostdata
 from rest_jax.improve import losses, selected, selection, value
@@ -176,18 +177,35 @@ def grow(run: Run, g: int, params: nnx.State) -> None:
   c = run.config
   grow_dir = run.workdir.grow_dir(g)
   prompts = _grow_prompts(run)
-  logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts), c.grow.sampling.num_samples)
-  run_grow(sampler=run.parts.grow_sampler, params=run.parts.grow_sampler.place_params(params),
-           prompts=prompts, reward=run.reward, vocab=run.vocab,
-           writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
-           seed=c.seed, config=c.grow, input_len=c.input_len, target_len=c.target_len,
-           progress=run.progress)
+  a, n = c.grow.adaptive, c.grow.sampling.num_samples
+  kw = dict(sampler=run.parts.grow_sampler, params=run.parts.grow_sampler.place_params(params),
+            prompts=prompts, reward=run.reward, vocab=run.vocab,
+            writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
+            seed=c.seed, config=c.grow, input_len=c.input_len, target_len=c.target_len,
+            progress=run.progress)
+  budget = None
+  if a.enabled:
+    budget = dict(threshold=c.adaptive_threshold, min_passing=a.min_passing,
+                  max_samples=a.max_samples, samples_per_round=n)
+    logger.info("Grow g%d: %d prompts, rounds of %d samples up to %d, stopping a prompt at %d "
+                "samples with reward >= %.3f", g, len(prompts), n, a.max_samples, a.min_passing,
+                budget["threshold"])
+    run_adaptive_grow(threshold=budget["threshold"], **kw)
+  else:
+    logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts), n)
+    run_grow(**kw)
   distributed.barrier(f"grow g{g} chunks written")
   if not growdata.is_complete(grow_dir):
     growdata.index_chunks(grow_dir, host_id=jax.process_index(), num_hosts=jax.process_count())
   distributed.barrier(f"grow g{g} chunks indexed")
   if jax.process_index() == 0:
-    growdata.finalize(grow_dir)
+    stats = growdata.finalize(grow_dir, adaptive=budget)
+    if stats.adaptive:
+      b = stats.adaptive
+      logger.info("Grow g%d: adaptive sampling drew %d samples (fixed N=%d: %d; %.1f%% saved); "
+                  "%d of %d prompts reached %d passing samples", g, b["samples_drawn"],
+                  b["max_samples"], b["fixed_samples"], 100 * b["saved_fraction"],
+                  b["solved_prompts"], b["prompts"], b["min_passing"])
   distributed.barrier(f"grow g{g} finalized")
 
 
