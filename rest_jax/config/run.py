@@ -331,6 +331,9 @@ class RunConfig:
             f"adaptive sampling (AdaptiveConfig.max_samples = {self.grow.adaptive.max_samples}) "
             f"is for algorithm 'rest', not {self.algorithm!r} (whose groups need N samples per "
             "prompt); set AdaptiveConfig.max_samples = 0.")
+    require(self.algorithm == "rest" or not self.improve.reward_version,
+            f"ImproveConfig.reward_version is read by algorithm 'rest' only, not "
+            f"{self.algorithm!r}; set it to 0.")
     require(self.run_bc or bool(self.init_checkpoint),
              "run_bc=False needs RunConfig.init_checkpoint (a supervised checkpoint to start "
              "from); set it or keep run_bc=True.")

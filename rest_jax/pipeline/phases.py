@@ -24,6 +24,7 @@ from flax import nnx
 from rest_jax.config import TrainConfig
 from rest_jax.evaluation import independent_metric_name
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow import versions
 from rest_jax.grow.rewards import StreamedGrowRewards
 from rest_jax.grow.adaptive import run_adaptive_grow
 from rest_jax.grow.step import run_grow
@@ -34,6 +35,7 @@ from rest_jax.improve.schedules import Threshold
 from rest_jax.improve.phase import train_phase
 from rest_jax.improve.trainer import Trainer, make_optimizer
 from rest_jax.parallel import distributed
+from rest_jax.pipeline import rescore
 from rest_jax.pipeline.build import Run
 from rest_jax.pipeline.reporting import summary_row
 from rest_jax.pipeline.workdir import phase_name
@@ -221,13 +223,19 @@ def plan_improve(run: Run, g: int) -> GrowPlan:
   """Reads Grow step ``g``'s stats and plans its Improve steps' thresholds (logs every change)."""
   c = run.config
   grow_dir = run.workdir.grow_dir(g)
-  stats = dataclasses.asdict(growdata.read_stats(grow_dir))
-  plan, messages = run.parts.schedule.plan(StreamedGrowRewards(grow_dir),
+  v = c.improve.reward_version
+  if v:
+    rescore.ensure_version(run.workdir, grow_dir, v, prompts=_grow_prompts(run),
+                           host_id=jax.process_index(), num_hosts=jax.process_count(),
+                           barrier=distributed.barrier, layout=run.layout)
+  stats = dataclasses.asdict(versions.version_stats(grow_dir, v))
+  plan, messages = run.parts.schedule.plan(StreamedGrowRewards(grow_dir, v),
                                            num_improve_steps=c.num_improve_steps)
   for message in messages:
     logger.info("grow g%d: %s", g, message)
-  logger.info("Grow g%d: %d records, mean sample reward %.4f; %s thresholds %s", g,
-              stats["count"], stats["mean"], c.improve.schedule,
+  logger.info("Grow g%d: %d records, mean sample reward %.4f%s; %s thresholds %s", g,
+              stats["count"], stats["mean"], f" (reward version {v})" if v else "",
+              c.improve.schedule,
               ", ".join(t.describe() for t in plan))
   return GrowPlan(stats=stats, thresholds=plan)
 
@@ -236,7 +244,8 @@ def _value_dataset(run: Run, g: int) -> tf.data.Dataset:
   """Every record of Grow step ``g`` (originals as in ReST / ReST-EM), in index order."""
   return selection.value_dataset(run.workdir.grow_dir(g),
                                  include_originals=run.config.grow.include_originals,
-                                 output_features=run.task.output_features)
+                                 output_features=run.task.output_features,
+                                 reward_version=run.config.improve.reward_version)
 
 
 def _extras(run: Run, g: int, policies: Policies, *, start_params: nnx.State) -> Extras | None:
@@ -279,7 +288,8 @@ def improve(run: Run, policies: Policies, *, g: int, i: int, tau: Threshold,
   rules = selected.Rules(
       threshold=tau, include_originals=c.grow.include_originals,
       max_per_prompt=c.improve.max_per_prompt, deduplicate=c.improve.deduplicate,
-      drop_all_pass=c.improve.drop_all_pass, drop_all_fail=c.improve.drop_all_fail)
+      drop_all_pass=c.improve.drop_all_pass, drop_all_fail=c.improve.drop_all_fail,
+      reward_version=c.improve.reward_version)
   mix = selected.select_to_disk(
       run.workdir.mixed_grow_dirs(g, c.improve.mix_previous_grows),
       run.workdir.selection_dir(name), rules, host_id=jax.process_index(),
