@@ -2,6 +2,8 @@
 manifest and per-version stats, resume after a failing reward, sharding across processes, the
 readers of a version (schedules, selection, Improve batches), and the bad-input errors."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -45,21 +47,27 @@ def _exact(sources, hyps, refs):
   return rewards.score(rewards.ExactMatch(), "exact_match", sources, hyps, refs)
 
 
-@pytest.fixture()
-def workdir(tmp_path, prompts):
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, prompts):
+  """A workdir with two finalized Grow sets of 20 arith_small prompts x 2 samples (3 chunks)."""
   examples, task = prompts
-  wd = Workdir(str(tmp_path / "run"))
+  wd = Workdir(str(tmp_path_factory.mktemp("template") / "run"))
   wd.record_config(CONFIG, "")
   vocab = task.output_features["targets"].vocabulary
   for g in (1, 2):
     directory = wd.grow_dir(g)
-    run_grow(sampler=FakeSampler(2, sample_fn=_sample(vocab)), params=None,
-             prompts=[dict(p, inputs=np.asarray(p["inputs"]) + 0) for p in examples],
+    run_grow(sampler=FakeSampler(2, sample_fn=_sample(vocab)), params=None, prompts=examples,
              reward=_exact, vocab=vocab, writer=growdata.GrowWriter(directory), grow_step=g,
              seed=0, config=CONFIG.grow, input_len=12, target_len=8, progress=False)
     growdata.index_chunks(directory, host_id=0, num_hosts=1)
     growdata.finalize(directory)
-  return wd
+  return wd.root
+
+
+@pytest.fixture()
+def workdir(tmp_path, template):
+  shutil.copytree(template, tmp_path / "run")
+  return Workdir(str(tmp_path / "run"))
 
 
 def _chrf_of(directory, refs):
@@ -197,3 +205,18 @@ def test_cli_rescore_prints_each_grow_set(workdir, capsys):
   out = capsys.readouterr().out
   assert out.count("reward version 1 (chrf)") == 2
   assert storage.exists(storage.join(workdir.grow_dir(2), versions.MANIFEST))
+
+
+def test_a_runs_new_grow_set_gets_the_version_it_reads(workdir, prompts):
+  rescore.rescore_workdir(workdir.root, spec="chrf", name="c")
+  g3 = workdir.grow_dir(3)
+  shutil.copytree(workdir.grow_dir(2), g3)
+  storage.remove(storage.join(g3, versions.MANIFEST))  # A Grow set the run just made.
+  for name in storage.listdir(g3):
+    if ".rewards-v" in name:
+      storage.remove(storage.join(g3, name))
+  rescore.ensure_version(workdir, g3, 1, prompts=prompts[0], host_id=0, num_hosts=1,
+                         barrier=lambda name: None)
+  entry = versions.complete_versions(g3)[1]
+  assert (entry["reward"], entry["name"]) == ("chrf", "c")
+  assert versions.version_stats(g3, 1) == versions.version_stats(workdir.grow_dir(2), 1)
