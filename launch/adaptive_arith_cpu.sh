@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Adaptive sampling budgets against fixed N (gin/experiments/arith_adaptive_cpu.gin): the adaptive
-# run (rounds of 2 up to 8 samples, stop at 2 correct), then fixed N = 8 and N = 4 from a copy
-# of its BC phase, so every Grow samples the same BC policy.
+# run (rounds of 2 up to 8 samples, stop at 4 correct), then adaptive with k = 2 and fixed N = 8
+# and N = 4 from a copy of its BC phase, so every Grow samples the same BC policy.
 # Usage: launch/adaptive_arith_cpu.sh [WORKROOT]   (default: workdirs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,14 +18,20 @@ run() {
   tail -n 1 "$root/$name.log"
 }
 
-run adaptive
-for n in 8 4; do
-  dir="$root/fixed$n"
+share_bc() {
+  local dir="$root/$1"
   if [ ! -e "$dir/phases/bc.json" ]; then
     mkdir -p "$dir/checkpoints" "$dir/phases"
     cp -r "$root/adaptive/checkpoints/bc" "$dir/checkpoints/"
     cp "$root/adaptive/phases/bc.json" "$dir/phases/"
   fi
+}
+
+run adaptive
+share_bc adaptive_k2
+run adaptive_k2 --gin.config.AdaptiveConfig.min_passing=2
+for n in 8 4; do
+  share_bc "fixed$n"
   run "fixed$n" --gin.config.AdaptiveConfig.max_samples=0 \
     --gin.config.SamplingConfig.num_samples=$n
 done

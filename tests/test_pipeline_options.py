@@ -16,7 +16,7 @@ import pytest
 from rest_jax import config as C
 from rest_jax import tasks
 from rest_jax.tasks import data
-from rest_jax.improve import losses, schedules
+from rest_jax.improve import losses, schedules, selected
 from rest_jax.grow.dataset import GrowRecord
 from rest_jax.pipeline import build, phases
 from rest_jax.pipeline import run as pipeline
@@ -63,7 +63,7 @@ def fake(monkeypatch):
             extras=None):
     count = 0 if dataset is None else sum(1 for _ in dataset.as_numpy_iterator())
     if improve_set is not None:  # The records in the files each host's loader reads.
-      count = sum(os.path.getsize(improve_set.bucket_path(b)) // 24
+      count = sum(os.path.getsize(improve_set.bucket_path(b)) // selected.SELECTED_ROW.itemsize
                   for b in range(len(improve_set.bucket_counts)))
     calls["train"].append({"name": name, "start": params, "cfg": cfg, "count": count})
     return f"params-{name}", {"eval_reward": 0.5, "eval_exact_match": 0.0,
