@@ -138,7 +138,8 @@ def test_originals_are_written_once(tmp_path):
      "for algorithm 'rest'"),
     (lambda: RunConfig(grow=_config(2, 4, 8), improve=ImproveConfig(
         schedule="quantile")).adaptive_threshold, "set AdaptiveConfig.threshold"),
-])
+], ids=["round_multiple", "two_rounds", "k_above_nmax", "negative", "threshold_range",
+        "online", "auto_threshold"])
 def test_impossible_settings_are_one_line_errors(make, match):
   with pytest.raises(RestJaxError, match=match) as e:
     make()

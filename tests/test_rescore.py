@@ -2,6 +2,7 @@
 manifest and per-version stats, resume after a failing reward, sharding across processes, the
 readers of a version (schedules, selection, Improve batches), and the bad-input errors."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -183,21 +184,20 @@ def test_nan_reward_is_one_line_error(workdir):
   assert not versions.complete_versions(workdir.grow_dir(1))
 
 
-def test_unknown_reward_and_version_are_one_line_errors(workdir, capsys):
+def test_unknown_reward_is_one_line_error(workdir, capsys):
   assert cli.main(["rescore", workdir.root, "--reward", "no_such_reward"]) == 2
   err = capsys.readouterr().err.strip()
   assert "reward 'no_such_reward' is unknown" in err and "\n" not in err
-  with pytest.raises(RestJaxError, match="reward_version = 3 is not recorded"):
+
+
+def test_unknown_version_is_one_line_error(workdir):
+  with pytest.raises(RestJaxError, match="reward_version = 3 is not recorded") as e:
     rescore.recorded_spec(workdir, 3)
+  assert "\n" not in str(e.value) and "rest-jax rescore" in str(e.value)
   with pytest.raises(RestJaxError, match="reward version 3 is not recorded"):
     StreamedGrowRewards(workdir.grow_dir(1), 3)
   with pytest.raises(RestJaxError, match="reward_version must be >= 0"):
-    RunConfig(improve=dataclass_replace_improve(-1))
-
-
-def dataclass_replace_improve(version):
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  return dataclasses.replace(RunConfig().improve, reward_version=version)
+    RunConfig(improve=dataclasses.replace(RunConfig().improve, reward_version=-1))
 
 
 def test_cli_rescore_prints_each_grow_set(workdir, capsys):
