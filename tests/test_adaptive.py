@@ -152,3 +152,54 @@ def test_auto_threshold_is_the_schedules_first():
       .adaptive_threshold == 0.5
   assert RunConfig(grow=dataclasses.replace(grow, adaptive=AdaptiveConfig(
       max_samples=8, threshold=0.25))).adaptive_threshold == 0.25
+
+
+class _Hosts:
+  """Two "hosts" as threads: jax.process_index / process_count and distributed.allgather per
+  thread, the gather exchanging arrays at a barrier (every host must call it in lockstep)."""
+
+  def __init__(self, monkeypatch, count=2):
+    import threading  # pylint: disable=import-outside-toplevel
+    from rest_jax.parallel import distributed  # pylint: disable=import-outside-toplevel
+    self.count, self.local = count, threading.local()
+    self.barrier, self.slots = threading.Barrier(count, timeout=60), [None] * count
+    monkeypatch.setattr("jax.process_index", lambda: self.local.index)
+    monkeypatch.setattr("jax.process_count", lambda: count)
+    monkeypatch.setattr(distributed, "allgather", self.allgather)
+
+  def allgather(self, x):
+    self.slots[self.local.index] = np.asarray(x)
+    self.barrier.wait()
+    out = np.stack(self.slots)
+    self.barrier.wait()
+    return out
+
+  def run(self, fn):
+    import concurrent.futures  # pylint: disable=import-outside-toplevel
+
+    def host(i):
+      self.local.index = i
+      return fn(i)
+
+    with concurrent.futures.ThreadPoolExecutor(self.count) as pool:
+      return [f.result() for f in [pool.submit(host, i) for i in range(self.count)]]
+
+
+def test_two_hosts_draw_the_records_of_one(tmp_path, monkeypatch):
+  one = _grow(tmp_path / "one", _config(2, 4, 8, k=2), adaptive=True,
+              prompts=_prompts(range(13)))
+  hosts = _Hosts(monkeypatch)
+  shards = [_prompts(range(9)), _prompts(range(9, 13))]  # Unequal shares: 3 and 1 chunks.
+
+  def grow(i):
+    return run_adaptive_grow(
+        sampler=_sampler(2), params=None, prompts=shards[i], reward=_reward, vocab=BYTE_VOCAB,
+        writer=growdata.GrowWriter(str(tmp_path / "two"), host_id=i), grow_step=1, seed=0,
+        config=_config(2, 4, 8, k=2), threshold=1.0, input_len=8, target_len=8,
+        progress=False)
+
+  assert hosts.run(grow) == [3, 1]  # Chunks written per host (chunk_size 4).
+  two = {_key(r): r for r in growdata.read_records(str(tmp_path / "two"))}
+  assert sorted(two) == sorted(_key(r) for r in one)
+  for r in one:
+    _same(r, two[_key(r)])
