@@ -220,3 +220,16 @@ def test_a_runs_new_grow_set_gets_the_version_it_reads(workdir, prompts):
   entry = versions.complete_versions(g3)[1]
   assert (entry["reward"], entry["name"]) == ("chrf", "c")
   assert versions.version_stats(g3, 1) == versions.version_stats(workdir.grow_dir(2), 1)
+
+
+def test_value_data_carries_the_version(workdir, prompts):
+  rescore.rescore_workdir(workdir.root, spec="chrf")
+  d = workdir.grow_dir(1)
+  index = growdata.load_index(d)
+  values = dict(zip(zip(index["example_id"].tolist(), index["sample_idx"].tolist()),
+                    versions.index_rewards(d, index, 1).tolist()))
+  dataset = selection.value_dataset(d, include_originals=True, reward_version=1,
+                                    output_features=prompts[1].output_features)
+  seen = {(int(ex["example_id"]), int(ex["sample_idx"])): float(ex["reward"])
+          for ex in dataset.as_numpy_iterator()}
+  assert seen == pytest.approx(values)
