@@ -21,6 +21,7 @@ Readers (``ImproveConfig.reward_version``): the schedules (``grow.rewards``), th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -211,7 +212,8 @@ def finish_version(directory: str, version: int) -> dict[str, Any]:
   chunk at a time), then the manifest entry marked complete (last). Returns the entry."""
   stats = growdata.read_stats(directory)
   names = sorted(stats.chunks)
-  missing = [n for n in names if not storage.exists(storage.join(directory, side_name(n, version)))]
+  missing = [n for n in names
+             if not storage.exists(storage.join(directory, side_name(n, version)))]
   if missing:
     raise RestJaxError(f"reward version {version} of {directory} lacks {len(missing)} chunks "
                        f"(e.g. {missing[0]}); rerun the same `rest-jax rescore` to finish it.")
@@ -226,7 +228,7 @@ def finish_version(directory: str, version: int) -> dict[str, Any]:
   for rows in chunks():
     acc.refine(rows["reward"], rows["is_original"].astype(bool))
   result = acc.result(grow_step=stats.grow_step)
-  values = {k: v for k, v in GrowStats.from_json(result.to_json()).__dict__.items()
+  values = {k: v for k, v in dataclasses.asdict(result).items()
             if k not in ("chunks", "adaptive")}
   manifest = read_manifest(directory)
   entry = dict(manifest["versions"][str(version)], status="complete", completed=_now(),
