@@ -205,6 +205,8 @@ def test_cli_rescore_prints_each_grow_set(workdir, capsys):
   out = capsys.readouterr().out
   assert out.count("reward version 1 (chrf)") == 2
   assert storage.exists(storage.join(workdir.grow_dir(2), versions.MANIFEST))
+  from rest_jax.cli import inspection  # pylint: disable=import-outside-toplevel
+  assert inspection.describe(workdir.root, num_examples=0).count("reward version 1 (c: chrf)") == 2
 
 
 def test_a_runs_new_grow_set_gets_the_version_it_reads(workdir, prompts):
