@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import types
 
 import numpy as np
@@ -15,8 +16,9 @@ import pytest
 
 from rest_jax import config as C
 from rest_jax import tasks
+from rest_jax.errors import RestJaxError
 from rest_jax.tasks import data
-from rest_jax.improve import losses, schedules
+from rest_jax.improve import losses, schedules, selected
 from rest_jax.grow.dataset import GrowRecord
 from rest_jax.pipeline import build, phases
 from rest_jax.pipeline import run as pipeline
@@ -63,7 +65,7 @@ def fake(monkeypatch):
             extras=None):
     count = 0 if dataset is None else sum(1 for _ in dataset.as_numpy_iterator())
     if improve_set is not None:  # The records in the files each host's loader reads.
-      count = sum(os.path.getsize(improve_set.bucket_path(b)) // 24
+      count = sum(os.path.getsize(improve_set.bucket_path(b)) // selected.SELECTED_ROW.itemsize
                   for b in range(len(improve_set.bucket_counts)))
     calls["train"].append({"name": name, "start": params, "cfg": cfg, "count": count})
     return f"params-{name}", {"eval_reward": 0.5, "eval_exact_match": 0.0,
@@ -136,3 +138,42 @@ def test_prompt_filters_reach_the_selection(tmp_path, fake):
     counts[drop] = rows[1]["train_examples"]
   assert counts == {False: 6 + 3, True: 2 + 3}
   assert [c["count"] for c in fake["train"] if c["name"] != "bc"] == [9, 5]
+
+
+def even_prompts(sources, hypotheses, references):
+  """A re-scoring reward (py:test_pipeline_options:even_prompts): 1 for every record of an
+  even prompt ("x0", "x2", ...), else 0."""
+  del hypotheses, references
+  return np.asarray([1.0 if int(s[1:]) % 2 == 0 else 0.0 for s in sources])
+
+
+def test_a_run_trains_on_a_rescored_reward_version(tmp_path, fake, monkeypatch):
+  """ImproveConfig.reward_version reaches the schedule, the selection and the rows, and a Grow
+  set the run makes gets the version (scored with the recorded reward) before its Improve."""
+  from rest_jax.grow import versions  # pylint: disable=import-outside-toplevel
+  from rest_jax.pipeline import rescore  # pylint: disable=import-outside-toplevel
+  base = _config(False)
+  cfg = dataclasses.replace(base, num_grow_steps=1, num_improve_steps=1,
+                            improve=C.ImproveConfig(train=base.improve.train, thresholds=(0.5,)))
+  first = tmp_path / "w0"
+  pipeline.run(cfg, str(first), progress=False)
+  monkeypatch.setattr(rescore, "task_references", lambda config, ids: {e: "r" for e in ids})
+  assert rescore.rescore_workdir(str(first), spec="py:test_pipeline_options:even_prompts",
+                                 name="even")["version"] == 1
+  second = tmp_path / "w1"  # A new run from a copy of the BC phase and the rescored Grow set.
+  (second / "phases").mkdir(parents=True)
+  shutil.copy(first / "phases" / "bc.json", second / "phases")
+  shutil.copytree(first / "grow", second / "grow")
+  monkeypatch.setattr(phases, "_grow_prompts", lambda run: [
+      {"example_id": e, "targets_pretokenized": "r"} for e in range(6)])
+  cfg = dataclasses.replace(cfg, num_grow_steps=2, improve=dataclasses.replace(
+      cfg.improve, reward_version=1))
+  rows = pipeline.run(cfg, str(second), progress=False)["rows"]
+  # Version 1: every record of prompts 0, 2, 4 has reward 1 (mean 0.5 = tau), the others 0:
+  # 3 prompts x (4 samples + the original) pass, in both Grow sets.
+  assert [(r["threshold"], r["train_examples"]) for r in rows[1:]] == [(0.5, 15), (0.5, 15)]
+  entry = versions.complete_versions(str(second / "grow" / "g002"))[1]
+  assert (entry["name"], entry["stats"]["mean"]) == ("even", 0.5)
+  with pytest.raises(RestJaxError, match="reward_version = 2 is not recorded"):
+    pipeline.run(dataclasses.replace(cfg, improve=dataclasses.replace(
+        cfg.improve, reward_version=2)), str(tmp_path / "w2"), progress=False)

@@ -448,3 +448,22 @@ def test_user_errors():
     sampler.generate(state, prompts([(1, 0)]), np.array([2**33]), seed=0, grow_step=0)
   with pytest.raises(RestJaxError, match="one id per prompt"):
     sampler.generate(state, prompts([(1, 0)]), np.arange(2), seed=0, grow_step=0)
+
+
+def test_rounds_from_first_sample_equal_one_larger_draw():
+  """Adaptive Grow's rounds (N=2 at first_sample 0 and 2) draw the samples N=4 draws."""
+  graphdef, state = fake_state()
+  inputs, ids = prompts([(3, 0), (5, 4), (0, 2)]), np.arange(7, 10)
+  layout = one_device_layout()
+  state_placed = place_params(state, layout, sampling=True)
+  big = Sampler(graphdef, layout, num_samples=4, max_decode_len=9, temperature=0.9)
+  small = Sampler(graphdef, layout, num_samples=2, max_decode_len=9, temperature=0.9)
+  ref = big.generate(state_placed, inputs, ids, seed=3, grow_step=1)
+  rounds = [small.generate(state_placed, inputs[1:], ids[1:], seed=3, grow_step=1,
+                           first_sample=f) for f in (0, 2)]
+  for r, out in enumerate(rounds):
+    rows = np.asarray([4 * b + 2 * r + j for b in (1, 2) for j in range(2)])
+    np.testing.assert_array_equal(out.sample_idx, ref.sample_idx[rows])
+    np.testing.assert_array_equal(out.tokens, ref.tokens[rows])
+    np.testing.assert_array_equal(out.logprobs, ref.logprobs[rows])
+  assert len({tuple(t) for t in ref.tokens[:4]}) > 1  # The four samples are not all equal.

@@ -13,8 +13,8 @@ import numpy as np
 
 from rest_jax import storage
 from rest_jax.grow import dataset as growdata
-
 from rest_jax.grow import stats as growstats
+from rest_jax.grow import versions
 from rest_jax.errors import RestJaxError
 from rest_jax.grow.dataset import GrowRecord
 from rest_jax.pipeline.workdir import Workdir
@@ -68,6 +68,16 @@ def _describe_step(step: int, directory: str, num_examples: int) -> list[str]:
       "  histogram:",
   ]
   lines += ["    " + line for line in growstats.histogram_text(stats).splitlines()]
+  if stats.adaptive:
+    b = stats.adaptive
+    lines.append(f"  adaptive sampling: {b['samples_drawn']} samples drawn (fixed "
+                 f"N={b['max_samples']}: {b['fixed_samples']}, {100 * b['saved_fraction']:.1f}% "
+                 "saved); "
+                 f"{b['solved_prompts']} of {b['prompts']} prompts reached {b['min_passing']} "
+                 f"samples with reward >= {b['threshold']:g}")
+  for v, entry in sorted(versions.complete_versions(directory).items()):
+    lines.append(f"  reward version {v} ({entry['name']}: {entry['reward']}): sample reward mean "
+                 f"{entry['stats']['mean']:.4f}, {entry['completed']}")
   if num_examples > 0:
     pool = np.flatnonzero(~index["is_original"]) if stats.num_samples else np.arange(stats.count)
     order = pool[np.lexsort((index["sample_idx"][pool], index["example_id"][pool],

@@ -11,6 +11,7 @@
   rest-jax compare W1 W2 ... [--out compare.png]
   rest-jax train-reward --data W_OR_JSONL --output_dir DIR   (see rest_jax/cli/rewards.py)
   rest-jax serve-reward --reward chrf --port P [--token_env VAR]
+  rest-jax rescore W --reward R [--name N] [--reward_range LO,HI]
 
 This is the only module that imports gin. Gin files bind the frozen dataclasses of
 ``rest_jax.config`` (with ``from __gin__ import dynamic_registration``); rerunning the same
@@ -263,6 +264,36 @@ def _best_of_n(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _rescore(args: argparse.Namespace) -> None:
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from rest_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+
+  try:
+    lo, hi = (float(v) for v in args.reward_range.split(","))
+  except ValueError:
+    raise RestJaxError(f"--reward_range {args.reward_range!r} must be two numbers LO,HI, e.g. "
+                       "--reward_range 0,1.") from None
+  settings = distributed.settings_from(vars(args))
+  distributed.initialize(settings)
+  quiet.start_quietly(quiet=args.log_level != "DEBUG", jax_backend=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  from rest_jax.pipeline import rescore  # pylint: disable=g-import-not-at-top
+  from rest_jax.pipeline.workdir import Workdir  # pylint: disable=g-import-not-at-top
+  wd = Workdir(args.workdir)
+  wd.require_exists()
+  config = dataclasses.replace(wd.load_run_config().reward_config, range=(lo, hi))
+  with distributed.collective_errors():
+    result = rescore.rescore_workdir(
+        args.workdir, spec=args.reward, name=args.name, reward_config=config,
+        host_id=jax.process_index(), num_hosts=jax.process_count(),
+        barrier=distributed.barrier, batch_size=args.batch_size)
+  if distributed.is_host0():
+    for folder, entry in result["grow_sets"].items():
+      s = entry["stats"]
+      print(f"{folder}: reward version {result['version']} ({entry['reward']}): "
+            f"{entry['records']} records, mean sample reward {s['mean']:.4f}", flush=True)
+
+
 def _quiet_gin_search(record: logging.LogRecord) -> bool:
   """Drops gin's log lines about include paths it tried before finding the file."""
   message = str(record.msg)
@@ -304,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
       _sweep(args, bindings)
     elif args.command == "compare":
       _compare(args)
+    elif args.command == "rescore":
+      _rescore(args)
     elif args.command in ("train-reward", "serve-reward"):
       from rest_jax.cli import rewards as reward_commands  # pylint: disable=g-import-not-at-top
       (reward_commands.train_reward if args.command == "train-reward"

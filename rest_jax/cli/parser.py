@@ -67,20 +67,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="gin file (repeatable; see below)")
   run.add_argument("--no_progress", action="store_true", help="hide progress bars")
   _log_level(run, "INFO")
-  multi = run.add_argument_group(
-      "multi-host", "run the same command on every host; without these (or the REST_JAX_* "
-      "environment variables) a TPU VM / SLURM cluster is detected, else one process runs")
-  multi.add_argument("--coordinator_address", default=None, help="host 0's HOST:PORT "
-                     "(env REST_JAX_COORDINATOR)")
-  multi.add_argument("--num_processes", type=int, default=None,
-                     help="number of processes (env REST_JAX_NUM_PROCESSES)")
-  multi.add_argument("--process_id", type=int, default=None,
-                     help="this process, 0..num_processes-1 (env REST_JAX_PROCESS_ID)")
-  multi.add_argument("--heartbeat_timeout_s", type=int, default=None,
-                     help="declare a silent host dead after this long (None: 100 s; env "
-                     "REST_JAX_HEARTBEAT_TIMEOUT_S)")
-  multi.add_argument("--barrier_timeout_s", type=float, default=None,
-                     help="longest wait for the other hosts at a barrier (None: 1800 s)")
+  _multihost(run)
 
 
 def _add_tools(sub: argparse._SubParsersAction) -> None:
@@ -118,6 +105,51 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
   _log_level(ins, "WARNING")
 
 
+RESCORE_EPILOG = """\
+examples:
+  rest-jax rescore runs/arith --reward exact_match --name exact
+  rest-jax rescore runs/arith --reward py:my_rewards:partial_credit
+  rest-jax rescore runs/numbers --reward learned:rm/numbers --reward_range -5,5
+then train on the new version (from a copy of the BC phase and Grow sets, see docs/rewards.md):
+  rest-jax run --workdir runs/arith_v1 ... --gin.config.ImproveConfig.reward_version=1
+
+Chunks are never rewritten: version v lies beside each chunk (chunk-*.rewards-vV.npy), recorded
+in each Grow folder's rewards.json. A rescore that fails midway leaves the recorded versions
+intact; rerunning the same command continues it."""
+
+
+def _multihost(p: argparse.ArgumentParser) -> None:
+  multi = p.add_argument_group(
+      "multi-host", "run the same command on every host; without these (or the REST_JAX_* "
+      "environment variables) a TPU VM / SLURM cluster is detected, else one process runs")
+  multi.add_argument("--coordinator_address", default=None, help="host 0's HOST:PORT "
+                     "(env REST_JAX_COORDINATOR)")
+  multi.add_argument("--num_processes", type=int, default=None,
+                     help="number of processes (env REST_JAX_NUM_PROCESSES)")
+  multi.add_argument("--process_id", type=int, default=None,
+                     help="this process, 0..num_processes-1 (env REST_JAX_PROCESS_ID)")
+  multi.add_argument("--heartbeat_timeout_s", type=int, default=None,
+                     help="declare a silent host dead after this long (None: 100 s; env "
+                     "REST_JAX_HEARTBEAT_TIMEOUT_S)")
+  multi.add_argument("--barrier_timeout_s", type=float, default=None,
+                     help="longest wait for the other hosts at a barrier (None: 1800 s)")
+
+
+def _add_rescore(sub: argparse._SubParsersAction) -> None:
+  rs = sub.add_parser("rescore", help="score a workdir's Grow sets with another reward, as a "
+                      "new reward version", epilog=RESCORE_EPILOG, formatter_class=HelpFormatter)
+  rs.add_argument("workdir", help="a `rest-jax run` workdir with finished Grow steps")
+  rs.add_argument("--reward", required=True,
+                  help="reward spec, as RunConfig.reward: a name (chrf, exact_match, ...), "
+                  "learned:DIR, remote:URL or py:module:function")
+  rs.add_argument("--name", default="", help="a label for the version (default: the spec)")
+  rs.add_argument("--reward_range", default="0,1", metavar="LO,HI",
+                  help="the reward's declared range (mapped to [0, 1], as RewardConfig.range)")
+  rs.add_argument("--batch_size", type=int, default=1024, help="hypotheses per reward call")
+  _log_level(rs, "INFO")
+  _multihost(rs)
+
+
 def _add_best_of_n(sub: argparse._SubParsersAction) -> None:
   bon = sub.add_parser("best-of-n", help="best-of-N reward of saved policies on D_eval",
                        formatter_class=HelpFormatter)
@@ -149,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
   convert_cli.add_parsers(sub)
   _add_best_of_n(sub)
   _add_tools(sub)
+  _add_rescore(sub)
   reward_commands.add_parsers(sub)
   for command in sub.choices.values():
     command.formatter_class = HelpFormatter

@@ -8,15 +8,15 @@
 """
 
 from rest_jax.config.losses import BvmpoConfig, GoldConfig, OacConfig, RaftPpConfig, ValueConfig
-from rest_jax.config.run import (PAPER_THRESHOLDS, EvalConfig, GrowConfig, ImproveConfig,
-                                 MeshConfig, RewardConfig, RunConfig, SamplingConfig,
-                                 ScheduleParams, TrainConfig)
+from rest_jax.config.run import (PAPER_THRESHOLDS, AdaptiveConfig, EvalConfig, GrowConfig,
+                                 ImproveConfig, MeshConfig, RewardConfig, RunConfig,
+                                 SamplingConfig, ScheduleParams, TrainConfig)
 from rest_jax.config.online import ALGORITHMS, OnlineConfig
 from rest_jax.config.tasks import TASK_KINDS, FileTaskConfig, TfdsTaskConfig
 from rest_jax.models.base import ModelConfig
 
-__all__ = ["ALGORITHMS", "PAPER_THRESHOLDS", "TASK_KINDS", "BvmpoConfig", "EvalConfig",
-           "FileTaskConfig", "GoldConfig", "GrowConfig", "ImproveConfig", "MeshConfig",
+__all__ = ["ALGORITHMS", "PAPER_THRESHOLDS", "TASK_KINDS", "AdaptiveConfig", "BvmpoConfig",
+           "EvalConfig", "FileTaskConfig", "GoldConfig", "GrowConfig", "ImproveConfig", "MeshConfig",
            "ModelConfig", "OacConfig", "OnlineConfig",
            "RaftPpConfig", "RewardConfig", "RunConfig", "SamplingConfig", "ScheduleParams",
            "TfdsTaskConfig", "TrainConfig", "ValueConfig"]

@@ -71,10 +71,46 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptiveConfig:
+  """Adaptive sampling budgets (``rest_jax.grow.adaptive``): Grow samples each prompt in rounds
+  of ``SamplingConfig.num_samples`` and stops a prompt once ``min_passing`` of its samples have
+  reward >= ``threshold``; unsolved prompts get more rounds, up to ``max_samples`` in all.
+
+  ``max_samples`` 0 turns it off (every prompt gets ``num_samples``). Round r draws sample
+  indices ``r * num_samples ..``: the samples a fixed-N Grow with N = max_samples draws there.
+  ``threshold`` < 0 ("auto") takes the first threshold the Improve schedule configures (the
+  "fixed" schedule's first ``thresholds``, the "linear" schedule's ``start``); the schedules
+  relative to the Grow rewards need it set.
+  """
+
+  max_samples: int = 0  # N_max; a multiple of SamplingConfig.num_samples (the round size).
+  min_passing: int = 1  # k: stop a prompt once it has this many passing samples.
+  threshold: float = -1.0  # A sample passes at reward >= threshold; < 0: auto (see above).
+
+  @property
+  def enabled(self) -> bool:
+    return self.max_samples > 0
+
+  def __post_init__(self):
+    require(self.max_samples >= 0,
+            f"AdaptiveConfig.max_samples must be >= 0 (0 turns adaptive sampling off), got "
+            f"{self.max_samples}.")
+    require(self.min_passing >= 1,
+            f"AdaptiveConfig.min_passing must be >= 1, got {self.min_passing}.")
+    require(not self.enabled or self.min_passing <= self.max_samples,
+            f"AdaptiveConfig.min_passing ({self.min_passing}) exceeds max_samples "
+            f"({self.max_samples}): no prompt could ever stop early; lower min_passing.")
+    require(math.isfinite(self.threshold) and self.threshold <= 1.0,
+            f"AdaptiveConfig.threshold must be in [0, 1] (or < 0 for the schedule's first "
+            f"threshold), got {self.threshold}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class GrowConfig:
   """One Grow step: sample the policy on every training prompt and score the samples."""
 
   sampling: SamplingConfig = SamplingConfig()
+  adaptive: AdaptiveConfig = AdaptiveConfig()  # Off by default (max_samples = 0).
   chunk_size: int = 256  # Prompts per on-disk chunk (a chunk is the unit of resume).
   include_originals: bool = True  # Keep D in D_g (ReST); False for ReST-EM.
   # A split of prompts without demonstrations ("" for none): Grow samples and scores them like
@@ -83,6 +119,16 @@ class GrowConfig:
 
   def __post_init__(self):
     require(self.chunk_size >= 1, "GrowConfig.chunk_size must be >= 1.")
+    n, a = self.sampling.num_samples, self.adaptive
+    require(not a.enabled or (a.max_samples % n == 0 and a.max_samples >= 2 * n),
+            f"AdaptiveConfig.max_samples ({a.max_samples}) must be a multiple of "
+            f"SamplingConfig.num_samples ({n}, the samples per round) and at least two rounds "
+            f"({2 * n}); e.g. max_samples = {max(2, -(-a.max_samples // n)) * n}.")
+
+  @property
+  def max_samples(self) -> int:
+    """The most samples a prompt can get: N, or N_max with adaptive sampling."""
+    return self.adaptive.max_samples if self.adaptive.enabled else self.sampling.num_samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +205,9 @@ class ImproveConfig:
   schedule_params: ScheduleParams = ScheduleParams()
   deduplicate: bool = False  # Keep one of the records with the same example_id and targets.
   mix_previous_grows: int = 0  # Also train on the samples of Grow steps g-1..g-k (same filter).
+  # Which reward column of the Grow sets the schedule, the selection and the losses read: 0 is
+  # the rewards Grow wrote, v >= 1 a version `rest-jax rescore` recorded (rest_jax.grow.versions).
+  reward_version: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
@@ -170,6 +219,9 @@ class ImproveConfig:
     require(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}.")
     require(self.max_per_prompt >= 0, "max_per_prompt must be >= 0.")
     require(self.mix_previous_grows >= 0, "mix_previous_grows must be >= 0.")
+    require(self.reward_version >= 0,
+            f"ImproveConfig.reward_version must be >= 0 (0: the rewards Grow wrote), got "
+            f"{self.reward_version}.")
     # The schedule name and its parameters are checked by rest_jax.improve.schedules.from_config
     # (before the workdir is touched), not here: the config imports no library logic.
 
@@ -281,6 +333,13 @@ class RunConfig:
 
   def __post_init__(self):
     one_of("RunConfig.algorithm", self.algorithm, ALGORITHMS)
+    require(self.algorithm == "rest" or not self.grow.adaptive.enabled,
+            f"adaptive sampling (AdaptiveConfig.max_samples = {self.grow.adaptive.max_samples}) "
+            f"is for algorithm 'rest', not {self.algorithm!r} (whose groups need N samples per "
+            "prompt); set AdaptiveConfig.max_samples = 0.")
+    require(self.algorithm == "rest" or not self.improve.reward_version,
+            f"ImproveConfig.reward_version is read by algorithm 'rest' only, not "
+            f"{self.algorithm!r}; set it to 0.")
     require(self.run_bc or bool(self.init_checkpoint),
              "run_bc=False needs RunConfig.init_checkpoint (a supervised checkpoint to start "
              "from); set it or keep run_bc=True.")
@@ -290,3 +349,23 @@ class RunConfig:
     require(self.grow.sampling.max_decode_len <= self.target_len,
              f"grow max_decode_len ({self.grow.sampling.max_decode_len}) exceeds target_len "
              f"({self.target_len}); raise target_len or lower max_decode_len.")
+
+  @property
+  def adaptive_threshold(self) -> float:
+    """The pass threshold of adaptive Grow (``AdaptiveConfig.threshold``, or the first threshold
+    the Improve schedule configures).
+
+    Raises:
+      RestJaxError: "auto" with a schedule whose thresholds depend on the Grow rewards.
+    """
+    a, imp = self.grow.adaptive, self.improve
+    if a.threshold >= 0:
+      return float(a.threshold)
+    if imp.schedule == "fixed":
+      return float(imp.thresholds[0])
+    if imp.schedule == "linear":
+      return float(imp.schedule_params.start)
+    require(False, f"AdaptiveConfig.threshold is 'auto' but the {imp.schedule!r} schedule "
+            "sets its thresholds from the Grow rewards, unknown while Grow samples; set "
+            "AdaptiveConfig.threshold (e.g. 1.0 for a binary reward).")
+    return 0.0

@@ -46,8 +46,8 @@ class Sampler(Protocol):
     """The params state placed for sampling (a no-op where it already is)."""
 
   def generate(self, params_state: Any, inputs: np.ndarray, example_ids: np.ndarray, *,
-               seed: int, grow_step: int) -> SampleOutput:
-    """``num_samples`` samples per prompt.
+               seed: int, grow_step: int, first_sample: int = 0) -> SampleOutput:
+    """``num_samples`` samples per prompt, with sample indices ``first_sample`` and up.
 
     Args:
       params_state: the policy.
@@ -55,8 +55,11 @@ class Sampler(Protocol):
       example_ids: int64 `[batch]`, stable ids in [0, 2**32) that seed each prompt's samples.
       seed: the run's seed.
       grow_step: the Grow step (with seed, example id and sample index it fixes the samples).
+      first_sample: the sample index of each prompt's first row (adaptive Grow draws round r
+        as indices ``r * N .. r * N + N - 1``: the samples a larger fixed N draws there).
     Returns:
-      SampleOutput with rows `[batch * num_samples]`, row b * N + n = prompt b, sample n.
+      SampleOutput with rows `[batch * num_samples]`, row b * N + n = prompt b, sample
+      first_sample + n.
     """
 
   def greedy(self, params_state: Any, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 import os
 import re
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -215,14 +215,16 @@ def is_complete(directory: str) -> bool:
   return storage.exists(storage.join(directory, COMPLETED))
 
 
-def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
+def finalize(directory: str, *, histogram_bins: int = 20,
+             adaptive: dict[str, Any] | None = None) -> GrowStats:
   """Verifies every completed chunk, then writes index.npz, stats.json and COMPLETED (last).
 
   Host 0 calls this once every host has written its chunks (and ``index_chunks``). It reads
   the per-chunk index files (``chunkindex``; built from a chunk where missing) one chunk at a
   time, twice: memory is one chunk's index, the per-prompt id list (8 bytes per prompt, for the
   duplicate check) and the stats' fixed-size histograms, whatever the number of records. Calling
-  it on a finalized dataset returns the stored stats.
+  it on a finalized dataset returns the stored stats. ``adaptive``: the settings of an adaptive
+  Grow (``stats.budget_summary``'s keyword arguments); its budget goes into the stats.
 
   Raises:
     RestJaxError: no chunks, an unfinished (.tmp) chunk, a corrupt chunk, or a record that
@@ -262,6 +264,9 @@ def finalize(directory: str, *, histogram_bins: int = 20) -> GrowStats:
       _check_unique(keys.pop(), directory)
   _check_unique(np.concatenate(keys), directory)
   stats = acc.result(grow_step=steps.pop() if len(steps) == 1 else -1, chunks=manifest)
+  if adaptive:
+    budget = growstats.budget_summary((r for _, r in _indexed(directory, names)), **adaptive)
+    stats = dataclasses.replace(stats, adaptive=budget)
   with storage.open_write(storage.join(directory, INDEX), "wb") as f:
     integrity.write_index(f, names, counts, lambda: (r for _, r in _indexed(directory, names)))
   storage.write_text(storage.join(directory, STATS), stats.to_json())

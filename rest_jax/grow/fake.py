@@ -71,9 +71,9 @@ class FakeSampler:
     return params_state
 
   def generate(self, params_state: Any, inputs: np.ndarray, example_ids: np.ndarray, *,
-               seed: int, grow_step: int) -> SampleOutput:
-    """Rows `[batch * num_samples]`, row b * N + n = prompt b, sample n (``seed`` and
-    ``grow_step`` are ignored)."""
+               seed: int, grow_step: int, first_sample: int = 0) -> SampleOutput:
+    """Rows `[batch * num_samples]`, row b * N + n = prompt b, sample first_sample + n
+    (``seed`` and ``grow_step`` are ignored)."""
     del params_state, seed, grow_step
     self.calls["generate"] += 1
     inputs, example_ids = np.asarray(inputs), np.asarray(example_ids, np.int64)
@@ -81,13 +81,15 @@ class FakeSampler:
       raise RestJaxError(f"FakeSampler.generate: {example_ids.shape[0]} example_ids for "
                          f"{inputs.shape[0]} prompts; pass one id per prompt.")
     n = self.num_samples
+    indices = range(first_sample, first_sample + n)
     tokens, lengths = self._rows([self.sample_fn(prompt_tokens(row), int(e), k)
-                                  for row, e in zip(inputs, example_ids) for k in range(n)])
+                                  for row, e in zip(inputs, example_ids) for k in indices])
     within = np.arange(self.max_decode_len)[None] < lengths[:, None]
     return SampleOutput(tokens=tokens,
                         logprobs=np.where(within, self.sample_logprob, 0.0).astype(np.float32),
                         lengths=lengths, example_ids=np.repeat(example_ids, n),
-                        sample_idx=np.tile(np.arange(n, dtype=np.int32), len(example_ids)),
+                        sample_idx=np.tile(np.arange(first_sample, first_sample + n,
+                                                     dtype=np.int32), len(example_ids)),
                         num_steps=int(lengths.max(initial=0)))
 
   def greedy(self, params_state: Any, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

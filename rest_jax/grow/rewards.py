@@ -15,6 +15,7 @@ import numpy as np
 
 from rest_jax.grow import chunkindex
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow import versions
 from rest_jax.grow.stats import Accumulator
 from rest_jax.improve.schedules import GrowRewards
 
@@ -22,14 +23,16 @@ from rest_jax.improve.schedules import GrowRewards
 class StreamedGrowRewards:
   """``GrowRewards``' interface for the schedules (``mean``, ``quantiles``, ``map_sources``)."""
 
-  def __init__(self, directory: str):
-    self.directory = directory
-    self._stats = growdata.read_stats(directory)
+  def __init__(self, directory: str, reward_version: int = 0):
+    """``reward_version``: the reward column to read (0: Grow's; ``grow.versions``)."""
+    self.directory, self.version = directory, reward_version
+    self._stats = versions.version_stats(directory, reward_version)
     self._names = sorted(self._stats.chunks)
 
   def _chunks(self):
     for name in self._names:
-      yield chunkindex.read_rows(self.directory, name)
+      yield versions.rows_with_version(self.directory, name,
+                                       chunkindex.read_rows(self.directory, name), self.version)
 
   @property
   def mean(self) -> float:
@@ -58,6 +61,8 @@ class StreamedGrowRewards:
       all_values.append(values)
     ids = np.concatenate(all_ids)
     if np.unique(ids).size != ids.size:  # A prompt spread over chunks: read it all.
-      return GrowRewards.from_index(growdata.load_index(self.directory)).map_sources(fn)
+      index = dict(growdata.load_index(self.directory))
+      index["reward"] = versions.index_rewards(self.directory, index, self.version)
+      return GrowRewards.from_index(index).map_sources(fn)
     order = np.argsort(ids, kind="stable")
     return ids[order], np.concatenate(all_values)[order]

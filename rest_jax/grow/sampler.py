@@ -288,8 +288,9 @@ class Sampler:
   # -- public API ------------------------------------------------------------------------------
 
   def generate(self, params_state: Any, inputs: np.ndarray, example_ids: np.ndarray, *,
-               seed: int, grow_step: int) -> SampleOutput:
-    """N samples per prompt; each prompt is encoded once.
+               seed: int, grow_step: int, first_sample: int = 0) -> SampleOutput:
+    """N samples per prompt (sample indices ``first_sample`` and up); each prompt is encoded
+    once.
 
     Args:
       params_state: the policy's ``nnx.State``. Place it once with ``place_params`` before a
@@ -299,14 +300,18 @@ class Sampler:
       example_ids: int64 `[batch]`, stable ids in [0, 2**32) that seed each prompt's samples.
       seed: the run's seed.
       grow_step: the Grow step; with seed, example id and sample index it fixes the samples.
+      first_sample: the sample index of each prompt's first row (>= 0).
     Returns:
-      SampleOutput with rows ``[batch * num_samples]``, row b * N + n = prompt b, sample n.
+      SampleOutput with rows ``[batch * num_samples]``, row b * N + n = prompt b, sample
+      first_sample + n.
     """
     inputs = _check_rows("inputs", inputs, 2).astype(np.int32)
     example_ids = _check_rows("example_ids", example_ids, 1).astype(np.int64)
     if example_ids.shape[0] != inputs.shape[0]:
       raise RestJaxError(f"Sampler.generate: {example_ids.shape[0]} example_ids for "
                          f"{inputs.shape[0]} prompts; pass one id per prompt.")
+    if first_sample < 0:
+      raise RestJaxError(f"Sampler.generate: first_sample must be >= 0, got {first_sample}.")
     if example_ids.min() < 0 or example_ids.max() >= 2**32:
       raise RestJaxError("Sampler.generate: example ids must lie in [0, 2**32) (they seed the "
                          "samples); renumber the examples, e.g. by their index in the dataset.")
@@ -314,21 +319,23 @@ class Sampler:
     per_call = self.memory_plan(params_state, inputs.shape[1], padded).batch_size
     if per_call >= padded:
       return self._generate(params_state, inputs, example_ids, padded, seed=seed,
-                            grow_step=grow_step)
+                            grow_step=grow_step, first_sample=first_sample)
     parts = [self._generate(params_state, inputs[i:i + per_call], example_ids[i:i + per_call],
-                            per_call, seed=seed, grow_step=grow_step)
+                            per_call, seed=seed, grow_step=grow_step, first_sample=first_sample)
              for i in range(0, inputs.shape[0], per_call)]
     return SampleOutput(*(np.concatenate([getattr(p, f.name) for p in parts])
                           for f in dataclasses.fields(SampleOutput) if f.name != "num_steps"),
                         num_steps=max(p.num_steps for p in parts))
 
   def _generate(self, params_state: Any, inputs: np.ndarray, example_ids: np.ndarray,
-                padded: int, *, seed: int, grow_step: int) -> SampleOutput:
+                padded: int, *, seed: int, grow_step: int,
+                first_sample: int = 0) -> SampleOutput:
     """``generate`` of at most ``padded`` prompts in one jitted call."""
     batch, n = inputs.shape[0], self.num_samples
     compiled = self._generate_jit(params_state, padded, inputs.shape[1])
+    indices = np.arange(first_sample, first_sample + n)
     keys = row_keys(seed, grow_step, np.repeat(self._pad(example_ids, padded), n),
-                    np.tile(np.arange(n), padded))
+                    np.tile(indices, padded))
     out = DecodeOutput(*compiled(
         self.place_params(params_state), self._batch(self._pad(inputs, padded)),
         self._batch(np.arange(padded) < batch),
@@ -338,7 +345,7 @@ class Sampler:
                         logprobs=_to_host(out.logprobs)[:keep],
                         lengths=_to_host(out.lengths)[:keep],
                         example_ids=np.repeat(example_ids, n),
-                        sample_idx=np.tile(np.arange(n, dtype=np.int32), batch),
+                        sample_idx=np.tile(indices.astype(np.int32), batch),
                         num_steps=int(_to_host(out.num_steps)))
 
   def greedy(self, params_state: Any, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

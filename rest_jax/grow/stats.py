@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -38,6 +38,8 @@ class GrowStats:
   grow_step: int = -1  # The records' grow_step (-1 if they disagree).
   chunks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
   # chunk file name -> {"records": n, "bytes": size, "sha256": hex}: the finalized file set.
+  # Adaptive sampling's budget (``budget_summary``); {} for a fixed-N Grow.
+  adaptive: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -100,6 +102,36 @@ def histogram_text(stats: GrowStats, *, width: int = 40) -> str:
   return "\n".join(lines)
 
 
+def budget_summary(rows: Iterable[np.ndarray], *, threshold: float, min_passing: int,
+                   max_samples: int, samples_per_round: int) -> dict[str, Any]:
+  """What adaptive sampling (``rest_jax.grow.adaptive``) drew, from the chunk index rows
+  (``chunkindex.ROW``, one array per chunk; a prompt's samples lie in one chunk).
+
+  Returns:
+    dict: the settings; "prompts" (with samples), "samples_drawn", "fixed_samples" (prompts x
+    N_max: a fixed-N_max Grow's draw), "saved_fraction", "solved_prompts" (>= k passing), and
+    "prompts_per_round" `[rounds]` (how many prompts stopped after each round).
+  """
+  rounds = max_samples // samples_per_round
+  per_round = np.zeros(rounds, np.int64)
+  prompts = drawn = solved = 0
+  tau = np.float32(threshold)
+  for part in rows:
+    s = part[part["is_original"] == 0]
+    ids, inverse, counts = np.unique(s["example_id"], return_inverse=True, return_counts=True)
+    passed = np.bincount(inverse, weights=(s["reward"].astype(np.float32) >= tau),
+                         minlength=ids.size)
+    prompts += int(ids.size)
+    drawn += int(counts.sum())
+    solved += int((passed >= min_passing).sum())
+    used = np.clip(-(-counts // samples_per_round), 1, rounds) - 1
+    per_round += np.bincount(used, minlength=rounds)
+  fixed = prompts * max_samples
+  return {"threshold": float(threshold), "min_passing": int(min_passing),
+          "max_samples": int(max_samples), "samples_per_round": int(samples_per_round),
+          "prompts": prompts, "samples_drawn": drawn, "fixed_samples": fixed,
+          "saved_fraction": 1.0 - drawn / fixed if fixed else 0.0, "solved_prompts": solved,
+          "prompts_per_round": per_round.tolist()}
 
 
 def _lerp(a: float, b: float, t: float) -> float:

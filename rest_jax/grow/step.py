@@ -53,17 +53,7 @@ def run_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: 
     The number of chunks written by this call.
   """
   cs = config.chunk_size
-  num_chunks = math.ceil(len(prompts) / cs)
-  done = writer.completed_chunks()
-  # Every host runs the same sequence of sampler calls (they are collective): the chunks that
-  # any host still misses, each in as many batches as the largest host share needs.
-  counts = distributed.allgather(np.asarray([len(prompts)]))[:, 0]
-  mine = [k < num_chunks and k not in done for k in range(math.ceil(counts.max() / cs))]
-  missing = distributed.allgather(np.asarray(mine, dtype=bool)).any(axis=0)
-  todo = [k for k in range(len(mine)) if missing[k]]
-  if done:
-    logger.info("grow g%d: resuming, %d of %d chunks already complete", grow_step, len(done),
-                num_chunks)
+  counts, mine, todo = chunks_to_do(len(prompts), cs, writer, grow_step)
   bar = tqdm(total=len(prompts), desc=f"grow g{grow_step}", unit="prompt",
              disable=not progress or not distributed.is_host0(),
              initial=len(prompts) - sum(len(prompts[k * cs:(k + 1) * cs]) for k in todo))
@@ -76,7 +66,7 @@ def run_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: 
       starts = range(0, int(np.clip(counts - k * cs, 0, cs).max()), batch)
       for start in starts:
         part = chunk[start:start + batch]
-        records.extend(_grow_batch(sampler=sampler, params=params, prompts=part, reward=reward,
+        records.extend(grow_batch(sampler=sampler, params=params, prompts=part, reward=reward,
                                    vocab=vocab, grow_step=grow_step, seed=seed, config=config,
                                    input_len=input_len, target_len=target_len,
                                    host_rows=batch, filler=filler))
@@ -92,6 +82,28 @@ def run_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: 
   finally:
     bar.close()
   return sum(mine)
+
+
+def chunks_to_do(num_prompts: int, chunk_size: int, writer: growdata.GrowWriter,
+                 grow_step: int) -> tuple[np.ndarray, list[bool], list[int]]:
+  """Which chunks this Grow call samples, agreed by every host.
+
+  Every host runs the same sequence of sampler calls (they are collective): the chunks that any
+  host still misses, each in as many batches as the largest host share needs.
+  Returns:
+    int `[hosts]` prompts per host; bool per chunk index: this host still writes it; the chunk
+    indices every host samples, in order.
+  """
+  num_chunks = math.ceil(num_prompts / chunk_size)
+  done = writer.completed_chunks()
+  counts = distributed.allgather(np.asarray([num_prompts]))[:, 0]
+  mine = [k < num_chunks and k not in done
+          for k in range(math.ceil(counts.max() / chunk_size))]
+  missing = distributed.allgather(np.asarray(mine, dtype=bool)).any(axis=0)
+  if done:
+    logger.info("grow g%d: resuming, %d of %d chunks already complete", grow_step, len(done),
+                num_chunks)
+  return counts, mine, [k for k in range(len(mine)) if missing[k]]
 
 
 def _global_rows(x: np.ndarray, host_rows: int, fill: np.ndarray) -> np.ndarray:
@@ -111,7 +123,8 @@ def _global_rows(x: np.ndarray, host_rows: int, fill: np.ndarray) -> np.ndarray:
 
 def _sample_global(*, sampler: Sampler, params: Any, inputs: np.ndarray,
                    example_ids: np.ndarray, grow_step: int, seed: int, host_rows: int,
-                   filler: dict | None, input_len: int, num_samples: int) -> SampleOutput:
+                   filler: dict | None, input_len: int, num_samples: int,
+                   first_sample: int = 0) -> SampleOutput:
   """``sampler.generate`` on every host's prompts at once; returns this host's rows.
 
   With one process the prompts go to the sampler as they are. Otherwise each host's
@@ -120,13 +133,14 @@ def _sample_global(*, sampler: Sampler, params: Any, inputs: np.ndarray,
   """
   n = num_samples
   if jax.process_count() == 1:
-    return sampler.generate(params, inputs, example_ids, seed=seed, grow_step=grow_step)
+    return sampler.generate(params, inputs, example_ids, seed=seed, grow_step=grow_step,
+                            first_sample=first_sample)
   fill_inputs = (pad_rows([filler["inputs"]], input_len)[0] if filler is not None
                  else pad_rows([[EOS_ID]], input_len)[0])
   fill_id = np.int64(filler["example_id"] if filler is not None else 0)
   out = sampler.generate(params, _global_rows(inputs, host_rows, fill_inputs),
                          _global_rows(example_ids, host_rows, fill_id), seed=seed,
-                         grow_step=grow_step)
+                         grow_step=grow_step, first_sample=first_sample)
   start, stop = jax.process_index() * host_rows * n, (jax.process_index() * host_rows +
                                                       len(inputs)) * n
   return dataclasses.replace(out, tokens=out.tokens[start:stop],
@@ -155,19 +169,22 @@ def _score_global(*, sampler: Sampler, params: Any, inputs: np.ndarray, targets:
   return logprobs[start:start + len(inputs)]
 
 
-def _grow_batch(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: RewardCall,
-                vocab: Any, grow_step: int, seed: int, config: GrowConfig, input_len: int,
-                target_len: int, host_rows: int,
-                filler: dict | None) -> list[growdata.GrowRecord]:
-  """Samples N continuations for a batch of this host's prompts (and scores D's pairs) into
-  records; ``prompts`` may be empty (the host still joins the collective sampler calls)."""
+def grow_batch(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: RewardCall,
+               vocab: Any, grow_step: int, seed: int, config: GrowConfig, input_len: int,
+               target_len: int, host_rows: int, filler: dict | None, first_sample: int = 0,
+               originals: bool = True) -> list[growdata.GrowRecord]:
+  """Samples N continuations (sample indices ``first_sample`` and up) for a batch of this
+  host's prompts (and, with ``originals`` and ``GrowConfig.include_originals``, scores D's
+  pairs) into records; ``prompts`` may be empty (the host still joins the collective sampler
+  calls)."""
   inputs = pad_rows([p["inputs"] for p in prompts], input_len)
   example_ids = np.asarray([int(p["example_id"]) for p in prompts], dtype=np.int64)
   sources = [p["inputs_pretokenized"] for p in prompts]
   references = [p["targets_pretokenized"] for p in prompts]
   out = _sample_global(sampler=sampler, params=params, inputs=inputs, example_ids=example_ids,
                        grow_step=grow_step, seed=seed, host_rows=host_rows, filler=filler,
-                       input_len=input_len, num_samples=config.sampling.num_samples)
+                       input_len=input_len, num_samples=config.sampling.num_samples,
+                       first_sample=first_sample)
   n = config.sampling.num_samples
   hypotheses = detokenize(vocab, out.tokens, out.lengths)
   rewards = (reward([s for s in sources for _ in range(n)], hypotheses,
@@ -185,7 +202,7 @@ def _grow_batch(*, sampler: Sampler, params: Any, prompts: Sequence[dict], rewar
         behaviour_logprobs=np.asarray(out.logprobs[row, :length], np.float32),
         is_original=False, grow_step=grow_step))
   labeled = [b for b, p in enumerate(prompts) if p.get("labeled", True)]
-  if not config.include_originals:
+  if not (config.include_originals and originals):
     return records
   targets = pad_rows([prompts[b]["targets"] for b in labeled], target_len)
   logprobs = _score_global(sampler=sampler, params=params, inputs=inputs[labeled],

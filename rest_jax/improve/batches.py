@@ -154,7 +154,7 @@ class ImproveBatches:
                            "truncated")
       out[key] = ragged.to_tensor(default_value=PAD_ID if dtype == np.int32 else 0.0,
                                   shape=[len(payloads), length]).numpy().astype(dtype)
-    out["reward"] = ex["reward"].numpy().astype(np.float32)
+    out["reward"] = sel["reward"].astype(np.float32)  # The selection's (versioned) reward.
     out["is_original"] = ex["is_original"].numpy().astype(np.int32)
     out["example_id"] = ex["example_id"].numpy().astype(np.int64)
     return out

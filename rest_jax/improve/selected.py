@@ -37,6 +37,7 @@ from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.grow import chunkindex
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow import versions
 from rest_jax.improve import selection
 from rest_jax.improve.schedules import Threshold
 
@@ -44,8 +45,9 @@ BUCKET_ROWS = 1 << 20
 SPILL_ROWS = 1 << 20
 RUN_ROW = np.dtype(chunkindex.ROW.descr + [("source", "<i4"), ("file", "<i4")])
 SELECTED_ROW = np.dtype([("source", "<i4"), ("file", "<i4"), ("offset", "<i8"),
-                         ("length", "<i8")])
+                         ("length", "<i8"), ("reward", "<f4")])
 SELECTION = "selection.json"
+ROW_FORMAT = 2  # SELECTED_ROW with the (versioned) reward; a selection of format 1 is rebuilt.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Rules:
   deduplicate: bool = False
   drop_all_pass: bool = False
   drop_all_fail: bool = False
+  reward_version: int = 0  # The reward column every rule reads (``grow.versions``).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +118,7 @@ def _plan(directories: Sequence[str]) -> _Plan:
                max(1, math.ceil(total / BUCKET_ROWS)))
 
 
-def _chunk_rows(plan: _Plan, source: int, file: int) -> np.ndarray:
+def _chunk_rows(plan: _Plan, source: int, file: int, version: int = 0) -> np.ndarray:
   directory, name = plan.sources[source], plan.files[source][file]
   size = storage.size(storage.join(directory, name))
   if size != plan.sizes[source][name]:
@@ -124,7 +127,8 @@ def _chunk_rows(plan: _Plan, source: int, file: int) -> np.ndarray:
         f"{'missing' if size is None else f'{size} bytes'} but was {plan.sizes[source][name]} "
         f"bytes when finalized. Delete it together with COMPLETED, stats.json and index.npz in "
         f"{directory} and rerun: the Grow step regenerates it.")
-  rows = chunkindex.read_rows(directory, name)
+  rows = versions.rows_with_version(directory, name, chunkindex.read_rows(directory, name),
+                                   version)
   out = np.zeros(rows.shape, RUN_ROW)
   for key in chunkindex.ROW.names:
     out[key] = rows[key]
@@ -167,7 +171,7 @@ def scatter(directories: Sequence[str], out_dir: str, rules: Rules, *, host_id: 
   for j, (source, file) in enumerate(items):
     if j % num_hosts != host_id:
       continue
-    rows = _chunk_rows(plan, source, file)
+    rows = _chunk_rows(plan, source, file, rules.reward_version)
     eligible = ~rows["is_original"].astype(bool) | (rules.include_originals and source == 0)
     if eligible.any():
       best = max(best, float(rows["reward"][eligible].max()))
@@ -246,7 +250,8 @@ def merge(directories: Sequence[str], out_dir: str, rules: Rules) -> None:
   record = {"sources": list(plan.sources), "files": [list(f) for f in plan.files],
             "bucket_counts": counts.tolist(), "dropped_all_pass": num_pass,
             "dropped_all_fail": num_fail, "best_eligible": max(finite) if finite else None,
-            "threshold": rules.threshold.describe()}
+            "threshold": rules.threshold.describe(), "row_format": ROW_FORMAT,
+            "reward_version": rules.reward_version}
   storage.write_json(storage.join(out_dir, SELECTION), record)
 
 
@@ -259,7 +264,8 @@ def load(out_dir: str, directories: Sequence[str]) -> tuple[Selection, dict]:
   if len(record["sources"]) != len(directories):
     raise RestJaxError(f"{path} selects from {len(record['sources'])} Grow sets, not "
                        f"{len(directories)}; delete {out_dir} and rerun: it is rebuilt.")
-  content = {k: v for k, v in record.items() if k != "sources"}
+  content = {k: v for k, v in record.items() if k not in ("sources", "row_format")
+             and (k != "reward_version" or v)}
   digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
   return Selection(out_dir, tuple(directories), tuple(tuple(f) for f in record["files"]),
                    np.asarray(record["bucket_counts"], np.int64), record["dropped_all_pass"],
@@ -284,7 +290,7 @@ def select_to_disk(directories: Sequence[str], out_dir: str, rules: Rules, *, ho
     RestJaxError: nothing is kept (names the threshold, the best reward or the prompt filters,
       and the fix), or a chunk changed since finalize.
   """
-  if not storage.exists(storage.join(out_dir, SELECTION)):
+  if not _current(out_dir, rules):
     if host_id == 0:
       storage.rmtree(out_dir)
       storage.makedirs(out_dir)
@@ -300,6 +306,16 @@ def select_to_disk(directories: Sequence[str], out_dir: str, rules: Rules, *, ho
   if result.count == 0:
     raise _nothing_kept(rules, directories, record)
   return result
+
+
+def _current(out_dir: str, rules: Rules) -> bool:
+  """Whether ``out_dir`` holds a finished selection of this row format and reward version."""
+  path = storage.join(out_dir, SELECTION)
+  if not storage.exists(path):
+    return False
+  record = storage.read_json(path, keys=(), fix=f"delete {out_dir} and rerun: it is rebuilt.")
+  return (record.get("row_format") == ROW_FORMAT and
+          record.get("reward_version", 0) == rules.reward_version)
 
 
 def _nothing_kept(rules: Rules, directories: Sequence[str], record: dict) -> RestJaxError:

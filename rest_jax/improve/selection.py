@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from rest_jax import storage
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow import versions
 from rest_jax.errors import RestJaxError
 from rest_jax.improve.schedules import Threshold
 
@@ -49,6 +50,7 @@ class Mixture:
   keep: tuple[np.ndarray, ...]
   dropped_all_pass: int = 0
   dropped_all_fail: int = 0
+  reward_version: int = 0  # The reward column the rules read and the records carry.
 
   @property
   def count(self) -> int:
@@ -190,7 +192,8 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
                    include_originals: bool = True, max_per_prompt: int = 0,
                    deduplicate: bool = False, drop_all_pass: bool = False,
                    drop_all_fail: bool = False,
-                   indexes: Sequence[Mapping[str, np.ndarray]] | None = None) -> Mixture:
+                   indexes: Sequence[Mapping[str, np.ndarray]] | None = None,
+                   reward_version: int = 0) -> Mixture:
   """Which records of ``directories`` (current Grow set first) the Improve step trains on.
 
   Args:
@@ -202,6 +205,7 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
     drop_all_pass: drop the prompts whose current samples all pass the threshold.
     drop_all_fail: drop the prompts whose current samples all fail it.
     indexes: the directories' ``growdata.load_index`` (read when None).
+    reward_version: the reward column to read (0: Grow's; ``grow.versions``).
   Returns:
     the Mixture.
   Raises:
@@ -211,10 +215,11 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
   if not directories:
     raise ValueError("select_mixture needs at least one Grow directory")
   indexes = [growdata.load_index(d) for d in directories] if indexes is None else list(indexes)
-  tables = [record_table(d, index["example_id"], index["sample_idx"], index["reward"],
+  tables = [record_table(d, index["example_id"], index["sample_idx"],
+                         versions.index_rewards(directory, index, reward_version),
                          index["is_original"], threshold=threshold,
                          include_originals=include_originals)
-            for d, index in enumerate(indexes)]
+            for d, (directory, index) in enumerate(zip(directories, indexes))]
   cols = {k: [table[k] for table in tables] for k in tables[0]}
   t = {k: np.concatenate(v) for k, v in cols.items()}
   token_key = None
@@ -231,22 +236,35 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
                         dropped_all_fail=num_fail)
   bounds = np.cumsum([0] + [len(i["reward"]) for i in indexes])
   return Mixture(tuple(directories), tuple(keep[a:b] for a, b in zip(bounds, bounds[1:])),
-                 dropped_all_pass=num_pass, dropped_all_fail=num_fail)
+                 dropped_all_pass=num_pass, dropped_all_fail=num_fail,
+                 reward_version=reward_version)
+
+
+def _record_key(ex: Mapping[str, tf.Tensor]) -> tf.Tensor:
+  return tf.strings.join([tf.strings.as_string(ex["example_id"]),
+                          tf.strings.as_string(ex["sample_idx"])], separator=":")
+
+
+def _key_table(index: Mapping[str, np.ndarray], keep: np.ndarray, values: np.ndarray,
+               default: float) -> tf.lookup.StaticHashTable:
+  """"example_id:sample_idx" of the records with ``keep`` -> ``values`` (float32 `[kept]`)."""
+  keys = [f"{e}:{s}" for e, s in zip(index["example_id"][keep], index["sample_idx"][keep])]
+  return tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
+                                          tf.constant(values, tf.float32)),
+      default_value=default)
 
 
 def _key_filter(index: Mapping[str, np.ndarray], keep: np.ndarray):
   """A tf.data predicate: True for the records of ``index`` with ``keep`` (bool `[records]`)."""
-  keys = [f"{e}:{s}" for e, s in zip(index["example_id"][keep], index["sample_idx"][keep])]
-  table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
-                                          tf.ones([len(keys)], tf.int64)), default_value=0)
+  table = _key_table(index, keep, np.ones(int(keep.sum()), np.float32), 0.0)
+  return lambda ex: table.lookup(_record_key(ex)) == 1.0
 
-  def kept(ex):
-    key = tf.strings.join([tf.strings.as_string(ex["example_id"]),
-                           tf.strings.as_string(ex["sample_idx"])], separator=":")
-    return table.lookup(key) == 1
 
-  return kept
+def _with_rewards(index: Mapping[str, np.ndarray], keep: np.ndarray, rewards: np.ndarray):
+  """A tf.data map: each kept record's "reward" replaced by ``rewards`` (float32 `[records]`)."""
+  table = _key_table(index, keep, rewards[keep], float("nan"))
+  return lambda ex: dict(ex, reward=table.lookup(_record_key(ex)))
 
 
 def improve_dataset(mixture: Mixture, *,
@@ -262,8 +280,12 @@ def improve_dataset(mixture: Mixture, *,
       continue
     task = growdata.grow_task(directory, output_features=output_features)
     dataset = task.get_dataset(None, split="train", shuffle=False)
+    index = growdata.load_index(directory)
     if not keep.all():
-      dataset = dataset.filter(_key_filter(growdata.load_index(directory), keep))
+      dataset = dataset.filter(_key_filter(index, keep))
+    if mixture.reward_version:
+      dataset = dataset.map(_with_rewards(
+          index, keep, versions.index_rewards(directory, index, mixture.reward_version)))
     datasets.append(dataset)
   dataset = datasets[0]
   for other in datasets[1:]:
@@ -272,9 +294,10 @@ def improve_dataset(mixture: Mixture, *,
 
 
 def value_dataset(directory: str, *, include_originals: bool,
-                  output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+                  output_features: Mapping[str, seqio.Feature],
+                  reward_version: int = 0) -> tf.data.Dataset:
   """The value network's data: every record of one Grow set (its originals only if
-  ``include_originals``), unshuffled, in chunk-file order."""
+  ``include_originals``), unshuffled, in chunk-file order, with reward ``reward_version``."""
   mixture = select_mixture([directory], threshold=Threshold(0.0),
-                           include_originals=include_originals)
+                           include_originals=include_originals, reward_version=reward_version)
   return improve_dataset(mixture, output_features=output_features)

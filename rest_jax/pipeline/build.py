@@ -138,6 +138,8 @@ def validate(config: RunConfig) -> None:
     rewards.get_reward(metric)
   _losses(config)
   schedules.from_config(config.improve)
+  if config.grow.adaptive.enabled:
+    config.adaptive_threshold  # pylint: disable=pointless-statement (raises when unknowable)
 
 
 def _losses(config: RunConfig) -> tuple[Loss, Loss]:

@@ -24,7 +24,9 @@ from flax import nnx
 from rest_jax.config import TrainConfig
 from rest_jax.evaluation import independent_metric_name
 from rest_jax.grow import dataset as growdata
+from rest_jax.grow import versions
 from rest_jax.grow.rewards import StreamedGrowRewards
+from rest_jax.grow.adaptive import run_adaptive_grow
 from rest_jax.grow.step import run_grow
 from rest_jax.improve import batches as hostdata
 from rest_jax.improve import losses, selected, selection, value
@@ -33,6 +35,7 @@ from rest_jax.improve.schedules import Threshold
 from rest_jax.improve.phase import train_phase
 from rest_jax.improve.trainer import Trainer, make_optimizer
 from rest_jax.parallel import distributed
+from rest_jax.pipeline import rescore
 from rest_jax.pipeline.build import Run
 from rest_jax.pipeline.reporting import summary_row
 from rest_jax.pipeline.workdir import phase_name
@@ -177,18 +180,35 @@ def grow(run: Run, g: int, params: nnx.State) -> None:
   c = run.config
   grow_dir = run.workdir.grow_dir(g)
   prompts = _grow_prompts(run)
-  logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts), c.grow.sampling.num_samples)
-  run_grow(sampler=run.parts.grow_sampler, params=run.parts.grow_sampler.place_params(params),
-           prompts=prompts, reward=run.reward, vocab=run.vocab,
-           writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
-           seed=c.seed, config=c.grow, input_len=c.input_len, target_len=c.target_len,
-           progress=run.progress)
+  a, n = c.grow.adaptive, c.grow.sampling.num_samples
+  kw = dict(sampler=run.parts.grow_sampler, params=run.parts.grow_sampler.place_params(params),
+            prompts=prompts, reward=run.reward, vocab=run.vocab,
+            writer=growdata.GrowWriter(grow_dir, host_id=jax.process_index()), grow_step=g,
+            seed=c.seed, config=c.grow, input_len=c.input_len, target_len=c.target_len,
+            progress=run.progress)
+  budget = None
+  if a.enabled:
+    budget = dict(threshold=c.adaptive_threshold, min_passing=a.min_passing,
+                  max_samples=a.max_samples, samples_per_round=n)
+    logger.info("Grow g%d: %d prompts, rounds of %d samples up to %d, stopping a prompt at %d "
+                "samples with reward >= %.3f", g, len(prompts), n, a.max_samples, a.min_passing,
+                budget["threshold"])
+    run_adaptive_grow(threshold=budget["threshold"], **kw)
+  else:
+    logger.info("Grow g%d: %d prompts x %d samples", g, len(prompts), n)
+    run_grow(**kw)
   distributed.barrier(f"grow g{g} chunks written")
   if not growdata.is_complete(grow_dir):
     growdata.index_chunks(grow_dir, host_id=jax.process_index(), num_hosts=jax.process_count())
   distributed.barrier(f"grow g{g} chunks indexed")
   if jax.process_index() == 0:
-    growdata.finalize(grow_dir)
+    stats = growdata.finalize(grow_dir, adaptive=budget)
+    if stats.adaptive:
+      b = stats.adaptive
+      logger.info("Grow g%d: adaptive sampling drew %d samples (fixed N=%d: %d; %.1f%% saved); "
+                  "%d of %d prompts reached %d passing samples", g, b["samples_drawn"],
+                  b["max_samples"], b["fixed_samples"], 100 * b["saved_fraction"],
+                  b["solved_prompts"], b["prompts"], b["min_passing"])
   distributed.barrier(f"grow g{g} finalized")
 
 
@@ -204,13 +224,19 @@ def plan_improve(run: Run, g: int) -> GrowPlan:
   """Reads Grow step ``g``'s stats and plans its Improve steps' thresholds (logs every change)."""
   c = run.config
   grow_dir = run.workdir.grow_dir(g)
-  stats = dataclasses.asdict(growdata.read_stats(grow_dir))
-  plan, messages = run.parts.schedule.plan(StreamedGrowRewards(grow_dir),
+  v = c.improve.reward_version
+  if v:
+    rescore.ensure_version(run.workdir, grow_dir, v, prompts=_grow_prompts(run),
+                           host_id=jax.process_index(), num_hosts=jax.process_count(),
+                           barrier=distributed.barrier, layout=run.layout)
+  stats = dataclasses.asdict(versions.version_stats(grow_dir, v))
+  plan, messages = run.parts.schedule.plan(StreamedGrowRewards(grow_dir, v),
                                            num_improve_steps=c.num_improve_steps)
   for message in messages:
     logger.info("grow g%d: %s", g, message)
-  logger.info("Grow g%d: %d records, mean sample reward %.4f; %s thresholds %s", g,
-              stats["count"], stats["mean"], c.improve.schedule,
+  logger.info("Grow g%d: %d records, mean sample reward %.4f%s; %s thresholds %s", g,
+              stats["count"], stats["mean"], f" (reward version {v})" if v else "",
+              c.improve.schedule,
               ", ".join(t.describe() for t in plan))
   return GrowPlan(stats=stats, thresholds=plan)
 
@@ -219,7 +245,8 @@ def _value_dataset(run: Run, g: int) -> tf.data.Dataset:
   """Every record of Grow step ``g`` (originals as in ReST / ReST-EM), in index order."""
   return selection.value_dataset(run.workdir.grow_dir(g),
                                  include_originals=run.config.grow.include_originals,
-                                 output_features=run.task.output_features)
+                                 output_features=run.task.output_features,
+                                 reward_version=run.config.improve.reward_version)
 
 
 def _extras(run: Run, g: int, policies: Policies, *, start_params: nnx.State) -> Extras | None:
@@ -262,7 +289,8 @@ def improve(run: Run, policies: Policies, *, g: int, i: int, tau: Threshold,
   rules = selected.Rules(
       threshold=tau, include_originals=c.grow.include_originals,
       max_per_prompt=c.improve.max_per_prompt, deduplicate=c.improve.deduplicate,
-      drop_all_pass=c.improve.drop_all_pass, drop_all_fail=c.improve.drop_all_fail)
+      drop_all_pass=c.improve.drop_all_pass, drop_all_fail=c.improve.drop_all_fail,
+      reward_version=c.improve.reward_version)
   mix = selected.select_to_disk(
       run.workdir.mixed_grow_dirs(g, c.improve.mix_previous_grows),
       run.workdir.selection_dir(name), rules, host_id=jax.process_index(),

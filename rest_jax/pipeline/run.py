@@ -19,7 +19,7 @@ from rest_jax.errors import RestJaxError
 from rest_jax.grow import dataset as growdata
 from rest_jax.online import cost, loop
 from rest_jax.parallel import distributed, preemption
-from rest_jax.pipeline import build, phases
+from rest_jax.pipeline import build, phases, rescore
 from rest_jax.pipeline.workdir import Workdir, phase_name
 
 logger = logging.getLogger("rest_jax")
@@ -143,6 +143,8 @@ def run(config: RunConfig, workdir: str, *, config_text: str = "", progress: boo
   wd = Workdir(workdir)
   build.validate(config)
   check_workdir(wd, config)
+  if config.improve.reward_version:  # An unknown version fails before anything runs.
+    rescore.recorded_spec(wd, config.improve.reward_version)
   preemption.install()
   try:
     run_ = build.build(config, wd, progress=progress)
