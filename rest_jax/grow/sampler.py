@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from rest_jax.grow import memory
 from rest_jax.grow.base import SampleOutput
@@ -29,6 +28,7 @@ from rest_jax.config import SamplingConfig
 from rest_jax.grow.decoding import DecodeOutput, decode, greedy_logits, row_keys, sample_logits
 from rest_jax.errors import RestJaxError
 from rest_jax.models.base import EOS_ID, PAD_ID
+from rest_jax.parallel.distributed import global_array, host_array
 from rest_jax.parallel.layout import Layout
 
 __all__ = ["DecodeOutput", "SampleOutput", "Sampler", "decode", "greedy_logits",
@@ -38,17 +38,6 @@ __all__ = ["DecodeOutput", "SampleOutput", "Sampler", "decode", "greedy_logits",
 def place_params(params_state: Any, layout: Layout, *, sampling: bool) -> Any:
   """Puts an ``nnx.State`` on its Layout shardings (the sampling or the training variant)."""
   return jax.device_put(params_state, layout.state_shardings(params_state, sampling=sampling))
-
-
-def _to_device(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  """A global array from a host array that every process holds in full."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _check_rows(name: str, x: np.ndarray, ndim: int) -> np.ndarray:
@@ -183,7 +172,7 @@ class Sampler:
     return np.concatenate([x, np.repeat(x[:1], padded - x.shape[0], axis=0)], axis=0)
 
   def _batch(self, x: np.ndarray) -> jax.Array:
-    return _to_device(x, self.layout.batch_sharding(x.shape))
+    return global_array(x, self.layout.batch_sharding(x.shape))
 
   def _jit(self, key: tuple, fn: Callable, params_state: Any, in_shapes: tuple,
            out_shapes: tuple) -> Callable:
@@ -341,12 +330,12 @@ class Sampler:
         self._batch(np.arange(padded) < batch),
         self._batch(np.asarray(jax.random.key_data(keys)))))
     keep = batch * n
-    return SampleOutput(tokens=_to_host(out.tokens)[:keep],
-                        logprobs=_to_host(out.logprobs)[:keep],
-                        lengths=_to_host(out.lengths)[:keep],
+    return SampleOutput(tokens=host_array(out.tokens)[:keep],
+                        logprobs=host_array(out.logprobs)[:keep],
+                        lengths=host_array(out.lengths)[:keep],
                         example_ids=np.repeat(example_ids, n),
                         sample_idx=np.tile(indices.astype(np.int32), batch),
-                        num_steps=int(_to_host(out.num_steps)))
+                        num_steps=int(host_array(out.num_steps)))
 
   def greedy(self, params_state: Any, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Greedy decoding for evaluation.
@@ -371,7 +360,7 @@ class Sampler:
     tokens, lengths = compiled(self.place_params(params_state),
                                self._batch(self._pad(inputs, padded)),
                                self._batch(np.arange(padded) < batch))
-    return _to_host(tokens)[:batch], _to_host(lengths)[:batch]
+    return host_array(tokens)[:batch], host_array(lengths)[:batch]
 
   def score(self, params_state: Any, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Teacher-forced per-token log-probs under the model (temperature 1, no top-k/top-p).
@@ -406,4 +395,4 @@ class Sampler:
     (logprobs,) = compiled(self.place_params(params_state),
                            self._batch(self._pad(inputs, padded)),
                            self._batch(self._pad(targets, padded)))
-    return _to_host(logprobs)[:batch]
+    return host_array(logprobs)[:batch]

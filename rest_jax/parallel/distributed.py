@@ -189,6 +189,20 @@ def allgather(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
 
+def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global array on ``sharding`` from a host array that every process holds in full (each
+  device takes its own slice)."""
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def host_array(x: Any) -> np.ndarray:
+  """The whole of a (possibly multi-host) array on every host, as numpy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
 def process_rows(sharding: jax.sharding.Sharding, global_rows: int) -> slice:
   """The rows ``[start, stop)`` of a `[global_rows, ...]` batch this process's devices hold.
 

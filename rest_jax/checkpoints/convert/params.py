@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from rest_jax.errors import RestJaxError
+from rest_jax.parallel.distributed import global_array, host_array
 from rest_jax.models import ModelConfig, build_model
 from rest_jax.config import MeshConfig
 from rest_jax.parallel.layout import Layout
@@ -44,10 +45,6 @@ def _layer_name(path: tuple, i: int) -> str:
 
 def _is_stacked(path: tuple) -> bool:
   return LAYERS_AXIS in (str(k) for k in path)
-
-
-def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _stack(arrays: list[jax.Array], sharding: jax.sharding.Sharding) -> jax.Array:
@@ -88,12 +85,12 @@ def place_params(config: ModelConfig, fetch: Fetch, *, layout: Layout | None = N
     names = var.get_metadata().get("out_sharding") or (None,) * len(shape)
     if _is_stacked(path):  # Scanned: read every layer's tensor, stack them on the devices.
       per_layer = layout.sharding(names[1:], shape[1:])
-      layers = [_place(_fetch(fetch, _layer_name(path, i), shape[1:], leaf.dtype), per_layer)
+      layers = [global_array(_fetch(fetch, _layer_name(path, i), shape[1:], leaf.dtype), per_layer)
                 for i in range(shape[0])]
       var.set_value(_stack(layers, layout.sharding(names, shape)))
     else:
       name = ".".join(str(k) for k in path)
-      var.set_value(_place(_fetch(fetch, name, shape, leaf.dtype), layout.sharding(names, shape)))
+      var.set_value(global_array(_fetch(fetch, name, shape, leaf.dtype), layout.sharding(names, shape)))
   return nnx.from_flat_state(flat)
 
 
@@ -105,13 +102,6 @@ def _fetch(fetch: Fetch, name: str, shape: tuple[int, ...], dtype) -> np.ndarray
   return host.astype(dtype)
 
 
-def _gather(value) -> np.ndarray:
-  if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    value = multihost_utils.process_allgather(value, tiled=True)
-  return np.asarray(jax.device_get(value))
-
-
 def host_arrays(params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:
   """Yields ``(dotted_name, host numpy array)`` for every leaf, one tensor gathered at a time.
 
@@ -119,11 +109,11 @@ def host_arrays(params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:
   for path, var in nnx.to_flat_state(params):
     value = var.get_value() if isinstance(var, nnx.Variable) else var
     if not _is_stacked(path):
-      yield ".".join(str(k) for k in path), _gather(value)
+      yield ".".join(str(k) for k in path), host_array(value)
       continue
     for i in range(value.shape[0]):
       sliced = jax.jit(lambda x, i=i: x[i])(value) if isinstance(value, jax.Array) else value[i]
-      yield _layer_name(path, i), _gather(sliced)
+      yield _layer_name(path, i), host_array(sliced)
 
 
 def check_names(config: ModelConfig, params: nnx.State) -> dict[str, np.ndarray]:
