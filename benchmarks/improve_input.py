@@ -264,16 +264,22 @@ def throughput(data: str, work: str, batch: int, batches_read: int) -> dict:
   chosen = selected.select_to_disk([data], os.path.join(work, "selection-wmt"),
                                    selected.Rules(threshold=Threshold(0.0)))
   out = {"records": chosen.count, "batch": batch}
-  for workers in (1, 4):
-    loader = batches.ImproveBatches(chosen, batch_size=batch, seed=0, rows=slice(0, batch),
-                                    input_len=64, target_len=64)
-    stream = loader.iterate(0, workers=workers, prefetch=2 * workers)
-    next(stream)
-    start = time.perf_counter()
-    for _ in range(batches_read):
+  out["load_average_before"] = os.getloadavg()
+  rates: dict[int, list[float]] = {1: [], 4: [], 8: []}
+  for _ in range(3):  # Interleaved rounds, the median kept: the machine's load varies.
+    for workers, runs in rates.items():
+      loader = batches.ImproveBatches(chosen, batch_size=batch, seed=0, rows=slice(0, batch),
+                                      input_len=64, target_len=64)
+      stream = loader.iterate(0, workers=workers, prefetch=2 * workers)
       next(stream)
-    seconds = time.perf_counter() - start
-    out[f"records_per_s_{workers}_threads"] = round(batch * batches_read / seconds, 1)
+      start = time.perf_counter()
+      for _ in range(batches_read):
+        next(stream)
+      runs.append(batch * batches_read / (time.perf_counter() - start))
+      stream.close()
+  for workers, runs in rates.items():
+    out[f"records_per_s_{workers}_threads"] = round(float(np.median(runs)), 1)
+    out[f"records_per_s_{workers}_threads_runs"] = [round(r, 1) for r in runs]
   profile = os.path.join(REPO, "benchmarks", "results", "h200_gpu_profile.json")
   with open(profile, encoding="utf-8") as f:
     (case,) = [c for c in json.load(f)["improve"] if c["preset"] == "wmt_base"]
@@ -281,6 +287,8 @@ def throughput(data: str, work: str, batch: int, batches_read: int) -> dict:
   out["wmt_base_train_examples_per_s_h200"] = round(consumed, 1)
   out["wmt_base_case"] = {k: case[k] for k in ("batch", "input_len", "target_len", "median_s")}
   out["input_over_consumption_4_threads"] = round(out["records_per_s_4_threads"] / consumed, 2)
+  out["load_average_after"] = os.getloadavg()
+  out["cpu_count"] = os.cpu_count()
   return out
 
 
@@ -302,7 +310,7 @@ def main(argv: list[str]) -> None:
     result = storage.read_json(args.out)
     data = os.path.join(args.root, "grow_wmt_200000", "g001")
     make_dataset(data, 200_000, tokens=64)
-    result["throughput"] = throughput(data, args.root, args.batch, 40)
+    result["throughput"] = throughput(data, args.root, args.batch, 200)
     storage.write_json(args.out, result)
     print(json.dumps(result["throughput"], indent=1))
     return
@@ -327,7 +335,7 @@ def main(argv: list[str]) -> None:
   if not args.skip_throughput:
     data = os.path.join(args.root, "grow_wmt_200000", "g001")
     result["datasets"]["wmt_200000"] = make_dataset(data, 200_000, tokens=64)
-    result["throughput"] = throughput(data, args.root, args.batch, 40)
+    result["throughput"] = throughput(data, args.root, args.batch, 200)
   from rest_jax import storage  # pylint: disable=g-import-not-at-top
   storage.write_json(args.out, result)
   print(json.dumps({"ratios": result["ratios"], "throughput": result.get("throughput")},

@@ -31,6 +31,7 @@ file for writing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -47,6 +48,7 @@ from rest_jax.errors import RestJaxError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")
+_UPLOADS = 16  # Parallel uploads of an atomic_dir's files to an object store.
 
 
 def user_errors(path: str, *, writing: bool = False) -> contextlib.AbstractContextManager:
@@ -253,7 +255,8 @@ def atomic_dir(path: str, *, last: Sequence[str] = ()) -> Iterator[str]:
 
   Locally the folder is a temporary sibling (``.{name}.{8 hex}.tmp``), renamed onto ``path`` on
   exit and removed on an exception. On an object store it is a local temporary folder whose
-  files are uploaded on exit, the files named in ``last`` (relative paths) after all others:
+  files are uploaded on exit (16 at a time), the files named in ``last`` (relative paths) after
+  all others have completed:
   readers trust a folder once such a file (a config, a marker) exists.
 
   Raises:
@@ -266,10 +269,13 @@ def atomic_dir(path: str, *, last: Sequence[str] = ()) -> Iterator[str]:
       yield tmp
       files = sorted(os.path.relpath(os.path.join(root, n), tmp)
                      for root, _, names in os.walk(tmp) for n in names)
-      files.sort(key=lambda f: f in last)  # Stable: `last` after the rest.
       makedirs(path)
-      for rel in files:
-        _upload(os.path.join(tmp, rel), join(path, *rel.split(os.sep)), overwrite=False)
+      upload = lambda rel: _upload(os.path.join(tmp, rel), join(path, *rel.split(os.sep)),
+                                   overwrite=False)
+      with concurrent.futures.ThreadPoolExecutor(_UPLOADS) as pool:  # One object per request.
+        list(pool.map(upload, [f for f in files if f not in last]))
+      for rel in (f for f in files if f in last):
+        upload(rel)
     return
   parent = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}."
