@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 from typing import Iterator
 
 from rest_jax.errors import RestJaxError
@@ -105,7 +106,8 @@ def classify(error: BaseException, *, remote: bool = True) -> str | None:
 
 def storage_error(path: str, cause: str, error: BaseException) -> RestJaxError:
   """The one-line error for ``path`` failing with ``cause`` (a ``classify`` result)."""
-  detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+  detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  detail = re.sub(r" with body .*", "", detail)[:160]  # An HTTP error's JSON body says no more.
   return RestJaxError(f"storage failure on {path}: {_CAUSES[cause]} ({type(error).__name__}: "
                       f"{detail}). Fix the storage access, then rerun the same command: it "
                       "resumes from what was committed.")
