@@ -10,7 +10,9 @@
    the others (``improve.selected``, threshold 0.5), then runs ``--steps`` Improve steps: its rows
    of each global batch from ``ImproveBatches`` and a tiny jitted train step on the global batch.
    It reports its peak RSS (``ru_maxrss``) and the RSS after start-up (imports, jax.distributed).
-3. Input throughput: one process reads batches of wmt_base-sized records (64 input and 64
+3. ``--only_readers``: the other per-host readers of a Grow set (``rest-jax inspect``'s report,
+   the value network's data), peak RSS per set size: flat, as none reads the whole index.
+4. Input throughput: one process reads batches of wmt_base-sized records (64 input and 64
    target tokens) from a 200k-record set; records/s per host, against what the wmt_base train
    step consumes on one H200 (benchmarks/results/h200_gpu_profile.json).
 """
@@ -235,6 +237,43 @@ def worker(data: str, sel: str, process: int, processes: int, port: int, steps: 
   distributed.barrier("benchmark done")
 
 
+def readers(data: str, examples: int) -> None:
+  """The per-host readers besides the Improve loader, on one Grow set: ``rest-jax inspect``'s
+  report and the value network's first ``examples`` records; prints one JSON line."""
+  from rest_jax import tasks  # pylint: disable=g-import-not-at-top
+  from rest_jax.cli import inspection  # pylint: disable=g-import-not-at-top
+  from rest_jax.improve import selection  # pylint: disable=g-import-not-at-top
+  rss_start = _rss_mb()
+  start = time.perf_counter()
+  lines = inspection._describe_step(1, data, 3)  # pylint: disable=protected-access
+  inspect_s, peak_inspect = time.perf_counter() - start, _peak_mb()
+  start = time.perf_counter()
+  dataset = selection.value_dataset(data, include_originals=False,
+                                    output_features=tasks.ENCDEC_FEATURES)
+  read = sum(1 for _ in dataset.take(examples).as_numpy_iterator())
+  print("RESULT " + json.dumps({
+      "rss_after_start_mb": round(rss_start, 1), "inspect_s": round(inspect_s, 2),
+      "inspect_lines": len(lines), "peak_rss_after_inspect_mb": round(peak_inspect, 1),
+      "value_records_read": read, "value_s": round(time.perf_counter() - start, 2),
+      "peak_rss_mb": round(_peak_mb(), 1)}), flush=True)
+
+
+def readers_run(root: str, sizes: list[int]) -> dict:
+  """Peak RSS of ``readers`` (its own process) per Grow set size, and the largest over the
+  smallest."""
+  out: dict = {"runs": {}}
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  for records in sizes:
+    data = os.path.join(root, f"grow_{records}", "g001")
+    make_dataset(data, records)
+    (text,) = _wait_all([_python("--readers", data, "20000", env=env)])
+    (line,) = [l for l in text.splitlines() if l.startswith("RESULT ")]
+    out["runs"][str(records)] = json.loads(line[len("RESULT "):])
+  peaks = [out["runs"][str(r)]["peak_rss_mb"] for r in sizes]
+  out["peak_rss_largest_over_smallest"] = round(peaks[-1] / peaks[0], 3)
+  return out
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -264,16 +303,22 @@ def throughput(data: str, work: str, batch: int, batches_read: int) -> dict:
   chosen = selected.select_to_disk([data], os.path.join(work, "selection-wmt"),
                                    selected.Rules(threshold=Threshold(0.0)))
   out = {"records": chosen.count, "batch": batch}
-  for workers in (1, 4):
-    loader = batches.ImproveBatches(chosen, batch_size=batch, seed=0, rows=slice(0, batch),
-                                    input_len=64, target_len=64)
-    stream = loader.iterate(0, workers=workers, prefetch=2 * workers)
-    next(stream)
-    start = time.perf_counter()
-    for _ in range(batches_read):
+  out["load_average_before"] = os.getloadavg()
+  rates: dict[int, list[float]] = {1: [], 4: [], 8: []}
+  for _ in range(3):  # Interleaved rounds, the median kept: the machine's load varies.
+    for workers, runs in rates.items():
+      loader = batches.ImproveBatches(chosen, batch_size=batch, seed=0, rows=slice(0, batch),
+                                      input_len=64, target_len=64)
+      stream = loader.iterate(0, workers=workers, prefetch=2 * workers)
       next(stream)
-    seconds = time.perf_counter() - start
-    out[f"records_per_s_{workers}_threads"] = round(batch * batches_read / seconds, 1)
+      start = time.perf_counter()
+      for _ in range(batches_read):
+        next(stream)
+      runs.append(batch * batches_read / (time.perf_counter() - start))
+      stream.close()
+  for workers, runs in rates.items():
+    out[f"records_per_s_{workers}_threads"] = round(float(np.median(runs)), 1)
+    out[f"records_per_s_{workers}_threads_runs"] = [round(r, 1) for r in runs]
   profile = os.path.join(REPO, "benchmarks", "results", "h200_gpu_profile.json")
   with open(profile, encoding="utf-8") as f:
     (case,) = [c for c in json.load(f)["improve"] if c["preset"] == "wmt_base"]
@@ -281,6 +326,8 @@ def throughput(data: str, work: str, batch: int, batches_read: int) -> dict:
   out["wmt_base_train_examples_per_s_h200"] = round(consumed, 1)
   out["wmt_base_case"] = {k: case[k] for k in ("batch", "input_len", "target_len", "median_s")}
   out["input_over_consumption_4_threads"] = round(out["records_per_s_4_threads"] / consumed, 2)
+  out["load_average_after"] = os.getloadavg()
+  out["cpu_count"] = os.cpu_count()
   return out
 
 
@@ -294,15 +341,25 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results",
                                                     "improve_input_cpu.json"))
   parser.add_argument("--skip_throughput", action="store_true")
+  parser.add_argument("--only_readers", action="store_true",
+                      help="measure inspect and the value data's reader per --records, updating "
+                           "--out")
   parser.add_argument("--only_throughput", action="store_true",
                       help="rerun the throughput part only, updating --out")
   args = parser.parse_args(argv)
+  if args.only_readers:
+    from rest_jax import storage  # pylint: disable=g-import-not-at-top
+    result = storage.read_json(args.out)
+    result["readers"] = readers_run(args.root, sorted(args.records))
+    storage.write_json(args.out, result)
+    print(json.dumps(result["readers"], indent=1))
+    return
   if args.only_throughput:
     from rest_jax import storage  # pylint: disable=g-import-not-at-top
     result = storage.read_json(args.out)
     data = os.path.join(args.root, "grow_wmt_200000", "g001")
     make_dataset(data, 200_000, tokens=64)
-    result["throughput"] = throughput(data, args.root, args.batch, 40)
+    result["throughput"] = throughput(data, args.root, args.batch, 200)
     storage.write_json(args.out, result)
     print(json.dumps(result["throughput"], indent=1))
     return
@@ -327,7 +384,7 @@ def main(argv: list[str]) -> None:
   if not args.skip_throughput:
     data = os.path.join(args.root, "grow_wmt_200000", "g001")
     result["datasets"]["wmt_200000"] = make_dataset(data, 200_000, tokens=64)
-    result["throughput"] = throughput(data, args.root, args.batch, 40)
+    result["throughput"] = throughput(data, args.root, args.batch, 200)
   from rest_jax import storage  # pylint: disable=g-import-not-at-top
   storage.write_json(args.out, result)
   print(json.dumps({"ratios": result["ratios"], "throughput": result.get("throughput")},
@@ -339,6 +396,8 @@ if __name__ == "__main__":
     write_host(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
   elif sys.argv[1:2] == ["--index_host"]:
     index_host(sys.argv[2], int(sys.argv[3]))
+  elif sys.argv[1:2] == ["--readers"]:
+    readers(sys.argv[2], int(sys.argv[3]))
   elif sys.argv[1:2] == ["--worker"]:
     worker(sys.argv[2], sys.argv[3], *(int(a) for a in sys.argv[4:9]))
   else:

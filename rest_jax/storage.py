@@ -22,6 +22,8 @@ Commit semantics (what a reader may rely on):
   names.
 * A full disk or quota (ENOSPC / EDQUOT) while writing is one ``RestJaxError`` naming the file
   and saying to free space and rerun; the temporary is removed and committed files are untouched.
+  So is a storage failure of any read or write here (access denied, bucket deleted, network
+  down: ``rest_jax.storage_errors``), whose fix is to restore access and rerun the same command.
 
 No other module calls ``os.replace``, ``os.rename``, ``tf.io.gfile.rename`` or opens a workdir
 file for writing.
@@ -29,8 +31,9 @@ file for writing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import errno
+import functools
 import json
 import os
 import re
@@ -40,52 +43,28 @@ from typing import Any, Iterator, Sequence
 
 from etils import epath
 
+from rest_jax import storage_errors
 from rest_jax.errors import RestJaxError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")
+_UPLOADS = 16  # Parallel uploads of an atomic_dir's files to an object store.
 
 
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+def user_errors(path: str, *, writing: bool = False) -> contextlib.AbstractContextManager:
+  """Turns a full disk or quota, or a storage failure (access denied, bucket gone, storage
+  unreachable) on ``path`` into one RestJaxError naming the path, the cause and the fix; any
+  other exception passes unchanged (``rest_jax.storage_errors``)."""
+  return storage_errors.user_errors(path, remote=not is_local(path), writing=writing)
 
 
-def is_disk_full(error: BaseException) -> bool:
-  """Whether ``error`` (or an exception it was raised from) says the disk or quota is full:
-  an ``OSError`` with ENOSPC / EDQUOT, or a TensorFlow / TensorStore error whose message says so."""
-  seen: set[int] = set()
-  e: BaseException | None = error
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
-      return True
-    if any(text in str(e) for text in _FULL_TEXTS):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
-def disk_full_error(path: str, error: BaseException) -> RestJaxError:
-  """The one-line error for a write to ``path`` that failed with a full disk or quota."""
-  reason = "disk quota exceeded" if (isinstance(error, OSError) and
-                                     error.errno == errno.EDQUOT) else "no space left on device"
-  return RestJaxError(f"could not write {path}: {reason}. Free space (or raise the quota) on "
-                      "that file system and rerun the same command: the run resumes from what "
-                      "it had committed.")
-
-
-@contextlib.contextmanager
-def disk_full_is_user_error(path: str) -> Iterator[None]:
-  """Turns a full disk or quota while writing ``path`` into one RestJaxError (see
-  ``disk_full_error``); any other exception passes unchanged."""
-  try:
-    yield
-  except RestJaxError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    if is_disk_full(e):
-      raise disk_full_error(path, e) from None
-    raise
+def _guarded(fn):
+  """``fn(path, ...)`` with its storage failures as RestJaxErrors (``user_errors``)."""
+  @functools.wraps(fn)
+  def guarded(path, *args, **kwargs):
+    with user_errors(str(path)):
+      return fn(path, *args, **kwargs)
+  return guarded
 
 
 def is_local(path: str) -> bool:
@@ -112,10 +91,12 @@ def absolute(path: str) -> str:
   return os.path.abspath(path) if is_local(path) else str(path).rstrip("/")
 
 
+@_guarded
 def exists(path: str) -> bool:
   return epath.Path(path).exists()
 
 
+@_guarded
 def require_file(path: str, missing: str) -> str:
   """``path`` if it is an existing file; else RestJaxError(``missing``), which names the fix."""
   p = epath.Path(path)
@@ -124,6 +105,7 @@ def require_file(path: str, missing: str) -> str:
   return path
 
 
+@_guarded
 def isdir(path: str) -> bool:
   return epath.Path(path).is_dir()
 
@@ -133,10 +115,11 @@ def makedirs(path: str) -> None:
   p = epath.Path(path)
   if is_local(path) and p.exists() and not p.is_dir():
     raise RestJaxError(f"{path} exists and is a file, not a folder; choose another path.")
-  with disk_full_is_user_error(path):
+  with user_errors(path, writing=True):
     p.mkdir(parents=True, exist_ok=True)
 
 
+@_guarded
 def listdir(path: str) -> list[str]:
   """Sorted names in a folder; [] for a missing one."""
   p = epath.Path(path)
@@ -145,12 +128,14 @@ def listdir(path: str) -> list[str]:
   return sorted(child.name for child in p.iterdir())
 
 
+@_guarded
 def size(path: str) -> int | None:
   """Size in bytes, or None if the file is missing."""
   p = epath.Path(path)
   return int(p.stat().length) if p.exists() else None
 
 
+@_guarded
 def remove(path: str) -> None:
   """Removes a file (a missing one is fine)."""
   p = epath.Path(path)
@@ -158,6 +143,7 @@ def remove(path: str) -> None:
     p.unlink()
 
 
+@_guarded
 def rmtree(path: str) -> None:
   """Removes a folder and everything in it (a missing one is fine)."""
   p = epath.Path(path)
@@ -201,7 +187,7 @@ def _staged(path: str, *, folder: bool = False) -> Iterator[str]:
     staged = os.path.join(tmp, "content")
     if folder:
       os.mkdir(staged)
-    with disk_full_is_user_error(path):
+    with user_errors(path, writing=True):
       yield staged
 
 
@@ -210,7 +196,7 @@ def _upload(local: str, path: str, *, overwrite: bool) -> None:
   if not overwrite and exists(path):  # Object stores have no rename that refuses; see above.
     raise RestJaxError(f"{path} appeared while it was being written; another process writes "
                        "the same file. Run one writer per file.")
-  with disk_full_is_user_error(path):
+  with user_errors(path, writing=True):
     epath.Path(local).copy(epath.Path(path), overwrite=True)
 
 
@@ -237,7 +223,7 @@ def atomic_path(path: str, *, overwrite: bool = True) -> Iterator[str]:
   folder = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
   try:
-    with disk_full_is_user_error(path):
+    with user_errors(path, writing=True):
       os.makedirs(folder, exist_ok=True)
       yield tmp
       _fsync(tmp)
@@ -269,7 +255,8 @@ def atomic_dir(path: str, *, last: Sequence[str] = ()) -> Iterator[str]:
 
   Locally the folder is a temporary sibling (``.{name}.{8 hex}.tmp``), renamed onto ``path`` on
   exit and removed on an exception. On an object store it is a local temporary folder whose
-  files are uploaded on exit, the files named in ``last`` (relative paths) after all others:
+  files are uploaded on exit (16 at a time), the files named in ``last`` (relative paths) after
+  all others have completed:
   readers trust a folder once such a file (a config, a marker) exists.
 
   Raises:
@@ -282,16 +269,19 @@ def atomic_dir(path: str, *, last: Sequence[str] = ()) -> Iterator[str]:
       yield tmp
       files = sorted(os.path.relpath(os.path.join(root, n), tmp)
                      for root, _, names in os.walk(tmp) for n in names)
-      files.sort(key=lambda f: f in last)  # Stable: `last` after the rest.
       makedirs(path)
-      for rel in files:
-        _upload(os.path.join(tmp, rel), join(path, *rel.split(os.sep)), overwrite=False)
+      upload = lambda rel: _upload(os.path.join(tmp, rel), join(path, *rel.split(os.sep)),
+                                   overwrite=False)
+      with concurrent.futures.ThreadPoolExecutor(_UPLOADS) as pool:  # One object per request.
+        list(pool.map(upload, [f for f in files if f not in last]))
+      for rel in (f for f in files if f in last):
+        upload(rel)
     return
   parent = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}."
                      f"{uuid.uuid4().hex[:8]}.tmp")
   try:
-    with disk_full_is_user_error(path):
+    with user_errors(path, writing=True):
       os.makedirs(tmp)
       yield tmp
       if os.path.exists(path):
@@ -332,6 +322,7 @@ def write_json(path: str, obj: Any, *, overwrite: bool = True) -> None:
 _REBUILD = "restore it, or delete it and rerun to rebuild what it records."
 
 
+@_guarded
 def read_bytes(path: str) -> bytes:
   try:
     return epath.Path(path).read_bytes()
@@ -385,6 +376,7 @@ def read_json(path: str, *, keys: Sequence[str] | None = None, fix: str = _REBUI
   return value
 
 
+@_guarded
 def open_ranged(path: str) -> Any:
   """An open binary file for many small ``seek`` + ``read`` calls (the caller closes it): an
   unbuffered local file (each read reads just its bytes), or epath's reader of an object-store
@@ -401,7 +393,7 @@ def local_folder(path: str) -> Iterator[str]:
   if is_local(path):
     yield path
     return
-  with tempfile.TemporaryDirectory(prefix="rest_jax_download_") as tmp:
+  with tempfile.TemporaryDirectory(prefix="rest_jax_download_") as tmp, user_errors(path):
     for name in listdir(path):
       source = epath.Path(join(path, name))
       if not source.is_dir():
@@ -412,5 +404,5 @@ def local_folder(path: str) -> Iterator[str]:
 @contextlib.contextmanager
 def open_read(path: str, mode: str = "rb") -> Iterator[Any]:
   """A file object for reading (any path kind)."""
-  with epath.Path(path).open(mode) as f:
+  with user_errors(path), epath.Path(path).open(mode) as f:
     yield f

@@ -91,6 +91,58 @@ def test_hf_config_fields_and_sharding():
           t5.relative_attention_max_distance) == (3, 1, 16, 32)
 
 
+def _whole_tensor_import(path: str, config: ModelConfig, shapes: dict) -> dict[str, np.ndarray]:
+  """What the HF import gave when it read whole tensors: ``to_ours`` of each full tensor."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  tensors = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    scale = hf_config.t5_head_scale(json.load(f)) if config.kind == "encdec" else 1.0
+  out = {}
+  for name, shape in shapes.items():
+    source = hf_config.hf_name(config, name)
+    tensor = tensors.get(source)
+    if name == "decoder.logits_dense.kernel" and tensor is None:
+      tensor = tensors["shared.weight"] * np.float32(scale)
+    elif name == "decoder.logits_dense.kernel":
+      tensor = tensor * np.float32(scale)
+    elif tensor is None and source == "shared.weight":
+      tensor = tensors["encoder.embed_tokens.weight"]
+    out[name] = hf_config.to_ours(name, tensor, shape)
+  return out
+
+
+@pytest.mark.parametrize("name", ["t5_tied_scaled", "llama_gqa", "qwen2_tied"])
+def test_hf_import_reads_only_the_blocks_of_a_sharded_layout(name, monkeypatch):
+  # 8 CPU devices, fsdp x tensor sharding: every read is a slice (the sharded tensors are never
+  # read whole), each distinct block once, and the parameters equal the whole-tensor import.
+  from rest_jax.checkpoints.convert import hf  # pylint: disable=g-import-not-at-top
+  path = os.path.join(DATA, "hf", name)
+  reads, read_slice = [], hf.read_slice
+
+  def recorded(file, tensor, index):
+    block = read_slice(file, tensor, index)
+    reads.append((tensor, tuple(index), block.size))
+    return block
+
+  monkeypatch.setattr(hf, "read_slice", recorded)
+  config, params = load_hf(path, layout=mesh_layout(data=2, fsdp=2, tensor=2))
+  got = _arrays(params)
+  want = _whole_tensor_import(path, config, {k: v.shape for k, v in got.items()})
+  assert got.keys() == want.keys()
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=key)
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  sizes = {k: v.size for k, v in safetensors.numpy.load_file(
+      os.path.join(path, "model.safetensors")).items()}
+  partial = [r for r in reads if r[2] < sizes[r[0]]]
+  assert len(partial) > len(reads) // 2  # Most reads are blocks, not tensors...
+  keys = [(t, tuple((i.start, i.stop) for i in idx)) for t, idx, _ in reads]
+  twice = {k[0] for k in keys if keys.count(k) > 1}  # Each block once per parameter: a tied
+  assert twice <= {"shared.weight", "model.embed_tokens.weight"}  # embedding feeds two.
+  gate = [r for r in reads if "gate" in r[0] or "wi_0" in r[0]]
+  assert gate and all(n == sizes[t] // 4 for t, _, n in gate)  # ... [embed, mlp] over 2 x 2.
+
+
 @pytest.mark.parametrize("name", ["t5_v1_1", "qwen2_tied", "llama3_rope"])
 def test_hf_export_round_trip(name, tmp_path):
   config, params = load_hf(os.path.join(DATA, "hf", name))

@@ -86,7 +86,6 @@ def _grow_dir(work):
 
 @pytest.mark.parametrize("name,content", [
     ("stats.json", TRUNCATED), ("stats.json", b'{"count": 3}'), ("stats.json", BINARY),
-    ("index.npz", b"PK\x03\x04truncated"), ("index.npz", b"\x93NUMPY garbage"), ("index.npz", b""),
 ])
 def test_inspect_names_a_damaged_grow_file(tmp_path, capsys, name, content):
   directory = _grow_dir(str(tmp_path / "w"))
@@ -98,13 +97,15 @@ def test_inspect_names_a_damaged_grow_file(tmp_path, capsys, name, content):
   assert "delete COMPLETED, stats.json and index.npz" in err
 
 
-def test_inspect_names_a_grow_index_without_its_columns(tmp_path, capsys):
-  import numpy as np  # pylint: disable=g-import-not-at-top
+def test_inspect_does_not_read_index_npz(tmp_path, capsys):
+  # inspect streams the per-chunk index files: a damaged index.npz changes nothing.
   directory = _grow_dir(str(tmp_path / "w"))
+  assert cli.main(["inspect", str(tmp_path / "w")]) == 0
+  report = capsys.readouterr().out
   with open(os.path.join(directory, "index.npz"), "wb") as f:
-    np.savez(f, reward=np.zeros(3))
-  _fails(["inspect", str(tmp_path / "w")], capsys, "lacks the columns", "inspect: index.npz "
-         "without columns")
+    f.write(b"PK\x03\x04truncated")
+  assert cli.main(["inspect", str(tmp_path / "w")]) == 0
+  assert capsys.readouterr().out == report
 
 
 @pytest.mark.parametrize("content", [TRUNCATED, b"{}", BINARY])

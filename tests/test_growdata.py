@@ -334,3 +334,34 @@ def test_describe_and_export(grow_dir, tmp_path):
     inspection.describe(str(tmp_path / "missing"))
   with pytest.raises(RestJaxError, match="no Grow data"):
     inspection.export_jsonl(str(tmp_path), out)
+
+
+def test_inspect_export_and_value_data_never_read_the_whole_index(grow_dir, monkeypatch):
+  # The per-host readers stream the per-chunk index files: with index.npz unreadable they give
+  # what the whole-index readers gave (best / worst by reward, example_id, sample_idx).
+  workdir = os.path.dirname(os.path.dirname(grow_dir))
+  samples = [r for r in _expected_records() if not r.is_original]
+  ranked = sorted(samples, key=lambda r: (-np.float32(r.reward), r.example_id, r.sample_idx))
+  originals = np.asarray([r.reward for r in _expected_records() if r.is_original], np.float32)
+  order = [(r.example_id, r.sample_idx) for r in growdata.read_records(grow_dir)]
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the whole Grow index was read")
+
+  monkeypatch.setattr(growdata.integrity, "read_index_file", refuse)
+  monkeypatch.setattr(growdata, "load_index", refuse)
+  text = inspection.describe(workdir, num_examples=5)
+  for title, picks in (("best samples:", ranked[:5]), ("worst samples:", ranked[::-1][:5])):
+    lines = text.split(title)[1].splitlines()[1:6]
+    assert [f'"{r.targets_pretokenized}"' in line for r, line in zip(picks, lines)] == [True] * 5
+  assert f"originals: mean {float(originals.mean()):.4f}" in text
+  for include_originals in (True, False):
+    dataset = selection.value_dataset(grow_dir, include_originals=include_originals,
+                                      output_features=FEATURES)
+    got = [(int(r["example_id"]), int(r["sample_idx"])) for r in dataset.as_numpy_iterator()]
+    assert got == [k for k in order if include_originals or k[1] != -1]
+  mix = _select(grow_dir, 0.5, max_per_prompt=1, deduplicate=True)
+  assert mix.count == len(_read_selected(mix)) > 0
+  out = os.path.join(workdir, "records.jsonl")
+  assert inspection.export_jsonl(workdir, out) == 64
+  os.remove(out)

@@ -33,7 +33,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from rest_jax import buckets
 from rest_jax import storage
+from rest_jax import storage_errors
 from rest_jax.errors import RestJaxError
 from rest_jax.parallel import distributed
 
@@ -79,19 +81,33 @@ def _require_dir(path: epath.Path, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _reading(what: str, fix: str) -> Iterator[None]:
+def _saving(path: str) -> Iterator[None]:
+  """Around an orbax save to ``path``: on ``gs://`` the bucket is checked first (orbax waits on
+  a deleted bucket for minutes), then storage failures become one RestJaxError
+  (``storage.user_errors``)."""
+  buckets.check_workdir(path)
+  with storage.user_errors(path, writing=True):
+    yield
+
+
+@contextlib.contextmanager
+def _reading(what: str, fix: str, path: str) -> Iterator[None]:
   """Turns a failure to read checkpoint data into one RestJaxError naming ``what`` and ``fix``.
 
   orbax and TensorStore raise ValueError, OSError, JSONDecodeError or a plain Exception for a
   truncated or damaged checkpoint, so any exception but a RestJaxError is reported (its type
   and first line are kept, so a bug still shows). Flipped bytes that keep the sizes are not
-  detected: orbax stores no checksums.
+  detected: orbax stores no checksums. A storage failure (access denied, bucket gone, network
+  down: ``storage_errors.classify``) is reported as such, not as a damaged checkpoint.
   """
   try:
     yield
   except RestJaxError:
     raise
   except Exception as e:  # pylint: disable=broad-except
+    cause = storage_errors.classify(e, remote=not storage.is_local(path))
+    if cause is not None:
+      raise storage_errors.storage_error(path, cause, e) from None
     detail = (str(e).strip().splitlines() or [""])[0][:200]
     raise RestJaxError(f"{what} is corrupt or truncated ({type(e).__name__}: {detail}). "
                        f"{fix}") from None
@@ -99,7 +115,7 @@ def _reading(what: str, fix: str) -> Iterator[None]:
 
 def _reading_file(path: epath.Path) -> contextlib.AbstractContextManager:
   return _reading(f"checkpoint {path}", "Restore it from a copy, or write it again (rerun what "
-                  "wrote it: rest-jax import, train-reward, or the phase).")
+                  "wrote it: rest-jax import, train-reward, or the phase).", str(path))
 
 
 def save_pytree(path: PathLike, tree: Any) -> None:
@@ -110,7 +126,7 @@ def save_pytree(path: PathLike, tree: Any) -> None:
   path = epath.Path(storage.absolute(os.fspath(path)))
   if path.exists():
     raise RestJaxError(f"checkpoint path {path} already exists; choose a new path or delete it.")
-  with storage.disk_full_is_user_error(str(path)), ocp.StandardCheckpointer() as checkpointer:
+  with _saving(str(path)), ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, to_pure(tree))
     checkpointer.wait_until_finished()
 
@@ -197,7 +213,7 @@ class PhaseCheckpoints:
     self.directory = epath.Path(storage.absolute(os.fspath(directory)))  # orbax: absolute.
     common = dict(max_to_keep=1, create=True, enable_async_checkpointing=False,
                   cleanup_tmp_directories=True)
-    with storage.disk_full_is_user_error(str(self.directory)):
+    with storage.user_errors(str(self.directory), writing=True):
       self._latest = _Manager(
           self.directory / "latest", options=ocp.CheckpointManagerOptions(**common))
       self._best = _Manager(
@@ -209,7 +225,8 @@ class PhaseCheckpoints:
     return _reading(
         f"the {which} checkpoint of phase {phase!r} in {self.directory}",
         f"Delete {self.directory} (and the phase's marker phases/{phase}.json, if present) and "
-        "rerun: the phase is trained again from the checkpoint of the phase before it.")
+        "rerun: the phase is trained again from the checkpoint of the phase before it.",
+        str(self.directory))
 
   def __enter__(self) -> PhaseCheckpoints:
     return self
@@ -231,9 +248,9 @@ class PhaseCheckpoints:
 
     Then prunes ``best/`` to its single best checkpoint.
     """
-    if step in self._latest.all_steps():
-      self._latest.delete(step)
-    with storage.disk_full_is_user_error(str(self.directory / "latest" / str(step))):
+    with _saving(str(self.directory / "latest" / str(step))):
+      if step in self._latest.all_steps():
+        self._latest.delete(step)
       self._latest.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(to_pure(state)), meta=ocp.args.JsonSave(_jsonable(meta))))
       self._latest.wait_until_finished()
@@ -274,9 +291,9 @@ class PhaseCheckpoints:
       raise RestJaxError(f"eval metrics {dict(metrics)} need a finite {BEST_METRIC!r}; make the "
                          f"eval function return {{{BEST_METRIC!r}: <mean reward on D_eval>, ...}}.")
     metrics = _jsonable(dict(metrics))
-    if step in self._best.all_steps():
-      self._best.delete(step)
-    with storage.disk_full_is_user_error(str(self.directory / "best" / str(step))):
+    with _saving(str(self.directory / "best" / str(step))):
+      if step in self._best.all_steps():
+        self._best.delete(step)
       self._best.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(to_pure(params)), metrics=ocp.args.JsonSave(metrics)),
           metrics=metrics)

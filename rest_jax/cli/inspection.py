@@ -1,5 +1,8 @@
 """`rest-jax inspect`: what the Grow steps of a workdir produced, as text or JSON lines.
 
+Both read a Grow set one chunk at a time (the per-chunk index files, ``rest_jax.grow.chunkindex``,
+and the chunk files themselves), never its whole index.npz: memory does not grow with the set.
+
 The reward is a proxy (docs/method.md, "Reward-hacking monitor"): looking at the best- and
 worst-scored samples next to the reward histogram is the quickest way to notice a reward that is
 being gamed.
@@ -12,6 +15,7 @@ import json
 import numpy as np
 
 from rest_jax import storage
+from rest_jax.grow import chunkindex
 from rest_jax.grow import dataset as growdata
 from rest_jax.grow import stats as growstats
 from rest_jax.grow import versions
@@ -48,21 +52,54 @@ def _format_record(record: GrowRecord) -> str:
           f"{_clip(record.inputs_pretokenized)} -> {_clip(record.targets_pretokenized)}")
 
 
+def _extremes(directory: str, names: list[str], k: int, samples_only: bool
+              ) -> tuple[np.ndarray, np.ndarray, float, int]:
+  """The ``k`` best and ``k`` worst records of a finalized Grow set, streamed one chunk index at
+  a time (memory: one chunk's index plus 2k rows, whatever the number of records).
+
+  Order: reward high to low, then example_id, then sample_idx (a total order); ``samples_only``
+  leaves the originals out. Returns the best and the worst, each a structured array `[<=k]` of
+  (reward, example_id, sample_idx, chunk, position) in that order (the worst from the lowest
+  up); and the originals' reward sum (float64) and count.
+  """
+  dtype = np.dtype([("reward", "<f4"), ("example_id", "<i8"), ("sample_idx", "<i8"),
+                    ("chunk", "<i4"), ("position", "<i8")])
+  best = worst = np.zeros([0], dtype)
+  original_sum, num_originals = 0.0, 0
+  for chunk, name in enumerate(names):
+    rows = chunkindex.read_rows(directory, name)
+    original = rows["is_original"].astype(bool)
+    original_sum += float(rows["reward"][original].astype(np.float64).sum())
+    num_originals += int(original.sum())
+    pool = np.flatnonzero(~original) if samples_only else np.arange(rows.size)
+    part = np.zeros(pool.shape, dtype)
+    for key in ("reward", "example_id", "sample_idx"):
+      part[key] = rows[key][pool]
+    part["chunk"], part["position"] = chunk, pool
+    both = np.concatenate([best, worst, part])
+    key = both["chunk"].astype(np.int64) * (1 << 40) + both["position"]
+    both = both[np.unique(key, return_index=True)[1]]  # A row may be both best and worst.
+    order = np.lexsort((both["sample_idx"], both["example_id"], -both["reward"]))
+    best, worst = both[order[:k]], both[order[::-1][:k]]
+  return best, worst, original_sum, num_originals
+
+
 def _describe_step(step: int, directory: str, num_examples: int) -> list[str]:
   if not growdata.is_complete(directory):
     chunks = growdata.chunk_files(directory)
     return [f"Grow step {step} ({directory}): NOT finalized, {len(chunks)} chunk(s) written; "
             "rerun `rest-jax run` to finish it."]
   stats = growdata.read_stats(directory)
-  index = growdata.load_index(directory)
-  originals = index["reward"][index["is_original"]]
+  names = sorted(stats.chunks)
+  best, worst, original_sum, num_originals = _extremes(
+      directory, names, max(num_examples, 0), samples_only=bool(stats.num_samples))
   lines = [
       f"Grow step {step} ({directory}): {stats.count} records = {stats.num_samples} samples + "
       f"{stats.num_originals} originals, in {len(stats.chunks)} chunk(s)",
       f"  sample reward: mean {stats.mean:.4f}  std {stats.std:.4f}  min {stats.min:.4f}  "
       f"max {stats.max:.4f}",
       f"  all records: mean {stats.mean_all:.4f}"
-      + (f";  originals: mean {float(originals.mean()):.4f}" if originals.size else ""),
+      + (f";  originals: mean {original_sum / num_originals:.4f}" if num_originals else ""),
       "  quantiles: " + "  ".join(f"p{float(q) * 100:g} {v:.4f}"
                                   for q, v in stats.quantiles.items()),
       "  histogram:",
@@ -79,16 +116,11 @@ def _describe_step(step: int, directory: str, num_examples: int) -> list[str]:
     lines.append(f"  reward version {v} ({entry['name']}: {entry['reward']}): sample reward mean "
                  f"{entry['stats']['mean']:.4f}, {entry['completed']}")
   if num_examples > 0:
-    pool = np.flatnonzero(~index["is_original"]) if stats.num_samples else np.arange(stats.count)
-    order = pool[np.lexsort((index["sample_idx"][pool], index["example_id"][pool],
-                             -index["reward"][pool]))]
-    files = [str(f) for f in index["files"]]
-    k = min(num_examples, order.size)
-    for title, picks in (("best", order[:k]), ("worst", order[::-1][:k])):
+    for title, picks in (("best", best), ("worst", worst)):
       lines.append(f"  {title} {'samples' if stats.num_samples else 'records'}:")
-      for i in picks:
-        record = growdata.read_record(directory, files[int(index["chunk"][i])],
-                                      int(index["position"][i]))
+      for pick in picks:
+        record = growdata.read_record(directory, names[int(pick["chunk"])],
+                                      int(pick["position"]))
         lines.append(_format_record(record))
   return lines
 

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 
+from rest_jax import storage_errors  # pylint: disable=g-import-not-at-top
 from rest_jax.cli import parser, quiet  # pylint: disable=g-import-not-at-top
 from rest_jax.errors import (  # pylint: disable=g-import-not-at-top
     EXIT_PREEMPTED, Preempted, RestJaxError)
@@ -343,18 +344,22 @@ def main(argv: list[str] | None = None) -> int:
        else reward_commands.serve_reward)(args)
     else:
       _inspect(args)
-  except RestJaxError as e:
-    print(f"rest-jax: error: {one_line(str(e))}", file=sys.stderr)
-    if "jax" in sys.modules:  # A multi-host run ends now, not after waiting for dead hosts.
-      from rest_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-      distributed.exit_now_if_multihost(2)
-    return 2
   except KeyboardInterrupt:
     print("rest-jax: interrupted; rerun the same command to resume.", file=sys.stderr)
     return 130
   except Preempted as e:  # SIGTERM: every host saved and stopped at the same point.
     print(f"rest-jax: {e} (exit code {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
+  except Exception as e:  # pylint: disable=broad-except
+    # A user error, or a storage failure that escaped the storage layer; anything else raises.
+    error = e if isinstance(e, RestJaxError) else storage_errors.uncaught(e)
+    if error is None:
+      raise
+    print(f"rest-jax: error: {one_line(str(error))}", file=sys.stderr)
+    if "jax" in sys.modules:  # A multi-host run ends now, not after waiting for dead hosts.
+      from rest_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+      distributed.exit_now_if_multihost(2)
+    return 2
   return 0
 
 

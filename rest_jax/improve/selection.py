@@ -21,20 +21,25 @@ the Grow indexes, which records are kept, in this order:
 
 ``improve_dataset`` reads the kept records back as one tf.data.Dataset (the Grow sets' seqio
 tasks from ``growdata.grow_task``, an unfiltered reader, filtered by a key table); files are
-never rewritten. This module is the only place that selects Grow records: the Improve sets and
-the value network's data (``value_dataset``) both come through it.
+never rewritten. This module holds the selection rules: the Improve sets of a run are selected
+by every host together with them (``rest_jax.improve.selected``, memory bounded whatever the
+Grow set's size); ``select_mixture`` / ``improve_dataset`` are the in-memory reference of the
+same rules (a bool per record: for tests and small sets), and ``value_dataset`` (the value
+network's data) streams one Grow set's chunks. None of them reads a Grow set's whole index.npz:
+they read the per-chunk index files (``rest_jax.grow.chunkindex``) one chunk at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from rest_jax import storage
+from rest_jax.grow import chunkindex
 from rest_jax.grow import dataset as growdata
 from rest_jax.grow import versions
 from rest_jax.errors import RestJaxError
@@ -57,21 +62,47 @@ class Mixture:
     return int(sum(k.sum() for k in self.keep))
 
 
+def _chunk_rows(directory: str) -> Iterator[tuple[str, np.ndarray]]:
+  """(chunk file, its ``chunkindex.ROW`` `[records]`) of a finalized Grow set, in index order
+  (the sorted chunk files), one chunk at a time."""
+  for name in sorted(growdata.read_stats(directory).chunks):
+    yield name, chunkindex.read_rows(directory, name)
+
+
+def index_columns(directory: str) -> dict[str, np.ndarray]:
+  """``growdata.load_index``'s example_id, sample_idx, reward (float32), is_original (bool)
+  and chunk (int32 into "files") columns `[records]` and "files", gathered from the per-chunk
+  index files (index.npz is never read)."""
+  cols: dict[str, list[np.ndarray]] = {"example_id": [], "sample_idx": [], "reward": [],
+                                        "is_original": []}
+  files, chunk = [], []
+  for name, rows in _chunk_rows(directory):
+    for key in cols:
+      cols[key].append(rows[key])
+    chunk.append(np.full([len(rows)], len(files), np.int32))
+    files.append(name)
+  out = {k: np.concatenate(v) if v else np.zeros([0], chunkindex.ROW[k])
+         for k, v in cols.items()}
+  out["reward"] = out["reward"].astype(np.float32)
+  out["is_original"] = out["is_original"].astype(bool)
+  out["chunk"] = np.concatenate(chunk) if chunk else np.zeros([0], np.int32)
+  out["files"] = np.asarray(files, dtype=str)
+  return out
+
+
 def target_tokens(directory: str) -> list[bytes]:
-  """Each record's target token ids (as int64 bytes), in the order of the Grow index."""
-  index = growdata.load_index(directory)
-  files = [str(f) for f in index["files"]]
+  """Each record's target token ids (as int64 bytes), in index order; one chunk at a time."""
   spec = {k: growdata.FEATURES[k] for k in ("example_id", "sample_idx", "targets")}
-  out, ids = [], []
-  for name in files:
+  out = []
+  for name, rows in _chunk_rows(directory):
+    ids = []
     dataset = tf.data.TFRecordDataset(storage.join(directory, name))
     for ex in dataset.map(lambda s: tf.io.parse_single_example(s, spec)).as_numpy_iterator():
       out.append(np.asarray(ex["targets"], np.int64).tobytes())
       ids.append((int(ex["example_id"]), int(ex["sample_idx"])))
-  expected = list(zip(index["example_id"].tolist(), index["sample_idx"].tolist()))
-  if ids != expected:
-    raise RestJaxError(f"the chunks of {directory} no longer match its index.npz; delete the "
-                       "directory and rerun the Grow step.")
+    if ids != list(zip(rows["example_id"].tolist(), rows["sample_idx"].tolist())):
+      raise RestJaxError(f"the chunk {name} of {directory} no longer matches its index; delete "
+                         "the directory and rerun the Grow step.")
   return out
 
 
@@ -204,7 +235,7 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
     deduplicate: keep one record per (example_id, target tokens).
     drop_all_pass: drop the prompts whose current samples all pass the threshold.
     drop_all_fail: drop the prompts whose current samples all fail it.
-    indexes: the directories' ``growdata.load_index`` (read when None).
+    indexes: the directories' ``index_columns`` (read chunk by chunk when None).
     reward_version: the reward column to read (0: Grow's; ``grow.versions``).
   Returns:
     the Mixture.
@@ -214,7 +245,7 @@ def select_mixture(directories: Sequence[str], *, threshold: Threshold,
   """
   if not directories:
     raise ValueError("select_mixture needs at least one Grow directory")
-  indexes = [growdata.load_index(d) for d in directories] if indexes is None else list(indexes)
+  indexes = [index_columns(d) for d in directories] if indexes is None else list(indexes)
   tables = [record_table(d, index["example_id"], index["sample_idx"],
                          versions.index_rewards(directory, index, reward_version),
                          index["is_original"], threshold=threshold,
@@ -280,7 +311,7 @@ def improve_dataset(mixture: Mixture, *,
       continue
     task = growdata.grow_task(directory, output_features=output_features)
     dataset = task.get_dataset(None, split="train", shuffle=False)
-    index = growdata.load_index(directory)
+    index = index_columns(directory) if (not keep.all() or mixture.reward_version) else None
     if not keep.all():
       dataset = dataset.filter(_key_filter(index, keep))
     if mixture.reward_version:
@@ -297,7 +328,28 @@ def value_dataset(directory: str, *, include_originals: bool,
                   output_features: Mapping[str, seqio.Feature],
                   reward_version: int = 0) -> tf.data.Dataset:
   """The value network's data: every record of one Grow set (its originals only if
-  ``include_originals``), unshuffled, in chunk-file order, with reward ``reward_version``."""
-  mixture = select_mixture([directory], threshold=Threshold(0.0),
-                           include_originals=include_originals, reward_version=reward_version)
-  return improve_dataset(mixture, output_features=output_features)
+  ``include_originals``), unshuffled, in chunk-file order, with reward ``reward_version``.
+
+  Version 0 is streamed (``growdata.grow_task`` filtered on is_original; memory does not grow
+  with the Grow set); a re-scored version reads the per-chunk index columns and the version's
+  side files (one float and key per record) through ``select_mixture``. The same records and
+  order as ``improve_dataset(select_mixture([directory], threshold=Threshold(0.0), ...))``.
+
+  Raises:
+    RestJaxError: the Grow set holds only originals and ``include_originals`` is False.
+  """
+  if reward_version:
+    mixture = select_mixture([directory], threshold=Threshold(0.0),
+                             include_originals=include_originals, reward_version=reward_version)
+    return improve_dataset(mixture, output_features=output_features)
+  stats = growdata.read_stats(directory)
+  if not include_originals and stats.num_samples == 0:
+    raise RestJaxError(
+        f"threshold {Threshold(0.0).describe()} keeps no example of {[directory]}: the highest "
+        "eligible reward is nan. Lower the threshold or choose a schedule relative to the Grow "
+        "rewards (ImproveConfig.schedule), or check the reward function.")
+  dataset = growdata.grow_task(directory, output_features=output_features).get_dataset(
+      None, split="train", shuffle=False)
+  if not include_originals:
+    dataset = dataset.filter(lambda ex: tf.equal(ex["is_original"], 0))
+  return dataset

@@ -150,12 +150,12 @@ class _Scalars:
     from tensorboardX.proto import event_pb2
     self._event, self._scalar = event_pb2.Event, tb_summary.scalar
     self.logdir, self.flush_s, self._flushed = logdir, flush_s, time.time()
-    with storage.disk_full_is_user_error(logdir):
+    with storage.user_errors(logdir, writing=True):
       record_writer.directory_check(logdir)
       self._writer = event_file_writer.EventsWriter(storage.join(logdir, "events"))
 
   def add(self, tag: str, value: float, step: int) -> None:
-    with storage.disk_full_is_user_error(self.logdir):
+    with storage.user_errors(self.logdir, writing=True):
       self._writer.write_event(self._event(wall_time=time.time(), step=step,
                                            summary=self._scalar(tag, value)))
       if time.time() - self._flushed > self.flush_s:
@@ -163,7 +163,7 @@ class _Scalars:
         self._flushed = time.time()
 
   def close(self) -> None:
-    with storage.disk_full_is_user_error(self.logdir):
+    with storage.user_errors(self.logdir, writing=True):
       self._writer.close()
 
 

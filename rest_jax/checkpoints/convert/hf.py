@@ -1,23 +1,26 @@
 """Hugging Face checkpoints (``config.json`` + safetensors) in and out; no hub access.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed
-in ``model.safetensors.index.json``. Tensors are read with the ``safetensors`` numpy API, one
-at a time, and placed straight onto their shardings (``params.place_params``). See
-``hf_config`` for the supported architectures and the name mapping.
+in ``model.safetensors.index.json``. Each host reads only the blocks of each tensor that its
+devices hold under the Layout (``params.place_blocks``), with the ``safetensors`` slice API
+(``safe_open(...).get_slice``: a block is read from the file's bytes, not the whole tensor),
+as the T5X import does with TensorStore. See ``hf_config`` for the supported architectures and
+the name mapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
 from rest_jax.checkpoints.convert import hf_config
-from rest_jax.checkpoints.convert.params import check_names, place_params
+from rest_jax.checkpoints.convert.params import check_names, place_blocks
 from rest_jax import storage
 from rest_jax.errors import RestJaxError
 from rest_jax.models import ModelConfig
@@ -65,17 +68,60 @@ def _weight_files(path: str, *, shown: str) -> dict[str, str]:
     return {name: single for name in f.keys()}
 
 
-def _read_tensor(file: str, name: str) -> np.ndarray:
-  """One tensor as a host numpy array (bfloat16 through the flax API on the CPU backend)."""
+def read_slice(file: str, name: str, index: Sequence[slice]) -> np.ndarray:
+  """The block ``tensor[index]`` of tensor ``name`` of ``file`` (one slice per axis), read with
+  the safetensors slice API: only the block's bytes (bfloat16 through the flax API on the CPU
+  backend, numpy having no bfloat16)."""
   safetensors = _safetensors()
   with safetensors.safe_open(file, framework="np") as f:
     try:
-      return f.get_tensor(name)
+      return f.get_slice(name)[tuple(index)]
     except TypeError:  # numpy has no bfloat16: read it as a CPU jax array instead.
       pass
   with jax.default_device(jax.devices("cpu")[0]):
     with safetensors.safe_open(file, framework="flax") as f:
-      return np.asarray(f.get_tensor(name))
+      return np.asarray(f.get_slice(name)[tuple(index)])
+
+
+def _groups(name: str, source: Sequence[int], shape: Sequence[int]) -> list[tuple[int, ...]]:
+  """Which of our axes (``shape``) each axis of the HF tensor (``source``, its shape as
+  ``hf_config.to_ours`` transposes it) merges, in order: e.g. HF q_proj ``[heads * kv, embed]``
+  transposed ``[embed, heads * kv]`` -> ``[(0,), (1, 2)]`` for ours ``[embed, heads, kv]``."""
+  groups, axis = [], 0
+  for size in source:
+    group = [axis]
+    while math.prod(shape[group[0]:group[-1] + 1]) < size:
+      group.append(group[-1] + 1)
+    if math.prod(shape[group[0]:group[-1] + 1]) != size:
+      raise RestJaxError(f"{name}: the checkpoint's shape {tuple(source)} does not map onto "
+                         f"{tuple(shape)}; the weights do not match config.json.")
+    groups.append(tuple(group))
+    axis = group[-1] + 1
+  if groups and axis < len(shape):  # Trailing size-1 axes of ours join the last group.
+    groups[-1] += tuple(range(axis, len(shape)))
+  return groups
+
+
+def _read_block(file: str, source: str, name: str, shape: tuple[int, ...],
+                index: tuple[slice, ...], hf_shape: Sequence[int]) -> np.ndarray:
+  """Block ``index`` of our parameter ``name`` (``shape``), read as a slice of HF tensor
+  ``source`` (``hf_shape``). Each HF axis that merges several of ours is read over the rows of
+  its outermost axis's slice (exact when only that axis is sharded, as the Layout's rules do),
+  then cut to the block."""
+  transposed = name.endswith(".kernel") or name.endswith("rel_embedding")
+  source_shape = tuple(reversed(hf_shape)) if transposed else tuple(hf_shape)
+  groups = _groups(name, source_shape, shape)
+  ranges = []
+  for group in groups:
+    inner = math.prod(shape[a] for a in group[1:])
+    ranges.append(slice(index[group[0]].start * inner, index[group[0]].stop * inner))
+  block = read_slice(file, source, tuple(reversed(ranges)) if transposed else tuple(ranges))
+  block = block.T if transposed else block
+  covering = [index[a].stop - index[a].start if a == g[0] else shape[a]
+              for g in groups for a in g]
+  cut = tuple(slice(0, index[a].stop - index[a].start) if a == g[0] else index[a]
+              for g in groups for a in g)
+  return block.reshape(covering)[cut]
 
 
 def load_hf(path: str, *, layout: Layout | None = None, dtype: str | None = None,
@@ -103,7 +149,7 @@ def _load_weights(local: str, path: str, cfg: dict[str, Any], config: ModelConfi
   """The params of ``load_hf`` from ``local`` (``path`` itself, or a local copy of it)."""
   files = _weight_files(local, shown=path)
 
-  def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+  def read(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
     source = hf_config.hf_name(config, name)
     scale = 1.0
     if name == "decoder.logits_dense.kernel":  # T5: a tied head reads `shared`, maybe scaled.
@@ -116,12 +162,15 @@ def _load_weights(local: str, path: str, cfg: dict[str, Any], config: ModelConfi
     if source not in files:
       raise RestJaxError(f"tensor {source} (for {name}) is missing from the checkpoint in {path}; "
                          "the weights do not match its config.json.")
-    tensor = _read_tensor(files[source], source)
-    if scale != 1.0:
-      tensor = tensor * np.asarray(scale, tensor.dtype)
-    return hf_config.to_ours(name, tensor, shape)
+    block = _read_block(files[source], source, name, shape, index, shapes[source])
+    return block * np.asarray(scale, block.dtype) if scale != 1.0 else block
 
-  return place_params(config, fetch, layout=layout)
+  safetensors = _safetensors()
+  shapes = {}
+  for file in sorted(set(files.values())):
+    with safetensors.safe_open(file, framework="np") as f:
+      shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()})
+  return place_blocks(config, read, layout=layout)
 
 
 def save_hf(path: str, config: ModelConfig, params: nnx.State) -> None:
