@@ -57,10 +57,10 @@ ARGS = [
     "--gin.config.EvalConfig.max_decode_len=16",
     "--gin.config.RewardConfig.batch_size=16", "--gin.config.RewardConfig.request_batch_size=8",
 ]
-# Learned rewards on another mesh (1 process: 4 devices, 2 processes: 2 each) sum in another
-# order: measured max |difference| 6.6e-7 (reward-only test) and 0 in the runs; exact for the
-# others.
-REWARD_ATOL = 1e-5
+# A learned reward on another mesh (1 process: 4 devices; 2 processes: each host its own 2)
+# sums in another order: measured max |difference| 4.8e-7 (Grow records of the runs below; eval
+# rewards 0) and 2.4e-7 (test_multihost_rewards.py); the other rewards are exact.
+REWARD_ATOL = 2e-6
 
 
 def _env(num_devices: int) -> dict:
