@@ -131,7 +131,7 @@ def _launch_until_bc(multi, reward: str | None = None) -> list:
 
 
 @pytest.fixture(scope="module")
-def learned(reward_model) -> str:  # pylint: disable=redefined-outer-name
+def learned(reward_model) -> str:
   """The runs' reward spec."""
   return f"learned:{reward_model}"
 
