@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 
 import pytest
@@ -64,6 +65,27 @@ def gcs_root(gcs_emulator, request):  # pylint: disable=redefined-outer-name
   """``gs://BUCKET``: a new, empty bucket on the emulator for this test."""
   name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
   return gcs_emulator.create_bucket(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def reward_model(tmp_path_factory) -> str:
+  """A tiny random reward-model directory (``multihost_reward_worker.make``), for ``learned:``."""
+  import multihost_reward_worker  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp("reward_model") / "rm")
+  multihost_reward_worker.make(directory)
+  return directory
+
+
+@pytest.fixture(scope="session")
+def reward_server(reward_model):  # pylint: disable=redefined-outer-name
+  """``http://127.0.0.1:PORT/score``: a reward server, in this process, serving ``reward_model``."""
+  from rest_jax.config import RewardConfig  # pylint: disable=g-import-not-at-top
+  from rest_jax.rewards import build_reward, server  # pylint: disable=g-import-not-at-top
+  running = server.make_server(build_reward(f"learned:{reward_model}", RewardConfig(batch_size=16)))
+  threading.Thread(target=running.serve_forever, daemon=True).start()
+  yield f"http://127.0.0.1:{running.server_address[1]}/score"
+  running.shutdown()
+  running.server_close()
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -45,6 +45,26 @@ def test_hybrid_grid_puts_dcn_outermost_and_ici_within_a_granule():
     meshes.device_grid((1, 1, 1), (3, 1, 1), devices, key=lambda d: d.granule)
 
 
+@pytest.mark.parametrize("mesh,local", [
+    ((1, 2, 2, 2), (1, 2, 2)),  # DCN data over 2 hosts: each host keeps fsdp 2 x tensor 2.
+    ((2, 1, 4, 1), (1, 4, 1)),  # ICI fsdp 4 within a host.
+    ((1, 1, 8, 1), (1, 4, 1)),  # fsdp 8 spans both hosts: cut to the host's 4 devices.
+    ((1, 1, 2, 4), (1, 1, 4)),  # tensor first, then fsdp from what is left.
+    ((2, -1, 1, 1), (4, 1, 1)),  # Pure data parallel: the local devices are the data axis.
+])
+def test_host_local_layout_keeps_the_rules_on_this_hosts_devices(monkeypatch, mesh, local):
+  # The reward model's mesh with 2 processes of 4 devices (faked): only this host's devices.
+  dcn_data, *ici = mesh
+  layout = meshes.layout_from_config(C.MeshConfig(*ici, dcn_data=dcn_data, rules="fsdp"),
+                                     key=lambda d: d.id // 4)
+  assert meshes.host_local_layout(layout) is layout  # One process: unchanged.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "local_devices", lambda: jax.devices()[4:])
+  got = meshes.host_local_layout(layout)
+  assert tuple(got.mesh.shape.values()) == local
+  assert set(got.mesh.devices.flat) == set(jax.devices()[4:])
+  assert got.rules == layout.rules and got.sampling_rules == layout.sampling_rules
+
 def test_mesh_config_defaults_and_old_gin_files_still_work():
   layout = meshes.layout_from_config(C.MeshConfig(data=-1, fsdp=1, tensor=1))
   assert dict(layout.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}

@@ -1,10 +1,13 @@
 """Real multi-process runs on localhost (gloo CPU collectives).
 
 One reference run (1 process x 4 CPU devices) and one 2-process run (2 processes x 2 devices,
-DCN data axis over the processes) of the same tiny config. The 2-process run is killed (process
-1, SIGKILL) right after BC: process 0 must stop with an error on its own, and rerunning the same
-command on both processes resumes to exactly the reference's Grow records and eval rewards, and
-final parameters equal within float tolerance (numbers: docs/multihost.md, "Determinism").
+DCN data axis over the processes) of the same tiny config, scored by a tiny learned reward model
+(``learned:``: each host scores its own samples on a mesh of its own devices). The 2-process run
+is killed (process 1, SIGKILL) right after BC: process 0 must stop with an error on its own, and
+rerunning the same command on both processes resumes to the reference's Grow records and eval
+rewards, and final parameters equal within float tolerance (numbers: docs/multihost.md,
+"Determinism"). A slow test runs the 2 processes with a ``remote:`` reward; uneven per-host
+rows: test_multihost_rewards.py.
 A slow test sends SIGTERM to both processes during Grow and again during Improve: both stop at
 the same point with exit 75, and the rerun ends as the uninterrupted runs do.
 """
@@ -52,7 +55,12 @@ ARGS = [
     "--gin.config.GrowConfig.chunk_size=8",
     "--gin.config.EvalConfig.num_examples=8", "--gin.config.EvalConfig.batch_size=8",
     "--gin.config.EvalConfig.max_decode_len=16",
+    "--gin.config.RewardConfig.batch_size=16", "--gin.config.RewardConfig.request_batch_size=8",
 ]
+# A learned reward on another mesh (1 process: 4 devices; 2 processes: each host its own 2)
+# sums in another order: measured max |difference| 4.8e-7 (Grow records of the runs below; eval
+# rewards 0) and 2.4e-7 (test_multihost_rewards.py); the other rewards are exact.
+REWARD_ATOL = 2e-6
 
 
 def _env(num_devices: int) -> dict:
@@ -74,10 +82,12 @@ def _free_port() -> int:
 
 
 def _launch(workdir, num_processes: int, num_devices: int, extra=(),
-            logs: str | None = None) -> list[subprocess.Popen]:
+            logs: str | None = None, reward: str | None = None) -> list[subprocess.Popen]:
   """Starts ``rest-jax run`` once per process; stdout+stderr go to LOGS.p{i}.log (default
-  WORKDIR.p{i}.log)."""
+  WORKDIR.p{i}.log). ``reward``: the reward spec (the runs below pass their learned one)."""
   argv = [sys.executable, "-c", WRAPPER, "run", "--workdir", str(workdir)] + ARGS + list(extra)
+  if reward:
+    argv.append(f"--gin.config.RunConfig.reward='{reward}'")
   port = _free_port()
   procs = []
   for i in range(num_processes):
@@ -108,9 +118,9 @@ def _tail(path: str) -> str:
   return "\n".join(lines[-8:])
 
 
-def _launch_until_bc(multi) -> list:
+def _launch_until_bc(multi, reward: str | None = None) -> list:
   """Starts the 2-process run in ``multi``; returns its processes once BC has finished."""
-  procs = _launch(multi, 2, 2)
+  procs = _launch(multi, 2, 2, reward=reward)
   marker = multi / "phases" / "bc.json"
   deadline = time.time() + 1800
   while not marker.exists() and all(p.poll() is None for p in procs):
@@ -121,20 +131,26 @@ def _launch_until_bc(multi) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
+def learned(reward_model) -> str:
+  """The runs' reward spec."""
+  return f"learned:{reward_model}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, learned) -> str:  # pylint: disable=redefined-outer-name
   """The workdir of the 1-process run (4 devices), on local disk."""
   ref = tmp_path_factory.mktemp("multihost_ref") / "ref"
-  codes = _wait(_launch(ref, 1, 4))
+  codes = _wait(_launch(ref, 1, 4, reward=learned))
   assert codes == [0], _tail(f"{ref}.p0.log")
   return str(ref)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, reference):  # pylint: disable=redefined-outer-name
+def runs(tmp_path_factory, reference, learned):  # pylint: disable=redefined-outer-name
   base = tmp_path_factory.mktemp("multihost")
   ref, multi = reference, base / "multi"
 
-  procs = _launch_until_bc(multi)
+  procs = _launch_until_bc(multi, learned)
   killed_at = time.time()
   procs[1].send_signal(signal.SIGKILL)
   survivor_code = _wait(procs[:1], timeout=300)[0]  # A hang fails here, not blocks forever.
@@ -142,7 +158,7 @@ def runs(tmp_path_factory, reference):  # pylint: disable=redefined-outer-name
   procs[1].wait()
   survivor_log = _tail(f"{multi}.p0.log")
 
-  codes = _wait(_launch(multi, 2, 2))  # The same command again: resumes.
+  codes = _wait(_launch(multi, 2, 2, reward=learned))  # The same command again: resumes.
   assert codes == [0, 0], _tail(f"{multi}.p0.log") + _tail(f"{multi}.p1.log")
   print(f"\nkilled process 1 after BC; process 0 exited with {survivor_code} after "
         f"{time_to_error:.1f} s:\n{survivor_log}")
@@ -170,8 +186,21 @@ def _params(workdir, phase):
 
 
 def _eval_rewards(workdir):
+  """Per summary row: (phase, eval reward, exact match, the monitor's independent metric)."""
   rows = storage.read_json(storage.join(workdir, "summary.json"))["rows"]
-  return [(r["phase"], r["eval_reward"], r["eval_exact_match"]) for r in rows]
+  return [(r["phase"], r["eval_reward"], r["eval_exact_match"], r.get("eval_independent"))
+          for r in rows]
+
+
+def _assert_equal_evals(ref_dir: str, other_dir: str) -> None:
+  """The same phases and exact match (and independent metric: BLEU of the same decodes); eval
+  rewards within REWARD_ATOL."""
+  ref, other = _eval_rewards(ref_dir), _eval_rewards(other_dir)
+  assert [(p, m, i) for p, _, m, i in other] == [(p, m, i) for p, _, m, i in ref]
+  assert all(i is not None for *_, i in ref)  # The reward-hacking monitor ran (BLEU).
+  diff = max(abs(a[1] - b[1]) for a, b in zip(ref, other))
+  print(f"eval rows: {len(ref)}, max |eval reward diff| {diff:.3g}")
+  assert diff <= REWARD_ATOL
 
 
 def test_killed_host_stops_the_others_with_an_error(runs):
@@ -196,20 +225,24 @@ def _assert_reference_records(ref_dir: str, multi_dir: str) -> None:
   for key, r in ref.items():
     m = multi[key]
     assert list(r.targets) == list(m.targets), key
-    assert r.reward == m.reward, key
-    # Targets and rewards bit-identical; log-probs within 1e-5 (measured max 1.9e-6 at XLA's
-    # default level: the 2-process mesh sums in another order).
+    # Targets bit-identical; log-probs within 1e-5 (measured max 1.9e-6 at XLA's default
+    # level: the 2-process mesh sums in another order), learned rewards within REWARD_ATOL.
     np.testing.assert_allclose(r.behaviour_logprobs, m.behaviour_logprobs, atol=1e-5, rtol=0)
+    assert abs(r.reward - m.reward) <= REWARD_ATOL, key
   diff = max(float(np.max(np.abs(r.behaviour_logprobs - multi[k].behaviour_logprobs)))
              for k, r in ref.items())
-  print(f"grow records: {len(ref)} equal, max |behaviour logprob diff| {diff:.3g}")
+  rewards = np.asarray([r.reward for r in ref.values()])
+  reward_diff = max(abs(r.reward - multi[k].reward) for k, r in ref.items())
+  assert rewards.std() > 0.05  # The learned reward spreads over (0, 1): rows are read.
+  print(f"grow records: {len(ref)} equal, max |behaviour logprob diff| {diff:.3g}, max |reward "
+        f"diff| {reward_diff:.3g} (rewards {rewards.min():.3g}..{rewards.max():.3g})")
   files = growdata.chunk_files(storage.join(multi_dir, "grow", "g001"))
   assert {f[:len("chunk-h000")] for f in files} == {"chunk-h000", "chunk-h001"}
   assert len(files) == 4  # 16 prompts per host, 8 per chunk.
 
 
 def _assert_reference_evals_and_params(ref_dir: str, multi_dir: str) -> None:
-  assert _eval_rewards(multi_dir) == _eval_rewards(ref_dir)
+  _assert_equal_evals(ref_dir, multi_dir)
   for phase in ("bc", "g001_i01"):
     ref, multi = _params(ref_dir, phase), _params(multi_dir, phase)
     assert ref.keys() == multi.keys() and len(ref) > 10
@@ -229,13 +262,13 @@ def test_two_processes_end_with_the_reference_evals_and_params(runs):
 
 
 @pytest.mark.slow
-def test_two_processes_with_the_workdir_on_gcs_equal_the_local_run(reference, gcs_root,
+def test_two_processes_with_the_workdir_on_gcs_equal_the_local_run(reference, learned, gcs_root,
                                                                    tmp_path):
   # The workdir on the GCS emulator, no local folder shared by the processes (only their logs
   # are local, for the test): the same records, evals and params as the 1-process local run.
   multi = gcs_root + "/multi"
   started = time.time()
-  codes = _wait(_launch(multi, 2, 2, logs=str(tmp_path / "multi")))
+  codes = _wait(_launch(multi, 2, 2, logs=str(tmp_path / "multi"), reward=learned))
   assert codes == [0, 0], _tail(f"{tmp_path}/multi.p0.log") + _tail(f"{tmp_path}/multi.p1.log")
   print(f"\n2 processes, workdir {multi} on the emulator: {time.time() - started:.0f} s")
   _assert_reference_records(reference, multi)
@@ -287,11 +320,11 @@ def _log_since(workdir, i: int, offset: int) -> str:
     return f.read()
 
 
-def _launch_until(workdir, pattern: str) -> tuple[list, list[int]]:
+def _launch_until(workdir, pattern: str, reward: str) -> tuple[list, list[int]]:
   """Starts the 2-process run; returns its processes once process 0 has logged ``pattern``,
   and where each process's log started."""
   offsets = [_log_size(workdir, i) for i in range(2)]
-  procs = _launch(workdir, 2, 2, _PATIENT)
+  procs = _launch(workdir, 2, 2, _PATIENT, reward=reward)
   deadline = time.time() + 1800
   while all(p.poll() is None for p in procs):
     assert time.time() < deadline, f"{pattern!r} not reached"
@@ -320,36 +353,52 @@ def _sigterm_both(launched, workdir) -> tuple[list[int], float, list[str]]:
 
 
 @pytest.mark.slow
-def test_sigterm_in_grow_and_in_improve_then_rerun_equals_uninterrupted(runs, tmp_path):
+def test_sigterm_in_grow_and_in_improve_then_rerun_equals_uninterrupted(runs, learned, tmp_path):
   # Both processes get SIGTERM (as on a TPU maintenance event or a SLURM preemption); jax's
   # preemption service makes them stop after the same step, they save and exit with 75.
   work = tmp_path / "preempted"
-  codes, grow_s, grow_lines = _sigterm_both(_launch_until(work, "Grow g1: "), work)
+  codes, grow_s, grow_lines = _sigterm_both(_launch_until(work, "Grow g1: ", learned), work)
   assert codes == [75, 75], grow_lines
   for line in grow_lines:  # The first sampler batch compiles: far longer than the agreement.
     assert line.startswith("rest-jax: preempted (SIGTERM): grow g1 kept its complete chunks"), line
   assert line.endswith("Rerun the same command to resume. (exit code 75)")
   assert not growdata.is_complete(os.path.join(work, "grow", "g001"))
 
-  codes, improve_s, improve_lines = _sigterm_both(_launch_until(work, "g001_i01 step 0:"), work)
+  codes, improve_s, improve_lines = _sigterm_both(_launch_until(work, "g001_i01 step 0:", learned), work)
   assert codes == [75, 75], improve_lines
   assert len(set(improve_lines)) == 1, improve_lines  # The same step on both hosts.
   assert "g001_i01 saved at step" in improve_lines[0], improve_lines
   assert not os.path.exists(os.path.join(work, "phases", "g001_i01.json"))
 
-  codes = _wait(_launch(work, 2, 2, _PATIENT))
+  codes = _wait(_launch(work, 2, 2, _PATIENT, reward=learned))
   assert codes == [0, 0], _tail(f"{work}.p0.log") + _tail(f"{work}.p1.log")
   print(f"\nSIGTERM in Grow: exit 75 on both after {grow_s:.1f} s ({grow_lines[0]}); in Improve: "
         f"after {improve_s:.1f} s ({improve_lines[0]})")
-  ref, got = _records(runs["ref"]), _records(str(work))
+  # The same 2-process computation as the uninterrupted run (itself equal to the 1-process
+  # reference, tested above), resumed mid-step: bit-identical.
+  ref, got = _records(runs["multi"]), _records(str(work))
   assert sorted(ref) == sorted(got)
   for key, r in ref.items():
     assert list(r.targets) == list(got[key].targets) and r.reward == got[key].reward, key
-    np.testing.assert_allclose(r.behaviour_logprobs, got[key].behaviour_logprobs, atol=1e-5,
-                               rtol=0)
-  assert _eval_rewards(str(work)) == _eval_rewards(runs["ref"])
+    np.testing.assert_array_equal(r.behaviour_logprobs, got[key].behaviour_logprobs)
+  assert _eval_rewards(str(work)) == _eval_rewards(runs["multi"])
   for phase in ("bc", "g001_i01"):
     a, b = _params(runs["multi"], phase), _params(str(work), phase)
     diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     print(f"{phase}: max |param diff| to the uninterrupted 2-process run {diff:.3g}")
     assert diff == 0.0, phase  # The same 2-process computation, resumed mid-phase.
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_remote_reward_equal_the_reference(reference, reward_server,
+                                                                 tmp_path):
+  # Each host posts its own samples (and the eval decodes) to one reward server that serves the
+  # reference's learned reward model (in this process): the same records, evals and params as
+  # the 1-process run that scored with the model itself.
+  multi = tmp_path / "remote"
+  started = time.time()
+  codes = _wait(_launch(multi, 2, 2, reward=f"remote:{reward_server}"))
+  assert codes == [0, 0], _tail(f"{multi}.p0.log") + _tail(f"{multi}.p1.log")
+  print(f"\n2 processes with reward remote:{reward_server}: {time.time() - started:.0f} s")
+  _assert_reference_records(reference, str(multi))
+  _assert_reference_evals_and_params(reference, str(multi))

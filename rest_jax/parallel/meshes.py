@@ -141,3 +141,24 @@ def layout_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = 
   mesh = make_hybrid_mesh((c.data, c.fsdp, c.tensor), (c.dcn_data, c.dcn_fsdp, c.dcn_tensor),
                           devices, key=key)
   return Layout(mesh, rules=train, sampling_rules=sampling)
+
+
+def host_local_layout(layout: Layout) -> Layout:
+  """``layout`` restricted to this process's own devices (``jax.local_devices()``).
+
+  For work that each host does on its own rows, such as scoring its Grow samples with a learned
+  reward model: a jit whose arrays live on a host-local mesh involves no other process, so hosts
+  may call it different numbers of times, with different rows. The local mesh keeps the rules
+  and, per axis, the largest part of the global size that the local devices allow: tensor =
+  gcd(global tensor, local devices), fsdp = gcd(global fsdp, the rest), data = the rest. With one
+  process, ``layout`` itself is returned (every device is local).
+  """
+  if jax.process_count() == 1:
+    return layout
+  local = jax.local_devices()
+  shape = dict(layout.mesh.shape)
+  tensor = math.gcd(shape["tensor"], len(local))
+  fsdp = math.gcd(shape["fsdp"], len(local) // tensor)
+  grid = np.asarray(local, dtype=object).reshape(len(local) // (tensor * fsdp), fsdp, tensor)
+  mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return Layout(mesh, rules=layout.rules, sampling_rules=layout.sampling_rules)

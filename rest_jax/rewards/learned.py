@@ -25,7 +25,7 @@ from rest_jax.models.scalar_head import RewardModel
 from rest_jax.rewards.fitting import META, PARAMS, write_reward_model_dir
 from rest_jax.config import MeshConfig
 from rest_jax.parallel.layout import Layout
-from rest_jax.parallel.meshes import layout_from_config
+from rest_jax.parallel.meshes import host_local_layout, layout_from_config
 
 
 
@@ -82,7 +82,12 @@ def abstract_params(config: ModelConfig, layout: Layout) -> nnx.State:
 
 
 class LearnedReward:
-  """RewardFn of a saved reward model; reference-free (references are ignored)."""
+  """RewardFn of a saved reward model; reference-free (references are ignored).
+
+  The model lives on ``meshes.host_local_layout(layout)`` (default layout: every device, pure
+  data parallel): with several processes each host holds its own replica on its own devices and
+  scores only the rows it is given, in as many calls as it needs, without the other hosts.
+  """
 
   def __init__(self, directory: str, *, batch_size: int = 256, layout: Layout | None = None):
     directory = storage.absolute(directory)
@@ -95,7 +100,7 @@ class LearnedReward:
                          f"({e}); restore it, or retrain with `rest-jax train-reward`.") from None
     self.vocab = make_vocabulary(meta["vocabulary"])
     self.metrics = meta.get("metrics", {})
-    layout = layout or layout_from_config(MeshConfig())
+    layout = host_local_layout(layout or layout_from_config(MeshConfig()))
     shards = layout.num_batch_shards
     self.batch_size = -(-batch_size // shards) * shards
     params = checkpoints.restore_params(storage.join(directory, PARAMS),
