@@ -383,7 +383,9 @@ def open_ranged(path: str) -> Any:
   URL (ranged reads)."""
   if is_local(path):
     return open(path, "rb", buffering=0)  # pylint: disable=consider-using-with
-  return epath.Path(path).open("rb")
+  # epath's TF backend returns a context manager, not a file: open the GFile it wraps.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile.GFile(path, "rb")
 
 
 @contextlib.contextmanager

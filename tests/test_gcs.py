@@ -55,6 +55,20 @@ def test_overwrite_false_and_listing(gcs_root):
   assert storage.listdir(gcs_root) == []
 
 
+def test_ranged_reads_of_an_object(gcs_root):
+  """Improve reads its records by byte ranges of the Grow chunks (``chunkindex``)."""
+  path = storage.join(gcs_root, "grow", "chunk-00000.tfrecord")
+  storage.write_bytes(path, bytes(range(256)) * 4)
+  handle = storage.open_ranged(path)
+  try:
+    handle.seek(1000)
+    assert handle.read(6) == bytes(range(232, 238))
+    handle.seek(3)
+    assert handle.read(2) == bytes([3, 4])
+  finally:
+    handle.close()
+
+
 def test_atomic_dir_uploads_its_marker_last(gcs_root):
   path = storage.join(gcs_root, "export")
   with pytest.raises(RuntimeError):
