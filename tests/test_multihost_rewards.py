@@ -36,6 +36,9 @@ def _score_on_two_processes(out: str, rewards: dict) -> list[subprocess.Popen]:
   return procs
 
 
+# Slow (about 90 s on 2 loaded cores): the default suite's 2-process runs (test_multihost.py)
+# already score with a learned reward; this adds uneven rows per host and a remote reward.
+@pytest.mark.slow
 @pytest.mark.default_xla  # The workers run at XLA's default level: so must the reference.
 def test_each_host_scores_its_own_rows_with_learned_and_remote_rewards(reward_model,
                                                                        reward_server, tmp_path):
