@@ -294,6 +294,26 @@ def atomic_dir(path: str, *, last: Sequence[str] = ()) -> Iterator[str]:
       rmtree(tmp)
 
 
+def copy_tree(source: str, path: str) -> None:
+  """Copies the folder ``source`` (every file, recursively) to ``path``, which must not exist;
+  ``path`` appears whole or not at all (``atomic_dir``)."""
+  root = epath.Path(source)
+  if not root.is_dir():
+    raise RestJaxError(f"{source} is not a folder; nothing to copy to {path}.")
+  with atomic_dir(path) as tmp:
+    folders = [(root, tmp)]  # Walked with iterdir: object stores refuse recursive globs.
+    while folders:
+      folder, out = folders.pop()
+      os.makedirs(out, exist_ok=True)
+      for item in folder.iterdir():
+        if item.is_dir():
+          folders.append((item, os.path.join(out, item.name)))
+          continue
+        with item.open("rb") as src, open(os.path.join(out, item.name), "wb") as dst:
+          while block := src.read(1 << 24):
+            dst.write(block)
+
+
 def write_bytes(path: str, data: bytes, *, overwrite: bool = True) -> None:
   """Writes ``data`` to ``path`` atomically (see ``atomic_path``)."""
   with open_write(path, "wb", overwrite=overwrite) as f:

@@ -211,3 +211,79 @@ def test_compare_groups_by_recorded_config_without_seed(tmp_path, capsys):
                                             "-1.0706", "1.4706"]
   assert main.main(["compare", workdirs[2], workdirs[3]]) == 0  # No seed group: no seed table.
   assert "" not in capsys.readouterr().out.splitlines()
+
+
+def _fake_run(workdir, config):
+  """A fabricated finished run with a BC phase (checkpoint, marker) and a Grow step 1."""
+  _finish(workdir, [0.5, 0.6], 1.0, config=config)
+  for rel, text in (("checkpoints/bc/100/params", "bc params"), ("grow/g001/chunk-0", "samples"),
+                    ("grow/g001/COMPLETED", ""), ("checkpoints/g001_i01/1/params", "improved"),
+                    ("phases/g001_i01.json", "{}")):
+    os.makedirs(os.path.dirname(os.path.join(workdir, rel)), exist_ok=True)
+    with open(os.path.join(workdir, rel), "w") as f:
+      f.write(text)
+  with open(os.path.join(workdir, "phases", "bc.json"), "w") as f:
+    json.dump({"phase": "bc", "eval_reward": 0.5, "eval_exact_match": 0.1}, f)
+
+
+def test_sweep_share_grow_starts_later_variants_from_the_first_of_their_seed(tmp_path,
+                                                                              monkeypatch):
+  root = str(tmp_path)
+  executed = []
+
+  def call(cmd):
+    workdir = cmd[cmd.index("--workdir") + 1]
+    executed.append(os.path.basename(workdir))
+    if "loss=bc" in workdir:  # The first run of each seed: runs fully.
+      _fake_run(workdir, {"seed": int(workdir[-1]), "improve": {"loss": "bc"}})
+    return 0
+
+  monkeypatch.setattr(launchers.subprocess, "call", call)
+  argv = ["sweep", "--root", root, "--gin_file", "a.gin", "--share_grow", "--seeds", "2",
+          "--sweep", "improve/config.TrainConfig.loss='bc','gold'"]
+  assert main.main(argv) == 0
+  assert executed == ["loss=bc,seed=0", "loss=bc,seed=1", "loss=gold,seed=0", "loss=gold,seed=1"]
+  for seed in (0, 1):
+    source, target = (os.path.join(root, f"loss={loss},seed={seed}") for loss in ("bc", "gold"))
+    for rel in ("checkpoints/bc/100/params", "grow/g001/chunk-0", "grow/g001/COMPLETED"):
+      assert open(os.path.join(target, rel)).read() == open(os.path.join(source, rel)).read()
+    assert (json.load(open(os.path.join(target, "phases", "bc.json"))) ==
+            json.load(open(os.path.join(source, "phases", "bc.json"))))
+    # Improve's results are the variant's own: never copied.
+    assert not os.path.exists(os.path.join(target, "checkpoints", "g001_i01"))
+    assert not os.path.exists(os.path.join(target, "phases", "g001_i01.json"))
+    shared = json.load(open(os.path.join(target, "shared_from.json")))
+    assert shared["source"] == source and shared["run_config"]["seed"] == seed
+  with pytest.raises(RestJaxError, match="launcher local"):
+    sweep.run_sweep(sweep.plan(root, ["a.gin"], [], [sweep.parse_axis("x.y=1,2")]),
+                    launcher="slurm", opts=None, dry_run=True, share_grow=True)
+
+
+def test_shared_workdir_accepts_improve_only_changes_and_refuses_others(tmp_path):
+  import dataclasses
+
+  from rest_jax.config import GrowConfig, ImproveConfig, RunConfig, SamplingConfig, TrainConfig
+  from rest_jax.pipeline import run as pipeline_run
+  from rest_jax.pipeline.workdir import Workdir
+
+  source = Workdir(str(tmp_path / "source"))
+  base = RunConfig(seed=1)
+  _fake_run(source.root, json.loads(json.dumps(dataclasses.asdict(base))))
+  target = Workdir(str(tmp_path / "target"))
+  assert target.shared_differences(base) is None  # Not shared.
+  target.share_from(source)
+  with pytest.raises(RestJaxError, match="already holds a run"):
+    target.share_from(source)
+  other_loss = dataclasses.replace(base, num_improve_steps=3, improve=ImproveConfig(
+      train=TrainConfig(loss="gold"), thresholds=(0.9,)))
+  assert target.shared_differences(other_loss) == (source.root, [])
+  pipeline_run.check_workdir(target, other_loss)
+  more_samples = dataclasses.replace(
+      other_loss, grow=GrowConfig(sampling=SamplingConfig(num_samples=8)))
+  assert target.shared_differences(more_samples)[1] == [
+      "grow.sampling.num_samples: 4 in the workdir, 8 now"]
+  for changed in (more_samples, dataclasses.replace(base, seed=2)):
+    with pytest.raises(RestJaxError, match="starts from the BC phase and Grow step 1 of"):
+      pipeline_run.check_workdir(target, changed)
+  with pytest.raises(RestJaxError, match="no finished BC phase"):
+    Workdir(str(tmp_path / "t2")).share_from(Workdir(str(tmp_path / "missing")))

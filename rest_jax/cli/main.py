@@ -6,7 +6,7 @@
   rest-jax export --from CHECKPOINT --to hf|t5x|orbax OUT [--preset P | --config JSON]
   rest-jax best-of-n W --phase bc,final [--n 1,2,4,8,16] [--output F.json]
   rest-jax compile-check --topology v5e:16x16 --gin_file F [--gin.X=V ...]
-  rest-jax sweep --root R --gin_file F --sweep X=V1,V2 [...] [--seeds K]
+  rest-jax sweep --root R --gin_file F --sweep X=V1,V2 [...] [--seeds K] [--share_grow]
                  [--launcher L --dry-run -- OPTS]
   rest-jax compare W1 W2 ... [--out compare.png]
   rest-jax train-reward --data W_OR_JSONL --output_dir DIR   (see rest_jax/cli/rewards.py)
@@ -214,7 +214,8 @@ def _sweep(args: argparse.Namespace, bindings: list[str]) -> None:
   opts = launchers.parse_options(args.launcher, args.launcher_args)
   if not args.dry_run:
     sweep.write_manifest(args.root, runs)
-  sweep.run_sweep(runs, launcher=args.launcher, opts=opts, dry_run=args.dry_run)
+  sweep.run_sweep(runs, launcher=args.launcher, opts=opts, dry_run=args.dry_run,
+                  share_grow=args.share_grow)
 
 
 def _compare(args: argparse.Namespace) -> None:

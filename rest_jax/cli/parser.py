@@ -86,6 +86,9 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
                   help="a gin binding and its values (repeatable; cartesian product)")
   sw.add_argument("--seeds", default=None, metavar="K",
                   help="also sweep config.RunConfig.seed over 0..K-1 (runs named ...,seed=N)")
+  sw.add_argument("--share_grow", action="store_true",
+                  help="per seed, start every run after the first from a copy of the first's BC "
+                  "phase and Grow step 1 (sweeps over Improve-only bindings; local launcher)")
   sw.add_argument("--launcher", default="local", choices=("local", "tpu", "xpk", "slurm"))
   sw.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                   help="print the launcher commands, run nothing")

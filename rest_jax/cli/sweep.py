@@ -8,6 +8,11 @@ short binding names and values (``num_samples=4,loss=bc``), and puts it in ``R/<
 ``--seeds K`` adds a last (fastest) axis ``config.RunConfig.seed = 0, ..., K-1``: run names end
 in ``seed=0``, ``seed=1``, ... and ``rest-jax compare R`` reports each setting's mean and 95%
 interval across them.
+``--share_grow`` (local launcher) runs, per seed, the first run fully and starts the others from
+a copy of its BC phase and first Grow step (``Workdir.share_from``): for sweeps over Improve-only
+bindings (the loss, thresholds, Improve's optimizer), every variant then improves the same BC
+policy on the same Grow set, and BC and Grow are computed once per seed. A run whose config
+changes what BC or Grow read refuses to start (``pipeline.run.check_workdir``).
 Runs are launched one after another with a launcher (``rest_jax.cli.launchers``); locally, a run
 whose workdir says ``done`` is skipped and an unfinished one resumes. ``R/sweep.json`` lists the
 runs (for ``rest-jax compare R``). This module imports neither jax nor gin.
@@ -25,7 +30,7 @@ from rest_jax import storage
 from rest_jax.cli import launchers
 from rest_jax.errors import RestJaxError
 from rest_jax.cli.launchers import RunSpec
-from rest_jax.pipeline.workdir import Workdir
+from rest_jax.pipeline.workdir import RUN_CONFIG, Workdir
 
 SWEEP_FILE = "sweep.json"
 SEED_BINDING = "config.RunConfig.seed"
@@ -166,17 +171,62 @@ def per_run_options(launcher: str, opts: argparse.Namespace, index: int) -> argp
   return argparse.Namespace(**values)
 
 
+def _seed_of(run: RunSpec) -> str:
+  """The run's last ``config.RunConfig.seed`` override ("" without one)."""
+  seeds = [o.split("=", 1)[1].strip() for o in run.overrides
+           if o.split("=", 1)[0].strip().rsplit("/", 1)[-1] == SEED_BINDING]
+  return seeds[-1] if seeds else ""
+
+
+def share_sources(runs: Sequence[tuple[str, RunSpec]]) -> dict[str, tuple[str, RunSpec]]:
+  """``{name: (source name, source run)}`` for ``--share_grow``: every run that is not the first
+  of its seed starts from the first run of its seed."""
+  first: dict[str, tuple[str, RunSpec]] = {}
+  out = {}
+  for name, run in runs:
+    seed = _seed_of(run)
+    if seed in first:
+      out[name] = first[seed]
+    else:
+      first[seed] = (name, run)
+  return out
+
+
+def _share(name: str, run: RunSpec, source: tuple[str, RunSpec], dry_run: bool,
+           echo: Callable[[str], None]) -> None:
+  """Starts ``run``'s new workdir from its source's BC phase and Grow step 1."""
+  target, origin = Workdir(run.workdir), Workdir(source[1].workdir)
+  if storage.exists(target.path(RUN_CONFIG)) or storage.exists(target.marker_path("bc")):
+    return  # Started before (shared or not): the run resumes.
+  echo(f"# {name}: starts from the BC phase and Grow step 1 of {source[0]}")
+  if dry_run:
+    return
+  if not origin.is_finished():
+    raise RestJaxError(f"{source[0]} ({origin.root}) has not finished, so {name} cannot start "
+                       "from its BC and Grow (--share_grow); rerun the sweep once it has.")
+  target.share_from(origin)
+
+
 def run_sweep(runs: Sequence[tuple[str, RunSpec]], *, launcher: str, opts: argparse.Namespace,
-              dry_run: bool, echo: Callable[[str], None] = print) -> list[str]:
+              dry_run: bool, echo: Callable[[str], None] = print,
+              share_grow: bool = False) -> list[str]:
   """Launches (or with ``dry_run`` prints) every run in order; returns the names launched.
 
-  With the local launcher a finished run is skipped; an unfinished one resumes.
+  With the local launcher a finished run is skipped; an unfinished one resumes. With
+  ``share_grow`` (local launcher only) a run that is not the first of its seed starts from a
+  copy of that run's BC phase and Grow step 1.
   """
+  if share_grow and launcher != "local":
+    raise RestJaxError(f"--share_grow copies finished runs before the next starts, which needs "
+                       f"--launcher local (not {launcher}); drop --share_grow.")
+  sources = share_sources(runs) if share_grow else {}
   launched = []
   for index, (name, run) in enumerate(runs):
     if launcher == "local" and Workdir(run.workdir).is_finished():
       echo(f"# {name}: finished, skipped")
       continue
+    if name in sources:
+      _share(name, run, sources[name], dry_run, echo)
     run_opts = per_run_options(launcher, opts, index)
     echo(f"# {name}")
     if dry_run:

@@ -59,6 +59,7 @@ def plan(config: RunConfig) -> list[Phase]:
 def check_workdir(workdir: Workdir, config: RunConfig) -> None:
   """Refuses a workdir made by another config (every host looks before anything is written)."""
   diffs = workdir.config_differences(config)
+  shared = workdir.shared_differences(config)
   workdir.check_state_files()
   distributed.barrier("workdir checked")
   if diffs:
@@ -66,6 +67,12 @@ def check_workdir(workdir: Workdir, config: RunConfig) -> None:
         f"workdir {workdir.root} was made by a different config ({'; '.join(diffs[:5])}). "
         "Rerun with the gin files and overrides of that run (see its config.gin) to resume, "
         "or choose a new --workdir.")
+  if shared and shared[1]:
+    raise RestJaxError(
+        f"workdir {workdir.root} starts from the BC phase and Grow step 1 of {shared[0]} "
+        f"(rest-jax sweep --share_grow), but this config changes what they read "
+        f"({'; '.join(shared[1][:5])}). Share only across Improve-only bindings (loss, "
+        "thresholds, improve/...), or run the sweep without --share_grow in a new --root.")
 
 
 @dataclasses.dataclass

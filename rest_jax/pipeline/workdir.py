@@ -4,6 +4,8 @@ Layout (``root`` may be a local folder, a shared one, or ``gs://bucket/path``)::
 
   config.gin            the operative gin config (text, for people)
   run_config.json       the RunConfig it produced (compared on resume)
+  shared_from.json      (only in a run started from another run's BC and Grow g1, as
+                        ``rest-jax sweep --share_grow`` does) that run's path and config
   state.json            current phase and accumulated wall time
   phases/{name}.json    completion marker + summary row of a finished BC / Improve phase
   grow/g{g:03d}/        the Grow dataset of step g (chunks, index, stats.json, COMPLETED)
@@ -37,6 +39,10 @@ CONFIG_GIN = "config.gin"
 RUN_CONFIG = "run_config.json"
 STATE = "state.json"
 SUMMARY = "summary.json"
+SHARED_FROM = "shared_from.json"
+# RunConfig fields that neither the BC phase nor Grow step 1 read: runs that differ only in these
+# (and share the seed) may start from one run's BC phase and first Grow step (``share_from``).
+IMPROVE_ONLY_FIELDS = ("improve", "value", "num_grow_steps", "num_improve_steps")
 MARKER_KEYS = ("phase", "eval_reward", "eval_exact_match")  # Of a phases/{name}.json row.
 SUMMARY_KEYS = ("rows",)
 _GROW_RE = re.compile(r"^g(\d+)$")
@@ -164,6 +170,51 @@ class Workdir:
     mine = json.loads(json.dumps(dataclasses.asdict(config)))
     default = json.loads(json.dumps(dataclasses.asdict(RunConfig())))
     return _diff(storage.read_json(path, keys=()), mine, default)
+
+  def shared_differences(self, config: RunConfig) -> tuple[str, list[str]] | None:
+    """None for a workdir not started by ``share_from``; else (the source run, how ``config``
+    differs from the source's config in fields that BC or Grow step 1 read)."""
+    path = self.path(SHARED_FROM)
+    if not storage.exists(path):
+      return None
+    from rest_jax.config import RunConfig  # pylint: disable=g-import-not-at-top
+    shared = storage.read_json(path, keys=("source", "run_config"))
+    mine = json.loads(json.dumps(dataclasses.asdict(config)))
+    default = json.loads(json.dumps(dataclasses.asdict(RunConfig())))
+    theirs = dict(shared["run_config"])
+    for field in IMPROVE_ONLY_FIELDS:
+      for values in (theirs, mine, default):
+        values.pop(field, None)
+    return shared["source"], _diff(theirs, mine, default)
+
+  def share_from(self, source: Workdir) -> list[str]:
+    """Starts this new workdir from ``source``'s BC phase and first Grow step (both read only
+    fields outside ``IMPROVE_ONLY_FIELDS``): copies checkpoints/bc, phases/bc.json and grow/g001
+    (where the source has one) and records the source's path and config in shared_from.json,
+    which ``shared_differences`` checks when the run starts. Returns what was copied.
+
+    Raises:
+      RestJaxError: this workdir was already started, or ``source`` has no finished BC phase.
+    """
+    if storage.exists(self.path(RUN_CONFIG)) or storage.exists(self.marker_path("bc")):
+      raise RestJaxError(f"{self.root} already holds a run; share into a new workdir only.")
+    if not (storage.exists(source.marker_path("bc")) and
+            storage.exists(source.path(RUN_CONFIG))):
+      raise RestJaxError(f"{source.root} has no finished BC phase to share; finish that run "
+                         "first (rerun its `rest-jax run`).")
+    parts = [("checkpoints", "bc")] + ([("grow", "g001")] if storage.isdir(source.grow_dir(1))
+                                       else [])
+    for part in parts:
+      if storage.exists(self.path(*part)):
+        storage.rmtree(self.path(*part))  # A copy cut short before its marker was written.
+      storage.makedirs(self.path(part[0]))
+      storage.copy_tree(source.path(*part), self.path(*part))
+    storage.write_json(self.path(SHARED_FROM), {
+        "source": source.root, "phases": ["bc", "grow g1"][:len(parts)],
+        "run_config": storage.read_json(source.path(RUN_CONFIG), keys=())})
+    storage.makedirs(self.path("phases"))
+    storage.write_json(self.marker_path("bc"), storage.read_json(source.marker_path("bc")))
+    return ["/".join(part) for part in parts] + ["phases/bc.json"]
 
   def record_config(self, config: RunConfig, config_text: str) -> None:
     """Writes run_config.json and config.gin (host 0, once the run has been checked)."""
