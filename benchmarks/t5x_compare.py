@@ -66,18 +66,16 @@ def _ratios(peer: dict[str, Any]) -> list[dict[str, Any]]:
   """Our tokens/s over t5x's, both timed in the peer process, alternating."""
   rows = []
   for theirs in peer["improve"]:
+    shape = f"{theirs['batch']} x ({theirs['input_len']} + {theirs['target_len']})"
     if "ours_seconds" in theirs:
-      rows.append({"what": "Improve step (both AdamW + clipping)",
-                   "shape": f"{theirs['batch']} x ({theirs['input_len']} + "
-                            f"{theirs['target_len']})",
+      rows.append({"what": "Improve step (both AdamW + clipping)", "shape": shape,
                    "ours_tokens_per_s": theirs["tokens"] / theirs["ours_seconds"],
                    "t5x_tokens_per_s": theirs["tokens_per_s"],
                    "ratio": theirs["seconds"] / theirs["ours_seconds"]})
     else:
-      rows.append({"what": f"t5x Improve step ({theirs['optimizer']})",
-                   "shape": f"{theirs['batch']} x ({theirs['input_len']} + "
-                            f"{theirs['target_len']})", "ours_tokens_per_s": None,
-                   "t5x_tokens_per_s": theirs["tokens_per_s"], "ratio": None})
+      rows.append({"what": f"t5x Improve step ({theirs['optimizer']})", "shape": shape,
+                   "ours_tokens_per_s": None, "t5x_tokens_per_s": theirs["tokens_per_s"],
+                   "ratio": None})
   for theirs in peer["grow"]:
     rows.append({"what": "Grow (t5x temperature_sample)",
                  "shape": f"{theirs['prompts']} x {theirs['num_samples']} rows, "
@@ -103,5 +101,5 @@ def section(profile: profiles.Profile, budget: Any, *, selected: bool,
                     lambda: run_peer(python, request, timeout_s=1800))
   if not peer:
     return {"skipped": "failed or out of time (see skipped)"}
-  return {"preset": profile.t5x_preset, "python": python, "peer": peer,
-          "rows": _ratios(peer)}
+  # The peer's environment by its versions (in ``peer``), not by this machine's path to it.
+  return {"preset": profile.t5x_preset, "peer": peer, "rows": _ratios(peer)}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from rest_jax.config import GrowConfig
 from rest_jax.grow import dataset as growdata
 from rest_jax.grow.base import Sampler
-from rest_jax.grow.step import RewardCall, chunks_to_do, grow_batch
+from rest_jax.grow.step import RewardCall, chunks_to_do, finish_chunk, grow_batch
 from rest_jax.parallel import distributed, preemption
 
 
@@ -62,10 +62,7 @@ def run_adaptive_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict],
               grow_step=grow_step, seed=seed, config=config, input_len=input_len,
               target_len=target_len, host_rows=batch, filler=filler, first_sample=first,
               originals=originals))
-      if mine[k]:
-        writer.write_chunk(k, records)
-      if preemption.reached():
-        raise preemption.stop(f"grow g{grow_step} kept its complete chunks, up to chunk {k}")
+      finish_chunk(writer, k, records, mine=mine[k], grow_step=grow_step)
   finally:
     bar.close()
   return sum(mine)

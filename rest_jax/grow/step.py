@@ -75,13 +75,20 @@ def run_grow(*, sampler: Sampler, params: Any, prompts: Sequence[dict], reward: 
         if start != starts[-1] and preemption.reached():
           raise preemption.stop(f"grow g{grow_step} kept its complete chunks and dropped the "
                                 f"unfinished chunk {k} (sampled again on rerun)")
-      if mine[k]:
-        writer.write_chunk(k, records)
-      if preemption.reached():
-        raise preemption.stop(f"grow g{grow_step} kept its complete chunks, up to chunk {k}")
+      finish_chunk(writer, k, records, mine=mine[k], grow_step=grow_step)
   finally:
     bar.close()
   return sum(mine)
+
+
+def finish_chunk(writer: growdata.GrowWriter, k: int, records: list[growdata.GrowRecord], *,
+                 mine: bool, grow_step: int) -> None:
+  """Writes chunk ``k`` when this host owns it, then stops here on SIGTERM (every host at the
+  same chunk: the written chunks are complete and kept)."""
+  if mine:
+    writer.write_chunk(k, records)
+  if preemption.reached():
+    raise preemption.stop(f"grow g{grow_step} kept its complete chunks, up to chunk {k}")
 
 
 def chunks_to_do(num_prompts: int, chunk_size: int, writer: growdata.GrowWriter,
